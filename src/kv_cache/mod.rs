@@ -1,0 +1,16 @@
+//! The paged KV cache.
+//!
+//! Split in two on purpose, as in vLLM: [`BlockPool`] and [`KvCacheManager`] are
+//! pure bookkeeping (which block belongs to which sequence, reference counts) and
+//! are tested without any model, while [`KvStorage`] owns the memory the model's
+//! attention layers read and write, addressed by *slot* (`block * block_size + offset`).
+
+mod block_pool;
+mod manager;
+mod sizing;
+mod storage;
+
+pub use block_pool::{BlockId, BlockPool};
+pub use manager::{KvCacheManager, NoFreeBlocks, SeqId};
+pub use sizing::{parse_memory_size, KvCacheSizing};
+pub use storage::{KvBuffer, KvLayout, KvStorage, LayerKv};

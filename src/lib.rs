@@ -1,0 +1,10 @@
+//! Candela: an OpenAI-compatible LLM inference server.
+//!
+//! Modules, one responsibility each:
+//! - [`kv_cache`]: the paged KV cache (block pool, block tables, storage);
+//! - [`model`]: architectures, weight loading, the batched forward pass;
+//! - [`tokenizer`]: tokenizers, special tokens, chat templates.
+
+pub mod kv_cache;
+pub mod model;
+pub mod tokenizer;

@@ -1,0 +1,67 @@
+//! Model side of the engine: architectures, weights, and the forward pass over
+//! a flattened batch and the paged KV cache.
+
+pub mod attention;
+pub mod batch;
+pub mod config;
+pub mod gguf;
+pub mod llama;
+mod loader;
+pub mod rope;
+mod source;
+
+use candle_core::{DType, Result, Tensor};
+
+pub use batch::{ForwardBatch, Logits, SeqSlice};
+pub use config::{Arch, DecoderConfig};
+pub use loader::{load_model, parse_dtype, LoadOptions, LoadedModel};
+pub use source::ModelSource;
+
+use crate::kv_cache::KvStorage;
+
+/// What per-sequence state a model keeps between steps.
+///
+/// Attention models keep keys and values per token, in paged blocks. A
+/// state-space model (Mamba) would add a variant holding a fixed-size state
+/// per sequence (a slot, not blocks); the engine allocates whichever the model
+/// asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheSpec {
+    Paged {
+        num_layers: usize,
+        num_kv_heads: usize,
+        head_dim: usize,
+    },
+}
+
+impl CacheSpec {
+    /// Bytes of cache one token takes in `dtype`.
+    pub fn bytes_per_token(&self, dtype: DType) -> usize {
+        match *self {
+            CacheSpec::Paged {
+                num_layers,
+                num_kv_heads,
+                head_dim,
+            } => crate::kv_cache::KvLayout::bytes_per_token(
+                num_layers,
+                num_kv_heads,
+                head_dim,
+                dtype,
+            ),
+        }
+    }
+}
+
+/// A causal language model that runs one step over a flattened batch.
+///
+/// Implementations write the step's keys/values into `cache` at
+/// `batch.slot_mapping` and return f32 logits `[batch.logits_indices.len(), vocab]`.
+/// The feed-forward block is internal to each architecture, so a
+/// Mixture-of-Experts layer is a different `Mlp`, not a different interface.
+pub trait CausalLm: Send + Sync {
+    fn forward(&self, batch: &ForwardBatch, cache: &mut KvStorage) -> Result<Tensor>;
+    fn cache_spec(&self) -> CacheSpec;
+    fn vocab_size(&self) -> usize;
+    fn max_position_embeddings(&self) -> usize;
+    fn dtype(&self) -> DType;
+}

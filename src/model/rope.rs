@@ -1,0 +1,123 @@
+//! Rotary position embeddings (half-split layout, as Hugging Face's Llama).
+
+use candle_core::{DType, Device, Result, Tensor};
+
+use super::config::RopeScaling;
+
+/// Inverse frequencies for each rotated pair, computed in f32 exactly as
+/// transformers does so logits match to float precision.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    inv_freq: Vec<f32>,
+}
+
+impl Rope {
+    pub fn new(
+        head_dim: usize,
+        theta: f32,
+        scaling: RopeScaling,
+        freq_factors: Option<&[f32]>,
+    ) -> Self {
+        let mut inv_freq: Vec<f32> = (0..head_dim)
+            .step_by(2)
+            .map(|i| 1.0 / theta.powf(i as f32 / head_dim as f32))
+            .collect();
+        match scaling {
+            RopeScaling::None => {}
+            RopeScaling::Linear { factor } => inv_freq.iter_mut().for_each(|f| *f /= factor),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                let old_len = original_max_position_embeddings as f32;
+                let low_freq_wavelen = old_len / low_freq_factor;
+                let high_freq_wavelen = old_len / high_freq_factor;
+                for f in inv_freq.iter_mut() {
+                    let wavelen = 2.0 * std::f32::consts::PI / *f;
+                    if wavelen > low_freq_wavelen {
+                        *f /= factor;
+                    } else if wavelen >= high_freq_wavelen {
+                        // Medium frequencies: interpolate between scaled and unscaled.
+                        let smooth = (old_len / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
+                        *f = (1.0 - smooth) * *f / factor + smooth * *f;
+                    }
+                }
+            }
+        }
+        if let Some(factors) = freq_factors {
+            for (f, d) in inv_freq.iter_mut().zip(factors) {
+                *f /= d;
+            }
+        }
+        Self { inv_freq }
+    }
+
+    /// `(cos, sin)`, each `[positions.len(), head_dim / 2]`, in `dtype`.
+    pub fn cos_sin(
+        &self,
+        positions: &[u32],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for &p in positions {
+            for &f in &self.inv_freq {
+                let angle = p as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        let shape = (positions.len(), half);
+        Ok((
+            Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?,
+            Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?,
+        ))
+    }
+
+    /// Rotates `x`: `[tokens, heads, head_dim]`, each token at its own position.
+    pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let x = x.unsqueeze(0)?.contiguous()?;
+        candle_nn::rotary_emb::rope_thd(&x, cos, sin)?.squeeze(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llama3_scaling_bands() {
+        let plain = Rope::new(64, 500000.0, RopeScaling::None, None);
+        let scaled = Rope::new(
+            64,
+            500000.0,
+            RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 8192,
+            },
+            None,
+        );
+        // Highest frequency untouched, lowest divided by the factor.
+        assert_eq!(plain.inv_freq[0], scaled.inv_freq[0]);
+        let last = plain.inv_freq.len() - 1;
+        assert!((plain.inv_freq[last] / 8.0 - scaled.inv_freq[last]).abs() < 1e-12);
+    }
+
+    #[test]
+    fn rotation_preserves_norm_and_position_zero_is_identity() {
+        let rope = Rope::new(4, 10000.0, RopeScaling::None, None);
+        let x = Tensor::new(&[[[1f32, 2., 3., 4.]], [[1., 2., 3., 4.]]], &Device::Cpu).unwrap();
+        let (c, s) = rope.cos_sin(&[0, 7], DType::F32, &Device::Cpu).unwrap();
+        let y = Rope::apply(&x, &c, &s).unwrap().to_vec3::<f32>().unwrap();
+        assert_eq!(y[0][0], vec![1., 2., 3., 4.]);
+        let n: f32 = y[1][0].iter().map(|v| v * v).sum();
+        assert!((n - 30.0).abs() < 1e-4);
+    }
+}

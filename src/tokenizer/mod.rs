@@ -1,0 +1,211 @@
+//! Text ↔ token ids, the model's special tokens, and its chat template.
+
+mod chat_template;
+mod gguf;
+
+use std::path::Path;
+
+use anyhow::{anyhow, Context};
+use serde_json::Value;
+
+pub use chat_template::ChatTemplate;
+
+use crate::model::DecoderConfig;
+
+/// A model's tokenizer with what the engine needs to know about it.
+#[derive(Clone)]
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    /// Every id that ends generation (generation_config.json, config.json and
+    /// the tokenizer's eos token, in that order, deduplicated).
+    pub eos_token_ids: Vec<u32>,
+    pub bos_token_id: Option<u32>,
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+    /// Prepend BOS when encoding with special tokens, if the tokenizer's own
+    /// post-processor did not already.
+    add_bos: bool,
+    /// Jinja source of the chat template, if the model has one.
+    pub chat_template: Option<String>,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("vocab_size", &self.vocab_size())
+            .field("eos_token_ids", &self.eos_token_ids)
+            .field("bos_token_id", &self.bos_token_id)
+            .field("has_chat_template", &self.chat_template.is_some())
+            .finish()
+    }
+}
+
+/// `"<s>"` or `{"content": "<s>", ...}`, as tokenizer_config.json may write either.
+fn token_text(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content").and_then(Value::as_str).map(str::to_string),
+        _ => None,
+    }
+}
+
+fn read_json(path: &Path) -> anyhow::Result<Option<Value>> {
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .with_context(|| format!("{}: invalid JSON", path.display()))
+}
+
+fn ids_of(v: Option<&Value>) -> Vec<u32> {
+    match v {
+        Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(Value::as_u64)
+            .map(|x| x as u32)
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+impl Tokenizer {
+    /// From a Hugging Face folder: `tokenizer.json` plus, when present,
+    /// `tokenizer_config.json`, `generation_config.json` and `chat_template.jinja`.
+    pub fn from_dir(dir: &Path, config: &DecoderConfig) -> anyhow::Result<Self> {
+        let path = dir.join("tokenizer.json");
+        if !path.is_file() {
+            anyhow::bail!("{}: missing tokenizer.json", dir.display());
+        }
+        let inner = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        let tok_cfg = read_json(&dir.join("tokenizer_config.json"))?.unwrap_or(Value::Null);
+        let gen_cfg = read_json(&dir.join("generation_config.json"))?.unwrap_or(Value::Null);
+
+        let bos_token = token_text(tok_cfg.get("bos_token"));
+        let eos_token = token_text(tok_cfg.get("eos_token"));
+        let mut eos = ids_of(gen_cfg.get("eos_token_id"));
+        eos.extend(&config.eos_token_ids);
+        eos.extend(eos_token.as_deref().and_then(|t| inner.token_to_id(t)));
+        let bos_token_id = ids_of(gen_cfg.get("bos_token_id"))
+            .first()
+            .copied()
+            .or(config.bos_token_id)
+            .or_else(|| bos_token.as_deref().and_then(|t| inner.token_to_id(t)));
+
+        let template_file = dir.join("chat_template.jinja");
+        let chat_template = if template_file.is_file() {
+            Some(std::fs::read_to_string(&template_file)?)
+        } else {
+            match tok_cfg.get("chat_template") {
+                Some(Value::String(s)) => Some(s.clone()),
+                // A list of named templates: use the default one.
+                Some(Value::Array(list)) => list
+                    .iter()
+                    .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+                    .or(list.first())
+                    .and_then(|t| t.get("template"))
+                    .and_then(Value::as_str)
+                    .map(str::to_string),
+                _ => None,
+            }
+        };
+        Ok(Self::assemble(
+            inner,
+            eos,
+            bos_token_id,
+            bos_token,
+            eos_token,
+            tok_cfg
+                .get("add_bos_token")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            chat_template,
+        ))
+    }
+
+    fn assemble(
+        inner: tokenizers::Tokenizer,
+        eos: Vec<u32>,
+        bos_token_id: Option<u32>,
+        bos_token: Option<String>,
+        eos_token: Option<String>,
+        add_bos: bool,
+        chat_template: Option<String>,
+    ) -> Self {
+        let mut eos_token_ids = Vec::new();
+        for id in eos {
+            if !eos_token_ids.contains(&id) {
+                eos_token_ids.push(id);
+            }
+        }
+        let bos_token = bos_token.or_else(|| bos_token_id.and_then(|id| inner.id_to_token(id)));
+        let eos_token =
+            eos_token.or_else(|| eos_token_ids.first().and_then(|&id| inner.id_to_token(id)));
+        Self {
+            inner,
+            eos_token_ids,
+            bos_token_id,
+            bos_token,
+            eos_token,
+            add_bos,
+            chat_template,
+        }
+    }
+
+    /// Token ids of `text`. With `add_special_tokens`, BOS is added as the
+    /// model expects (as for a raw completion prompt); chat prompts rendered
+    /// from a template already contain it and are encoded without.
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> anyhow::Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| anyhow!("tokenizing: {e}"))?;
+        let mut ids = enc.get_ids().to_vec();
+        if add_special_tokens && self.add_bos {
+            if let Some(bos) = self.bos_token_id {
+                if ids.first() != Some(&bos) {
+                    ids.insert(0, bos);
+                }
+            }
+        }
+        Ok(ids)
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> anyhow::Result<String> {
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| anyhow!("detokenizing: {e}"))
+    }
+
+    /// Size of the vocabulary including added tokens.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    pub fn inner(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+
+    /// The chat template, compiled, with this tokenizer's special tokens.
+    pub fn compile_chat_template(
+        &self,
+        override_source: Option<&str>,
+    ) -> anyhow::Result<Option<ChatTemplate>> {
+        let Some(src) = override_source.or(self.chat_template.as_deref()) else {
+            return Ok(None);
+        };
+        ChatTemplate::new(src, self.bos_token.clone(), self.eos_token.clone()).map(Some)
+    }
+}
