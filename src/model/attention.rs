@@ -104,7 +104,7 @@ fn attend_typed<T: WithDType>(
 ) -> Result<Tensor> {
     let (n_tokens, nh, hd) = q.dims3()?;
     let nkv = layout.num_kv_heads;
-    if hd != layout.head_dim || nh % nkv != 0 {
+    if hd != layout.head_dim || !nh.is_multiple_of(nkv) {
         candle_core::bail!(
             "attention shape mismatch: q {:?}, cache {layout:?}",
             q.shape()
@@ -169,8 +169,8 @@ fn attend_typed<T: WithDType>(
 /// Calls `f(block, offset)` for cache positions `lo..=hi` in order.
 #[inline]
 fn for_each_key(table: &[u32], lo: usize, hi: usize, bs: usize, mut f: impl FnMut(usize, usize)) {
-    for bi in lo / bs..=hi / bs {
-        let block = table[bi] as usize;
+    for (bi, &block) in table.iter().enumerate().take(hi / bs + 1).skip(lo / bs) {
+        let block = block as usize;
         let start = lo.max(bi * bs) - bi * bs;
         let end = (hi + 1).min((bi + 1) * bs) - bi * bs;
         for off in start..end {
@@ -191,6 +191,7 @@ mod tests {
     use crate::model::batch::Logits;
 
     /// Reference: plain causal attention over contiguous keys/values.
+    #[allow(clippy::too_many_arguments)]
     fn reference(
         q: &[f32],
         k: &[f32],

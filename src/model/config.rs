@@ -186,7 +186,7 @@ impl RawConfig {
             bail!("config.json: num_attention_heads and num_hidden_layers must be positive");
         }
         let num_kv_heads = self.num_key_value_heads.unwrap_or(self.num_attention_heads);
-        if num_kv_heads == 0 || self.num_attention_heads % num_kv_heads != 0 {
+        if num_kv_heads == 0 || !self.num_attention_heads.is_multiple_of(num_kv_heads) {
             bail!(
                 "config.json: num_attention_heads ({}) must be a multiple of num_key_value_heads ({num_kv_heads})",
                 self.num_attention_heads
@@ -195,7 +195,7 @@ impl RawConfig {
         let head_dim = self
             .head_dim
             .unwrap_or(self.hidden_size / self.num_attention_heads);
-        if head_dim % 2 != 0 {
+        if !head_dim.is_multiple_of(2) {
             bail!("config.json: head_dim {head_dim} must be even for RoPE");
         }
         let rope = self.rope_parameters.as_ref().or(self.rope_scaling.as_ref());

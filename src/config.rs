@@ -1,0 +1,90 @@
+//! Settings shared by the subcommands: which model, in which dtype, and how big
+//! the KV cache is. Flag names follow vLLM's.
+
+use clap::Args;
+
+use crate::kv_cache::{parse_memory_size, KvCacheSizing};
+use crate::model::{parse_dtype, CausalLm, LoadOptions};
+
+/// KV cache budget when neither `--num-kv-blocks` nor `--kv-cache-memory` is given.
+pub const DEFAULT_KV_CACHE_MEMORY: u64 = 2 << 30;
+
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// A Hugging Face model folder, a .gguf file, or a Hugging Face repo id
+    /// (downloaded into the Hugging Face cache; honours HF_TOKEN, HF_HOME, HF_HUB_OFFLINE).
+    #[arg(long, env = "CANDELA_MODEL")]
+    pub model: String,
+
+    /// Weights, activations and KV cache dtype: auto (float32 on CPU), float32, bfloat16, float16.
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
+
+    /// Longest sequence (prompt + output) to accept; defaults to the model's context length.
+    #[arg(long)]
+    pub max_model_len: Option<usize>,
+}
+
+impl ModelArgs {
+    pub fn load_options(&self) -> anyhow::Result<LoadOptions> {
+        Ok(LoadOptions {
+            model: self.model.clone(),
+            dtype: parse_dtype(&self.dtype)?,
+        })
+    }
+
+    pub fn max_model_len(&self, model: &dyn CausalLm) -> usize {
+        self.max_model_len
+            .unwrap_or(model.max_position_embeddings())
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CacheArgs {
+    /// Tokens per KV cache block.
+    #[arg(long, default_value_t = 16)]
+    pub block_size: usize,
+
+    /// Number of KV cache blocks (overrides --kv-cache-memory).
+    #[arg(long)]
+    pub num_kv_blocks: Option<usize>,
+
+    /// Memory for the KV cache, e.g. 2GiB or 512MiB [default: 2GiB].
+    #[arg(long)]
+    pub kv_cache_memory: Option<String>,
+}
+
+impl CacheArgs {
+    /// Sizes the pool for `model` and logs the resulting capacity.
+    pub fn sizing(
+        &self,
+        model: &dyn CausalLm,
+        max_model_len: usize,
+    ) -> anyhow::Result<KvCacheSizing> {
+        let memory = self
+            .kv_cache_memory
+            .as_deref()
+            .map(parse_memory_size)
+            .transpose()?;
+        let bytes_per_token = model.cache_spec().bytes_per_token(model.dtype());
+        let sizing = KvCacheSizing::new(
+            self.block_size,
+            bytes_per_token,
+            self.num_kv_blocks,
+            memory,
+            DEFAULT_KV_CACHE_MEMORY,
+        )?;
+        tracing::info!(
+            "KV cache: {} blocks x {} tokens = {} tokens ({:.1} MiB, {} bytes/token); \
+             max concurrency at {} tokens per request: {:.2}x",
+            sizing.num_blocks,
+            sizing.block_size,
+            sizing.max_tokens(),
+            sizing.total_bytes() as f64 / (1u64 << 20) as f64,
+            bytes_per_token,
+            max_model_len,
+            sizing.max_tokens() as f64 / max_model_len.max(1) as f64,
+        );
+        Ok(sizing)
+    }
+}

@@ -1,0 +1,89 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use candela::kv_cache::KvCacheSizing;
+use candela::model::{load_model, LoadOptions, LoadedModel};
+use candela::runner::StepRunner;
+use candle_core::DType;
+
+pub const FIXTURES: &[&str] = &[
+    "llama_gqa",
+    "llama_mha_tied",
+    "llama_mqa_headdim",
+    "llama3_rope",
+    "llama_linear_rope",
+    "mistral_window",
+    "qwen2_bias",
+    "qwen3_qknorm",
+];
+
+pub fn repo_path(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+pub fn fixture_dir(name: &str) -> PathBuf {
+    repo_path(&format!("tests/fixtures/{name}"))
+}
+
+pub fn load(path: &Path, dtype: DType) -> LoadedModel {
+    load_model(&LoadOptions {
+        model: path.to_str().unwrap().to_string(),
+        dtype,
+    })
+    .unwrap_or_else(|e| panic!("loading {}: {e:#}", path.display()))
+}
+
+pub fn runner(m: &LoadedModel, block_size: usize, num_blocks: usize) -> StepRunner {
+    let bpt = m.model.cache_spec().bytes_per_token(m.model.dtype());
+    let sizing = KvCacheSizing::new(block_size, bpt, Some(num_blocks), None, 0).unwrap();
+    StepRunner::new(m.model.as_ref(), sizing).unwrap()
+}
+
+pub fn golden(name: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(fixture_dir(name).join("golden.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+pub fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+pub fn floats(v: &serde_json::Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// A real model that CI must have: in CI a missing one is a failure, locally a skip.
+pub fn real_model(path: &Path) -> Option<PathBuf> {
+    if path.exists() {
+        return Some(path.to_path_buf());
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+        panic!(
+            "{} is missing (run scripts/fetch_models.sh)",
+            path.display()
+        );
+    }
+    eprintln!(
+        "skipping: {} not present (run scripts/fetch_models.sh)",
+        path.display()
+    );
+    None
+}

@@ -1,0 +1,222 @@
+//! Every fixture model against the golden outputs of Hugging Face transformers
+//! (tests/fixtures/*/golden.json, made by scripts/make_fixtures.py).
+
+mod common;
+
+use candela::model::Logits;
+use candela::runner::{SeqWork, StepRunner};
+use candle_core::DType;
+use common::*;
+
+const TOL: f32 = 1e-4;
+
+fn prefill_logits(
+    runner: &mut StepRunner,
+    m: &candela::model::LoadedModel,
+    seq: u64,
+    prompt: &[u32],
+) -> Vec<f32> {
+    let out = runner
+        .step(
+            m.model.as_ref(),
+            &[SeqWork {
+                seq,
+                tokens: prompt.to_vec(),
+                logits: Logits::Last,
+            }],
+        )
+        .unwrap();
+    out[0][0].clone()
+}
+
+#[test]
+fn last_position_logits_match_transformers() {
+    for name in FIXTURES {
+        let m = load(&fixture_dir(name), DType::F32);
+        let g = golden(name);
+        for block_size in [1, 16, 32] {
+            let mut r = runner(&m, block_size, 256 / block_size.min(16) * 4);
+            for (i, case) in g["logits"].as_array().unwrap().iter().enumerate() {
+                let prompt = ids(&case["prompt"]);
+                let got = prefill_logits(&mut r, &m, i as u64, &prompt);
+                let d = max_abs_diff(&got, &floats(&case["last_logits"]));
+                assert!(
+                    d <= TOL,
+                    "{name} block {block_size} prompt {i}: max |Δ| {d}"
+                );
+                r.free(i as u64);
+            }
+            assert_eq!(r.kv().num_free_blocks(), r.kv().pool().num_blocks());
+        }
+    }
+}
+
+#[test]
+fn greedy_continuations_match_transformers() {
+    for name in FIXTURES {
+        let m = load(&fixture_dir(name), DType::F32);
+        let g = golden(name);
+        for block_size in [1, 16, 32] {
+            let mut r = runner(&m, block_size, 512 / block_size.min(16) * 4);
+            for (i, case) in g["greedy"].as_array().unwrap().iter().enumerate() {
+                let want = ids(&case["tokens"]);
+                let got = r
+                    .greedy(
+                        m.model.as_ref(),
+                        i as u64,
+                        &ids(&case["prompt"]),
+                        want.len(),
+                        |_| true,
+                    )
+                    .unwrap();
+                assert_eq!(got, want, "{name} block size {block_size} prompt {i}");
+            }
+        }
+    }
+}
+
+/// Logits of `prompt` computed token by token after a prefill of its first
+/// `split` tokens, sequence alone in the batch.
+fn solo_decode_logits(
+    m: &candela::model::LoadedModel,
+    prompt: &[u32],
+    split: usize,
+) -> Vec<Vec<f32>> {
+    let mut r = runner(m, 16, 64);
+    let mut rows = vec![prefill_logits(&mut r, m, 0, &prompt[..split])];
+    for &t in &prompt[split..] {
+        rows.push(prefill_logits(&mut r, m, 0, &[t]));
+    }
+    rows
+}
+
+#[test]
+fn mixed_batch_equals_each_sequence_alone() {
+    for name in FIXTURES {
+        let m = load(&fixture_dir(name), DType::F32);
+        let g = golden(name);
+        let p: Vec<Vec<u32>> = g["logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| ids(&c["prompt"]))
+            .collect();
+        let long = &p[3]; // 45 tokens
+        let medium = &p[2]; // 19 tokens
+
+        // Alone: A and B decode token by token after a prefill; C is prefilled
+        // in two chunks (a cached prefix of 20, then 25); D is one whole prompt.
+        let a_solo = solo_decode_logits(&m, medium, 10);
+        let b_solo = solo_decode_logits(&m, long, 30);
+        let c_solo = {
+            let mut r = runner(&m, 16, 64);
+            prefill_logits(&mut r, &m, 0, &long[..20]);
+            prefill_logits(&mut r, &m, 0, &long[20..])
+        };
+        let d_solo = {
+            let mut r = runner(&m, 16, 64);
+            prefill_logits(&mut r, &m, 0, medium)
+        };
+
+        // Together, with block sizes that make every table non-contiguous.
+        for block_size in [1, 16, 32] {
+            let mut r = runner(&m, block_size, 1024 / block_size);
+            prefill_logits(&mut r, &m, 1, &medium[..10]);
+            prefill_logits(&mut r, &m, 2, &long[..30]);
+            prefill_logits(&mut r, &m, 3, &long[..20]);
+            let out = r
+                .step(
+                    m.model.as_ref(),
+                    &[
+                        SeqWork {
+                            seq: 1,
+                            tokens: vec![medium[10]],
+                            logits: Logits::Last,
+                        },
+                        SeqWork {
+                            seq: 3,
+                            tokens: long[20..].to_vec(),
+                            logits: Logits::Last,
+                        },
+                        SeqWork {
+                            seq: 2,
+                            tokens: vec![long[30]],
+                            logits: Logits::Last,
+                        },
+                        SeqWork {
+                            seq: 4,
+                            tokens: medium.clone(),
+                            logits: Logits::Last,
+                        },
+                    ],
+                )
+                .unwrap();
+            let ctx = format!("{name} block size {block_size}");
+            assert!(
+                max_abs_diff(&out[0][0], &a_solo[1]) <= 1e-5,
+                "{ctx}: decoding A"
+            );
+            assert!(
+                max_abs_diff(&out[1][0], &c_solo) <= 1e-5,
+                "{ctx}: chunk after cached prefix C"
+            );
+            assert!(
+                max_abs_diff(&out[2][0], &b_solo[1]) <= 1e-5,
+                "{ctx}: decoding B"
+            );
+            assert!(
+                max_abs_diff(&out[3][0], &d_solo) <= 1e-5,
+                "{ctx}: whole prompt D"
+            );
+            // And the solo runs agree with transformers, closing the loop.
+            assert!(
+                max_abs_diff(&d_solo, &floats(&g["logits"][2]["last_logits"])) <= TOL,
+                "{ctx}"
+            );
+            assert!(
+                max_abs_diff(&c_solo, &floats(&g["logits"][3]["last_logits"])) <= TOL,
+                "{ctx}"
+            );
+        }
+    }
+}
+
+#[test]
+fn prompt_logits_for_every_position() {
+    // Logits::All returns one row per token, each equal to the prefix's last-position logits.
+    let m = load(&fixture_dir("llama_gqa"), DType::F32);
+    let g = golden("llama_gqa");
+    let prompt = ids(&g["logits"][2]["prompt"]);
+    let mut r = runner(&m, 16, 16);
+    let rows = r
+        .step(
+            m.model.as_ref(),
+            &[SeqWork {
+                seq: 0,
+                tokens: prompt.clone(),
+                logits: Logits::All,
+            }],
+        )
+        .unwrap();
+    assert_eq!(rows[0].len(), prompt.len());
+    let mut r2 = runner(&m, 16, 16);
+    let last6 = prefill_logits(&mut r2, &m, 9, &prompt[..6]);
+    assert!(max_abs_diff(&rows[0][5], &last6) <= 1e-5);
+    assert!(max_abs_diff(&rows[0][18], &floats(&g["logits"][2]["last_logits"])) <= TOL);
+}
+
+#[test]
+fn half_precision_dtypes_run_and_stay_close() {
+    let m32 = load(&fixture_dir("llama_gqa"), DType::F32);
+    let g = golden("llama_gqa");
+    let prompt = ids(&g["logits"][2]["prompt"]);
+    let want = floats(&g["logits"][2]["last_logits"]);
+    for (dtype, tol) in [(DType::BF16, 0.35), (DType::F16, 0.05)] {
+        let m = load(&fixture_dir("llama_gqa"), dtype);
+        let mut r = runner(&m, 16, 16);
+        let got = prefill_logits(&mut r, &m, 0, &prompt);
+        let d = max_abs_diff(&got, &want);
+        assert!(d <= tol, "{dtype:?}: max |Δ| {d}");
+        assert_eq!(common::runner(&m32, 16, 1).kv().num_free_blocks(), 1);
+    }
+}

@@ -1,0 +1,108 @@
+//! Real, trained models: stories260K (folder and GGUF) and SmolLM2-135M-Instruct (GGUF).
+
+mod common;
+
+use candela::model::{LoadedModel, ModelSource};
+use candle_core::DType;
+use common::*;
+use serde_json::json;
+
+fn stories_golden() -> serde_json::Value {
+    let text = std::fs::read_to_string(repo_path("models/stories260K/golden.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn greedy(m: &LoadedModel, prompt: &[u32], n: usize, stop_at_eos: bool) -> Vec<u32> {
+    let mut r = runner(m, 16, 64);
+    r.greedy(m.model.as_ref(), 0, prompt, n, |t| {
+        !(stop_at_eos && m.tokenizer.eos_token_ids.contains(&t))
+    })
+    .unwrap()
+}
+
+#[test]
+fn stories260k_continues_like_transformers() {
+    let m = load(&repo_path("models/stories260K"), DType::F32);
+    let g = stories_golden();
+    let prompt = m.tokenizer.encode("Once upon a time", true).unwrap();
+    assert_eq!(prompt, ids(&g["prompt_ids"]));
+    assert_eq!(prompt, vec![1, 403, 407, 261, 378]);
+    let want = ids(&g["tokens"]);
+    let got = greedy(&m, &prompt, want.len(), true);
+    assert_eq!(got, want);
+    let text = m.tokenizer.decode(&got, true).unwrap();
+    assert_eq!(text, g["text"].as_str().unwrap());
+    assert!(
+        text.starts_with(", there was a little girl named Lily."),
+        "{text}"
+    );
+}
+
+#[test]
+fn stories260k_gguf_is_the_same_model() {
+    let path = repo_path("tests/fixtures/stories260K-f32.gguf");
+    assert!(matches!(
+        ModelSource::resolve(path.to_str().unwrap()).unwrap(),
+        ModelSource::Gguf(_)
+    ));
+    let gguf = load(&path, DType::F32);
+    let hf = load(&repo_path("models/stories260K"), DType::F32);
+    assert_eq!(gguf.config.num_layers, 5);
+    assert_eq!(gguf.config.num_kv_heads, 4);
+    assert_eq!(gguf.tokenizer.eos_token_ids, vec![2]);
+    assert_eq!(gguf.tokenizer.bos_token_id, Some(1));
+    // The tokenizer rebuilt from GGUF metadata tokenizes and decodes like tokenizer.json.
+    for text in [
+        "Once upon a time",
+        "Hello world!  Two  spaces, tabs\tand\nnewlines.",
+        " leading space",
+        "Lily's mom said: \"no\" 1234 ü 日本 🦙",
+        "",
+    ] {
+        let a = gguf.tokenizer.encode(text, true).unwrap();
+        let b = hf.tokenizer.encode(text, true).unwrap();
+        assert_eq!(a, b, "{text:?}");
+        assert_eq!(
+            gguf.tokenizer.decode(&a, true).unwrap(),
+            hf.tokenizer.decode(&b, true).unwrap()
+        );
+    }
+    let g = stories_golden();
+    let want = ids(&g["tokens"]);
+    assert_eq!(
+        greedy(&gguf, &ids(&g["prompt_ids"]), want.len(), true),
+        want
+    );
+}
+
+#[test]
+fn smollm2_gguf_answers_the_capital_of_france() {
+    let Some(path) = real_model(&repo_path("models-cache/SmolLM2-135M-Instruct.Q4_1.gguf")) else {
+        return;
+    };
+    let m = load(&path, DType::F32);
+    assert_eq!(m.config.num_layers, 30);
+    assert_eq!((m.config.num_heads, m.config.num_kv_heads), (9, 3));
+    assert!(m.config.tie_word_embeddings);
+    let template = m
+        .tokenizer
+        .compile_chat_template(None)
+        .unwrap()
+        .expect("GGUF carries a chat template");
+    let prompt_text = template
+        .render(
+            &json!([{"role": "user", "content": "What is the capital of France?"}]),
+            true,
+            &json!({}),
+        )
+        .unwrap();
+    let prompt = m.tokenizer.encode(&prompt_text, false).unwrap();
+    assert_eq!(prompt.len(), 37, "{prompt_text:?}");
+    assert_eq!(&prompt[..8], &[1, 9690, 198, 2683, 359, 253, 5356, 5646]);
+    let out = greedy(&m, &prompt, 32, true);
+    assert_eq!(out, vec![504, 3575, 282, 4649, 314, 7042, 30, 2]);
+    assert_eq!(
+        m.tokenizer.decode(&out, true).unwrap(),
+        "The capital of France is Paris."
+    );
+}
