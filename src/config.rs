@@ -88,3 +88,36 @@ impl CacheArgs {
         Ok(sizing)
     }
 }
+
+/// Batch shape and admission limits of the engine.
+#[derive(Debug, Clone, Args)]
+pub struct EngineArgs {
+    /// Most sequences in one step.
+    #[arg(long, default_value_t = 256)]
+    pub max_num_seqs: usize,
+
+    /// Token budget of one step; longer prompts are prefilled in chunks.
+    #[arg(long, default_value_t = 2048)]
+    pub max_num_batched_tokens: usize,
+
+    /// Requests allowed to wait for their first step; more are refused as overload.
+    #[arg(long, default_value_t = 1024)]
+    pub max_waiting_requests: usize,
+}
+
+impl EngineArgs {
+    pub fn engine_config(
+        &self,
+        max_model_len: usize,
+    ) -> anyhow::Result<crate::engine::EngineConfig> {
+        if self.max_num_seqs == 0 || self.max_num_batched_tokens == 0 {
+            anyhow::bail!("--max-num-seqs and --max-num-batched-tokens must be at least 1");
+        }
+        Ok(crate::engine::EngineConfig {
+            max_model_len,
+            max_num_seqs: self.max_num_seqs,
+            max_num_batched_tokens: self.max_num_batched_tokens,
+            max_waiting_requests: self.max_waiting_requests,
+        })
+    }
+}

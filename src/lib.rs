@@ -6,7 +6,9 @@
 //! - [`tokenizer`]: tokenizers, special tokens, chat templates;
 //! - [`runner`]: model steps over the cache for explicitly given work.
 
+pub mod cli;
 pub mod config;
+pub mod engine;
 pub mod kv_cache;
 pub mod model;
 pub mod runner;

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use anyhow::Context;
 use candle_core::IndexOp;
 
+use crate::engine::sampler::argmax;
 use crate::kv_cache::{KvCacheManager, KvCacheSizing, KvLayout, KvStorage, SeqId};
 use crate::model::{CacheSpec, CausalLm, ForwardBatch, Logits};
 
@@ -137,15 +138,4 @@ impl StepRunner {
         self.free(seq);
         Ok(out)
     }
-}
-
-/// Index of the largest value (the first one on ties).
-pub fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, x) in v.iter().enumerate() {
-        if *x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
 }

@@ -1,0 +1,475 @@
+//! The engine's step: schedule, execute, update. Owns the model, the cache
+//! memory, the scheduler and every request's output state. Runs on the engine
+//! thread; tests drive it directly.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::detokenizer::{Detokenizer, StopStrings};
+use super::request::{
+    EngineError, EngineEvent, FinishReason, GenerateRequest, SeqOutput, Timings, TokenLogprob,
+    Usage,
+};
+use super::sampler::{token_logprob, Sampler};
+use super::scheduler::{Scheduler, SchedulerConfig, StepPlan};
+use super::stats::EngineStats;
+use crate::kv_cache::{KvCacheManager, KvCacheSizing, KvLayout, KvStorage, SeqId};
+use crate::model::{CacheSpec, CausalLm, ForwardBatch, Logits};
+use crate::tokenizer::Tokenizer;
+
+pub type RequestId = u64;
+
+/// Engine limits and batch shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineConfig {
+    pub max_model_len: usize,
+    pub max_num_seqs: usize,
+    pub max_num_batched_tokens: usize,
+    pub max_waiting_requests: usize,
+}
+
+/// Output state of one of a request's `n` sequences.
+struct SeqState {
+    seq: SeqId,
+    sampler: Sampler,
+    detok: Detokenizer,
+    stops: StopStrings,
+    num_output: usize,
+    finished: bool,
+}
+
+struct RequestState {
+    req: GenerateRequest,
+    tx: UnboundedSender<EngineEvent>,
+    seqs: Vec<SeqState>,
+    /// The `n - 1` other samples exist once the prompt is computed.
+    forked: bool,
+    prompt_logprobs: Vec<Option<TokenLogprob>>,
+    timings: Timings,
+    completion_tokens: usize,
+}
+
+pub struct EngineCore {
+    model: Box<dyn CausalLm>,
+    storage: KvStorage,
+    tokenizer: Tokenizer,
+    sched: Scheduler,
+    cfg: EngineConfig,
+    requests: HashMap<RequestId, RequestState>,
+    /// Which request and which of its samples each sequence is.
+    owners: HashMap<SeqId, (RequestId, usize)>,
+    next_seq: SeqId,
+    next_arrival: u64,
+    stats: std::sync::Arc<EngineStats>,
+}
+
+impl EngineCore {
+    pub fn new(
+        model: Box<dyn CausalLm>,
+        tokenizer: Tokenizer,
+        sizing: KvCacheSizing,
+        cfg: EngineConfig,
+        stats: std::sync::Arc<EngineStats>,
+    ) -> anyhow::Result<Self> {
+        let CacheSpec::Paged {
+            num_layers,
+            num_kv_heads,
+            head_dim,
+        } = model.cache_spec();
+        let layout = KvLayout {
+            num_layers,
+            num_kv_heads,
+            head_dim,
+            block_size: sizing.block_size,
+            num_blocks: sizing.num_blocks,
+        };
+        let storage = KvStorage::new(layout, model.dtype())?;
+        let sched = Scheduler::new(
+            SchedulerConfig {
+                max_num_batched_tokens: cfg.max_num_batched_tokens,
+                max_num_seqs: cfg.max_num_seqs,
+            },
+            KvCacheManager::new(sizing.num_blocks, sizing.block_size),
+        );
+        Ok(Self {
+            model,
+            storage,
+            tokenizer,
+            sched,
+            cfg,
+            requests: HashMap::new(),
+            owners: HashMap::new(),
+            next_seq: 0,
+            next_arrival: 0,
+            stats,
+        })
+    }
+
+    pub fn scheduler(&self) -> &Scheduler {
+        &self.sched
+    }
+
+    pub fn has_work(&self) -> bool {
+        !self.requests.is_empty()
+    }
+
+    pub fn num_requests(&self) -> usize {
+        self.requests.len()
+    }
+
+    /// Admits a checked request (see [`super::EngineHandle::submit`] for the
+    /// checks); its events go to `tx`.
+    pub fn add_request(
+        &mut self,
+        id: RequestId,
+        req: GenerateRequest,
+        tx: UnboundedSender<EngineEvent>,
+        arrived: Instant,
+    ) {
+        let seq = self.new_seq(id, 0);
+        let arrival = self.next_arrival;
+        self.next_arrival += 1;
+        self.sched.add(seq, req.prompt_ids.clone(), arrival);
+        let first = self.seq_state(&req, seq, 0);
+        self.requests.insert(
+            id,
+            RequestState {
+                tx,
+                seqs: vec![first],
+                forked: req.n == 1,
+                prompt_logprobs: Vec::new(),
+                timings: Timings {
+                    arrived,
+                    scheduled: None,
+                    first_token: None,
+                    finished: arrived,
+                },
+                completion_tokens: 0,
+                req,
+            },
+        );
+    }
+
+    fn new_seq(&mut self, req: RequestId, index: usize) -> SeqId {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.owners.insert(seq, (req, index));
+        seq
+    }
+
+    fn seq_state(&self, req: &GenerateRequest, seq: SeqId, index: usize) -> SeqState {
+        SeqState {
+            seq,
+            sampler: Sampler::new(req.sampling.clone(), &req.prompt_ids, index),
+            detok: Detokenizer::new(&req.prompt_ids, req.stop.skip_special_tokens),
+            stops: StopStrings::new(req.stop.stop.clone()),
+            num_output: 0,
+            finished: false,
+        }
+    }
+
+    /// Removes a request wherever it is, freeing every block it holds.
+    pub fn abort(&mut self, id: RequestId) {
+        if let Some(r) = self.requests.remove(&id) {
+            self.release(&r);
+            self.stats.record_abort();
+        }
+    }
+
+    /// Aborts requests whose receiver is gone (the client disconnected).
+    pub fn drop_disconnected(&mut self) {
+        let gone: Vec<RequestId> = self
+            .requests
+            .iter()
+            .filter(|(_, r)| r.tx.is_closed())
+            .map(|(&id, _)| id)
+            .collect();
+        for id in gone {
+            self.abort(id);
+        }
+    }
+
+    /// Fails every request (the model errored): each gets the error event.
+    pub fn fail_all(&mut self, err: &EngineError) {
+        let all: Vec<RequestState> = self.requests.drain().map(|(_, r)| r).collect();
+        for r in all {
+            let _ = r.tx.send(EngineEvent::Error(err.clone()));
+            self.release(&r);
+        }
+    }
+
+    /// Frees a removed request's sequences and its place in the queue count.
+    fn release(&mut self, r: &RequestState) {
+        for s in &r.seqs {
+            self.sched.remove(s.seq);
+            self.owners.remove(&s.seq);
+        }
+        if r.timings.scheduled.is_none() {
+            self.stats.left_queue();
+        }
+    }
+
+    /// One schedule → execute → update round. Returns false when there was
+    /// nothing to run.
+    pub fn step(&mut self) -> anyhow::Result<bool> {
+        let plan = self.sched.schedule();
+        if plan.is_empty() {
+            self.publish_stats();
+            return Ok(false);
+        }
+        let now = Instant::now();
+        for s in &plan.scheduled {
+            let stats = self.stats.clone();
+            if let Some(r) = self.owner_mut(s.seq) {
+                if r.timings.scheduled.is_none() {
+                    r.timings.scheduled = Some(now);
+                    stats.left_queue();
+                }
+            }
+        }
+        let (batch, kinds) = self.build_batch(&plan);
+        for &(src, dst) in &plan.copies {
+            self.storage.copy_block(src, dst);
+        }
+        let logits = self.model.forward(&batch, &mut self.storage)?;
+        let rows: Vec<Vec<f32>> = if batch.logits_indices.is_empty() {
+            Vec::new()
+        } else {
+            logits.to_vec2::<f32>()?
+        };
+        self.sched.advance(&plan);
+        self.stats.record_step(plan.num_tokens());
+
+        let mut row = 0;
+        for (s, kind) in plan.scheduled.iter().zip(kinds) {
+            let n = match kind {
+                Logits::None => 0,
+                Logits::Last => 1,
+                Logits::All => s.len,
+            };
+            let seq_rows = &rows[row..row + n];
+            row += n;
+            if kind == Logits::All {
+                self.collect_prompt_logprobs(s.seq, s.start, seq_rows);
+            }
+            if s.sample {
+                let last = seq_rows.last().expect("a sampling sequence has logits");
+                self.sample_and_emit(s.seq, last);
+            }
+        }
+        self.publish_stats();
+        Ok(true)
+    }
+
+    fn owner_mut(&mut self, seq: SeqId) -> Option<&mut RequestState> {
+        let (rid, _) = *self.owners.get(&seq)?;
+        self.requests.get_mut(&rid)
+    }
+
+    fn wants_prompt_logprobs(&self, seq: SeqId, start: usize) -> bool {
+        let Some(&(rid, index)) = self.owners.get(&seq) else {
+            return false;
+        };
+        let r = &self.requests[&rid];
+        index == 0
+            && r.req.prompt_logprobs.is_some()
+            && start < r.req.prompt_ids.len()
+            && !r.forked_or_done_prompt_lp()
+    }
+
+    fn build_batch(&self, plan: &StepPlan) -> (ForwardBatch, Vec<Logits>) {
+        let bs = self.sched.kv().block_size();
+        let mut batch = ForwardBatch::new();
+        let mut kinds = Vec::with_capacity(plan.scheduled.len());
+        for s in &plan.scheduled {
+            let seq = self.sched.seq(s.seq).expect("scheduled sequence exists");
+            let kind = if self.wants_prompt_logprobs(s.seq, s.start) {
+                Logits::All
+            } else if s.sample {
+                Logits::Last
+            } else {
+                Logits::None
+            };
+            batch.push_seq(
+                &seq.tokens[s.start..s.start + s.len],
+                s.start,
+                self.sched.block_table(s.seq),
+                bs,
+                kind,
+            );
+            kinds.push(kind);
+        }
+        (batch, kinds)
+    }
+
+    fn collect_prompt_logprobs(&mut self, seq: SeqId, start: usize, rows: &[Vec<f32>]) {
+        let Some(r) = self.owner_mut(seq) else { return };
+        let k = r.req.prompt_logprobs.unwrap_or(0);
+        let prompt = &r.req.prompt_ids;
+        if r.prompt_logprobs.is_empty() {
+            r.prompt_logprobs.push(None);
+        }
+        for (j, row) in rows.iter().enumerate() {
+            let next = start + j + 1;
+            if next < prompt.len() && next == r.prompt_logprobs.len() {
+                r.prompt_logprobs
+                    .push(Some(token_logprob(row, prompt[next], k)));
+            }
+        }
+        if r.prompt_logprobs.len() == prompt.len() {
+            let _ =
+                r.tx.send(EngineEvent::PromptLogprobs(r.prompt_logprobs.clone()));
+            r.req.prompt_logprobs = None; // delivered; recomputation after preemption needs none
+        }
+    }
+
+    /// Samples the next token of `seq` from `logits`, updates its text and
+    /// stop state, and sends what became final.
+    fn sample_and_emit(&mut self, seq: SeqId, logits: &[f32]) {
+        let Some(&(rid, _)) = self.owners.get(&seq) else {
+            return;
+        };
+        // The first sample of an n > 1 request: the prompt is in the cache, so
+        // the other samples start now, sharing its blocks.
+        let r = self.requests.get_mut(&rid).expect("owner exists");
+        if !r.forked {
+            r.forked = true;
+            let n = r.req.n;
+            for index in 1..n {
+                let child = self.next_seq;
+                self.next_seq += 1;
+                self.owners.insert(child, (rid, index));
+                self.sched.fork(seq, child);
+                let r = &self.requests[&rid];
+                let state = self.seq_state(&r.req, child, index);
+                self.requests
+                    .get_mut(&rid)
+                    .expect("exists")
+                    .seqs
+                    .push(state);
+            }
+            let children: Vec<SeqId> = self.requests[&rid].seqs[1..]
+                .iter()
+                .map(|s| s.seq)
+                .collect();
+            for child in children {
+                self.sample_one(rid, child, logits);
+            }
+        }
+        self.sample_one(rid, seq, logits);
+    }
+
+    fn sample_one(&mut self, rid: RequestId, seq: SeqId, logits: &[f32]) {
+        let index = self.owners[&seq].1;
+        let total_len = self.sched.seq(seq).map_or(0, |s| s.tokens.len());
+        let r = self.requests.get_mut(&rid).expect("owner exists");
+        let st = &mut r.seqs[index];
+        let stop = &r.req.stop;
+        let eos = &self.tokenizer.eos_token_ids;
+        let banned: Vec<u32> = if st.num_output < stop.min_tokens {
+            let mut b: Vec<u32> = stop.stop_token_ids.clone();
+            if !stop.ignore_eos {
+                b.extend(eos);
+            }
+            b
+        } else {
+            Vec::new()
+        };
+        let (token, lp) = st.sampler.sample(logits, &banned, r.req.logprobs);
+        st.sampler.observe(token);
+        st.num_output += 1;
+        r.completion_tokens += 1;
+        r.timings.first_token.get_or_insert_with(Instant::now);
+        self.stats.record_generated(1);
+
+        let mut finish = None;
+        let mut text;
+        if (!stop.ignore_eos && eos.contains(&token)) || stop.stop_token_ids.contains(&token) {
+            // The stop token itself has no text; release anything held back.
+            finish = Some(FinishReason::Stop);
+            text = flush_text(st, &self.tokenizer);
+        } else {
+            let piece = st.detok.push(&self.tokenizer, token);
+            let (out, hit) = st.stops.push(&piece);
+            text = out;
+            if hit {
+                finish = Some(FinishReason::Stop);
+            } else if st.num_output >= stop.max_tokens || total_len + 1 >= self.cfg.max_model_len {
+                finish = Some(FinishReason::Length);
+                text.push_str(&flush_text(st, &self.tokenizer));
+            }
+        }
+        let out = SeqOutput {
+            index,
+            token_ids: vec![token],
+            text,
+            logprobs: lp.into_iter().collect(),
+            finish_reason: finish,
+        };
+        let send_ok = r.tx.send(EngineEvent::Output(out)).is_ok();
+        if finish.is_some() {
+            st.finished = true;
+            self.sched.remove(seq);
+            self.owners.remove(&seq);
+            if let Some(f) = finish {
+                self.stats.record_finished_seq(f);
+            }
+            self.finish_request_if_done(rid);
+        } else {
+            self.sched.append_token(seq, token);
+        }
+        if !send_ok {
+            self.abort(rid);
+        }
+    }
+
+    fn finish_request_if_done(&mut self, rid: RequestId) {
+        let done = self
+            .requests
+            .get(&rid)
+            .is_some_and(|r| r.forked && r.seqs.iter().all(|s| s.finished));
+        if !done {
+            return;
+        }
+        let mut r = self.requests.remove(&rid).expect("checked");
+        r.timings.finished = Instant::now();
+        let usage = Usage {
+            prompt_tokens: r.req.prompt_ids.len(),
+            completion_tokens: r.completion_tokens,
+            cached_tokens: 0,
+        };
+        self.stats.record_request_done(r.req.prompt_ids.len());
+        let _ = r.tx.send(EngineEvent::Done {
+            usage,
+            timings: r.timings,
+        });
+    }
+
+    fn publish_stats(&self) {
+        self.stats.set_gauges(
+            self.sched.num_running(),
+            self.sched.num_waiting(),
+            self.sched.kv().pool().usage(),
+            self.sched.num_preemptions(),
+        );
+    }
+}
+
+/// Text still held back when a sequence ends without a stop string.
+fn flush_text(st: &mut SeqState, tok: &Tokenizer) -> String {
+    let rest = st.detok.flush(tok);
+    let (mut out, hit) = st.stops.push(&rest);
+    if !hit {
+        out.push_str(&st.stops.flush());
+    }
+    out
+}
+
+impl RequestState {
+    /// Prompt logprobs are gathered once, by the first sample, before forking.
+    fn forked_or_done_prompt_lp(&self) -> bool {
+        self.req.prompt_logprobs.is_none()
+    }
+}

@@ -1,0 +1,286 @@
+//! What goes into the engine (validated requests) and what comes out (events).
+//! These are engine types, not OpenAI types: the API layer translates.
+
+use std::time::Instant;
+
+/// Most alternatives per position the engine returns (OpenAI's limit).
+pub const MAX_LOGPROBS: usize = 20;
+
+/// How to pick each next token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// Nucleus sampling: keep the smallest set of tokens whose probability reaches this (1 = off).
+    pub top_p: f32,
+    /// Keep the k most likely tokens (0 = off).
+    pub top_k: usize,
+    /// Drop tokens less likely than `min_p` times the most likely one (0 = off).
+    pub min_p: f32,
+    /// Per-request RNG seed: the same seed gives the same tokens whatever else runs.
+    pub seed: Option<u64>,
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    /// Hugging Face-style repetition penalty over prompt and output (1 = off).
+    pub repetition_penalty: f32,
+    /// Added to the logits of these tokens before sampling.
+    pub logit_bias: Vec<(u32, f32)>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            min_p: 0.0,
+            seed: None,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            repetition_penalty: 1.0,
+            logit_bias: Vec::new(),
+        }
+    }
+}
+
+impl SamplingParams {
+    pub fn greedy() -> Self {
+        Self {
+            temperature: 0.0,
+            ..Self::default()
+        }
+    }
+
+    pub fn is_greedy(&self) -> bool {
+        self.temperature == 0.0 || self.top_k == 1
+    }
+}
+
+/// When to stop.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StopParams {
+    pub max_tokens: usize,
+    /// End-of-sequence and stop tokens are ignored until this many tokens exist.
+    pub min_tokens: usize,
+    pub ignore_eos: bool,
+    pub stop_token_ids: Vec<u32>,
+    /// Stop strings: generation ends when the text contains one; it is not emitted.
+    pub stop: Vec<String>,
+    pub skip_special_tokens: bool,
+}
+
+impl Default for StopParams {
+    fn default() -> Self {
+        Self {
+            max_tokens: 16,
+            min_tokens: 0,
+            ignore_eos: false,
+            stop_token_ids: Vec::new(),
+            stop: Vec::new(),
+            skip_special_tokens: true,
+        }
+    }
+}
+
+/// A request the engine accepts: token ids and checked parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateRequest {
+    pub prompt_ids: Vec<u32>,
+    pub sampling: SamplingParams,
+    pub stop: StopParams,
+    /// Independent samples; they share the prompt's KV blocks.
+    pub n: usize,
+    /// Return the chosen token's logprob plus this many top alternatives (0-20).
+    pub logprobs: Option<usize>,
+    /// Return logprobs of the prompt tokens too (with this many alternatives).
+    pub prompt_logprobs: Option<usize>,
+}
+
+impl GenerateRequest {
+    pub fn new(prompt_ids: Vec<u32>, max_tokens: usize) -> Self {
+        Self {
+            prompt_ids,
+            sampling: SamplingParams::default(),
+            stop: StopParams {
+                max_tokens,
+                ..StopParams::default()
+            },
+            n: 1,
+            logprobs: None,
+            prompt_logprobs: None,
+        }
+    }
+
+    pub fn greedy(prompt_ids: Vec<u32>, max_tokens: usize) -> Self {
+        Self {
+            sampling: SamplingParams::greedy(),
+            ..Self::new(prompt_ids, max_tokens)
+        }
+    }
+
+    /// Parameter checks that do not depend on the model. The error names the parameter.
+    pub fn check(&self) -> Result<(), EngineError> {
+        let s = &self.sampling;
+        let bad = |param: &str, message: String| {
+            Err(EngineError::InvalidParam {
+                param: param.into(),
+                message,
+            })
+        };
+        if self.prompt_ids.is_empty() {
+            return bad("prompt", "the prompt is empty".into());
+        }
+        if self.n == 0 {
+            return bad("n", "n must be at least 1".into());
+        }
+        if self.stop.max_tokens == 0 {
+            return bad("max_tokens", "max_tokens must be at least 1".into());
+        }
+        if self.stop.min_tokens > self.stop.max_tokens {
+            return bad("min_tokens", "min_tokens must not exceed max_tokens".into());
+        }
+        if !(s.temperature >= 0.0 && s.temperature.is_finite()) {
+            return bad(
+                "temperature",
+                format!("temperature must be non-negative, got {}", s.temperature),
+            );
+        }
+        if !(s.top_p > 0.0 && s.top_p <= 1.0) {
+            return bad("top_p", format!("top_p must be in (0, 1], got {}", s.top_p));
+        }
+        if !(0.0..=1.0).contains(&s.min_p) {
+            return bad("min_p", format!("min_p must be in [0, 1], got {}", s.min_p));
+        }
+        if !(-2.0..=2.0).contains(&s.presence_penalty) {
+            return bad(
+                "presence_penalty",
+                "presence_penalty must be in [-2, 2]".into(),
+            );
+        }
+        if !(-2.0..=2.0).contains(&s.frequency_penalty) {
+            return bad(
+                "frequency_penalty",
+                "frequency_penalty must be in [-2, 2]".into(),
+            );
+        }
+        if !(s.repetition_penalty > 0.0 && s.repetition_penalty.is_finite()) {
+            return bad(
+                "repetition_penalty",
+                "repetition_penalty must be positive".into(),
+            );
+        }
+        for lp in [self.logprobs, self.prompt_logprobs].into_iter().flatten() {
+            if lp > MAX_LOGPROBS {
+                return bad(
+                    "logprobs",
+                    format!("at most {MAX_LOGPROBS} logprobs, got {lp}"),
+                );
+            }
+        }
+        if self.stop.stop.iter().any(String::is_empty) {
+            return bad("stop", "stop strings must not be empty".into());
+        }
+        Ok(())
+    }
+}
+
+/// Why a sequence ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FinishReason {
+    /// End-of-sequence token, stop token or stop string.
+    Stop,
+    /// max_tokens or the model's maximum length.
+    Length,
+    /// Aborted (the client went away, or the server is shutting down).
+    Abort,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Abort => "abort",
+        }
+    }
+}
+
+/// Log probability of one token, with the most likely alternatives at that position.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub token_id: u32,
+    pub logprob: f32,
+    /// Most likely tokens first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// New output of one sequence (one of the `n` choices) from one step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SeqOutput {
+    /// Which of the `n` samples.
+    pub index: usize,
+    pub token_ids: Vec<u32>,
+    /// Text that became final in this step (stop strings are never included).
+    pub text: String,
+    /// One per entry of `token_ids` when logprobs were asked for.
+    pub logprobs: Vec<TokenLogprob>,
+    pub finish_reason: Option<FinishReason>,
+}
+
+/// Token counts for a finished request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub cached_tokens: usize,
+}
+
+/// Timestamps of a request's life in the engine, for latency metrics.
+#[derive(Debug, Clone, Copy)]
+pub struct Timings {
+    pub arrived: Instant,
+    pub scheduled: Option<Instant>,
+    pub first_token: Option<Instant>,
+    pub finished: Instant,
+}
+
+/// What a request's stream yields.
+#[derive(Debug, Clone)]
+pub enum EngineEvent {
+    /// Logprobs of the prompt tokens (the first has none), when asked for.
+    PromptLogprobs(Vec<Option<TokenLogprob>>),
+    Output(SeqOutput),
+    /// Every sequence has finished; the stream ends after this.
+    Done {
+        usage: Usage,
+        timings: Timings,
+    },
+    /// The request failed; the stream ends after this.
+    Error(EngineError),
+}
+
+/// Everything that can go wrong with a request, mapped to HTTP by the API layer.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EngineError {
+    #[error("{message}")]
+    InvalidParam { param: String, message: String },
+    #[error(
+        "This model's maximum context length is {max_model_len} tokens. However, you requested \
+         {requested} tokens ({prompt} in the messages, {max_tokens} in the completion). Please reduce \
+         the length of the messages or completion."
+    )]
+    ContextLength {
+        max_model_len: usize,
+        requested: usize,
+        prompt: usize,
+        max_tokens: usize,
+    },
+    #[error("the request needs {needed} KV cache tokens but the whole cache holds {capacity}")]
+    TooLargeForCache { needed: usize, capacity: usize },
+    #[error("the server is overloaded: {waiting} requests are already waiting; retry later")]
+    Overloaded { waiting: usize },
+    #[error("the engine has stopped")]
+    EngineDead,
+    #[error("internal error: {0}")]
+    Internal(String),
+}

@@ -1,0 +1,485 @@
+//! The scheduling policy: every step, which sequences run and how many tokens
+//! each gets. One loop, no prefill/decode phases (as vLLM v1): a sequence's
+//! work is simply `tokens - computed`, capped by the step's token budget, which
+//! gives chunked prefill for free. Pure bookkeeping over the block tables, so
+//! it is tested without a model.
+
+use std::collections::{HashMap, VecDeque};
+
+use crate::kv_cache::{BlockId, KvCacheManager, SeqId};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SchedulerConfig {
+    /// Token budget of one step (`--max-num-batched-tokens`).
+    pub max_num_batched_tokens: usize,
+    /// Most sequences in one step (`--max-num-seqs`).
+    pub max_num_seqs: usize,
+}
+
+/// A sequence as the scheduler sees it: its tokens and how many are in the cache.
+#[derive(Debug, Clone)]
+pub struct SchedSeq {
+    /// Prompt followed by the generated tokens.
+    pub tokens: Vec<u32>,
+    pub num_prompt: usize,
+    /// Tokens whose keys/values are in the cache.
+    pub num_computed: usize,
+    /// Arrival order of its request: larger is younger (preempted first).
+    pub arrival: u64,
+}
+
+/// One sequence's work in a step: tokens `start..start + len` of its tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scheduled {
+    pub seq: SeqId,
+    pub start: usize,
+    pub len: usize,
+    /// The step reaches the end of the known tokens, so the next token is sampled.
+    pub sample: bool,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct StepPlan {
+    pub scheduled: Vec<Scheduled>,
+    /// Block copies (source, destination) to do before the step: copy on write.
+    pub copies: Vec<(BlockId, BlockId)>,
+    /// Sequences that lost their blocks this step and went back to the queue.
+    pub preempted: Vec<SeqId>,
+}
+
+impl StepPlan {
+    pub fn is_empty(&self) -> bool {
+        self.scheduled.is_empty()
+    }
+
+    pub fn num_tokens(&self) -> usize {
+        self.scheduled.iter().map(|s| s.len).sum()
+    }
+}
+
+#[derive(Debug)]
+pub struct Scheduler {
+    cfg: SchedulerConfig,
+    kv: KvCacheManager,
+    seqs: HashMap<SeqId, SchedSeq>,
+    waiting: VecDeque<SeqId>,
+    running: Vec<SeqId>,
+    num_preemptions: u64,
+}
+
+impl Scheduler {
+    pub fn new(cfg: SchedulerConfig, kv: KvCacheManager) -> Self {
+        assert!(cfg.max_num_batched_tokens > 0 && cfg.max_num_seqs > 0);
+        Self {
+            cfg,
+            kv,
+            seqs: HashMap::new(),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            num_preemptions: 0,
+        }
+    }
+
+    pub fn kv(&self) -> &KvCacheManager {
+        &self.kv
+    }
+
+    pub fn seq(&self, id: SeqId) -> Option<&SchedSeq> {
+        self.seqs.get(&id)
+    }
+
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+
+    pub fn num_preemptions(&self) -> u64 {
+        self.num_preemptions
+    }
+
+    pub fn has_work(&self) -> bool {
+        !self.waiting.is_empty() || !self.running.is_empty()
+    }
+
+    /// Queues a new sequence with `tokens` to compute.
+    pub fn add(&mut self, id: SeqId, tokens: Vec<u32>, arrival: u64) {
+        let num_prompt = tokens.len();
+        self.seqs.insert(
+            id,
+            SchedSeq {
+                tokens,
+                num_prompt,
+                num_computed: 0,
+                arrival,
+            },
+        );
+        self.waiting.push_back(id);
+    }
+
+    /// A new running sequence sharing all of `parent`'s blocks and tokens.
+    pub fn fork(&mut self, parent: SeqId, child: SeqId) {
+        let seq = self.seqs[&parent].clone();
+        self.kv.fork(parent, child);
+        self.seqs.insert(child, seq);
+        self.running.push(child);
+    }
+
+    /// Appends a sampled token (not yet in the cache).
+    pub fn append_token(&mut self, id: SeqId, token: u32) {
+        if let Some(s) = self.seqs.get_mut(&id) {
+            s.tokens.push(token);
+        }
+    }
+
+    /// Removes a sequence wherever it is and frees its blocks.
+    pub fn remove(&mut self, id: SeqId) {
+        if self.seqs.remove(&id).is_some() {
+            self.kv.free(id);
+            self.waiting.retain(|&s| s != id);
+            self.running.retain(|&s| s != id);
+        }
+    }
+
+    pub fn block_table(&self, id: SeqId) -> &[BlockId] {
+        self.kv.block_table(id)
+    }
+
+    /// Plans one step: running decodes first, then running prompts' next
+    /// chunks, then waiting sequences in arrival order, within the token
+    /// budget and sequence limit. When a running sequence cannot get a block,
+    /// the youngest running sequence is preempted (its blocks freed, recomputed
+    /// later) until it can, or it is preempted itself.
+    pub fn schedule(&mut self) -> StepPlan {
+        let mut plan = StepPlan::default();
+        let mut budget = self.cfg.max_num_batched_tokens;
+        let mut done: Vec<SeqId> = Vec::new();
+
+        // Decodes (one token outstanding) before prompt chunks.
+        let mut order: Vec<SeqId> = self.running.clone();
+        order.sort_by_key(|id| {
+            let s = &self.seqs[id];
+            (s.tokens.len() - s.num_computed > 1, s.arrival, *id)
+        });
+        for id in order {
+            if budget == 0 {
+                break;
+            }
+            if !self.running.contains(&id) {
+                continue; // preempted earlier in this loop
+            }
+            let (start, want) = {
+                let s = &self.seqs[&id];
+                (s.num_computed, s.tokens.len() - s.num_computed)
+            };
+            let len = want.min(budget);
+            loop {
+                if self.try_allocate(id, start, len, &mut plan) {
+                    plan.scheduled.push(Scheduled {
+                        seq: id,
+                        start,
+                        len,
+                        sample: len == want,
+                    });
+                    done.push(id);
+                    budget -= len;
+                    break;
+                }
+                // Preempt the youngest running sequence not already in the plan.
+                let victim = self
+                    .running
+                    .iter()
+                    .copied()
+                    .filter(|v| !done.contains(v))
+                    .max_by_key(|v| (self.seqs[v].arrival, *v))
+                    .expect("the sequence itself is a candidate");
+                self.preempt(victim, &mut plan);
+                if victim == id {
+                    break;
+                }
+            }
+        }
+
+        // Then new (or preempted) sequences, first come first served.
+        while budget > 0 && self.running.len() < self.cfg.max_num_seqs {
+            let Some(&id) = self.waiting.front() else {
+                break;
+            };
+            let s = &self.seqs[&id];
+            let (start, want) = (s.num_computed, s.tokens.len() - s.num_computed);
+            let len = want.min(budget);
+            if !self.try_allocate(id, start, len, &mut plan) {
+                break; // wait for blocks; never skip ahead of the queue's head
+            }
+            self.waiting.pop_front();
+            self.running.push(id);
+            plan.scheduled.push(Scheduled {
+                seq: id,
+                start,
+                len,
+                sample: len == want,
+            });
+            budget -= len;
+        }
+        plan
+    }
+
+    fn try_allocate(&mut self, id: SeqId, start: usize, len: usize, plan: &mut StepPlan) -> bool {
+        // Room for the new tokens, plus one block in case the first one written
+        // is shared and must be copied.
+        let have = self.kv.block_table(id).len();
+        let need = self.kv.blocks_for(start + len).saturating_sub(have)
+            + usize::from(self.shared_at(id, start));
+        if need > self.kv.num_free_blocks() {
+            return false;
+        }
+        if let Some(copy) = self
+            .kv
+            .make_writable(id, start)
+            .expect("checked free blocks")
+        {
+            plan.copies.push(copy);
+        }
+        self.kv
+            .allocate_slots(id, start + len)
+            .expect("checked free blocks");
+        true
+    }
+
+    fn shared_at(&self, id: SeqId, pos: usize) -> bool {
+        self.kv
+            .block_table(id)
+            .get(pos / self.kv.block_size())
+            .is_some_and(|&b| self.kv.pool().ref_count(b) > 1)
+    }
+
+    fn preempt(&mut self, id: SeqId, plan: &mut StepPlan) {
+        self.kv.free(id);
+        self.running.retain(|&s| s != id);
+        if let Some(s) = self.seqs.get_mut(&id) {
+            s.num_computed = 0;
+        }
+        self.waiting.push_front(id);
+        plan.preempted.push(id);
+        self.num_preemptions += 1;
+    }
+
+    /// Records that the plan ran: its tokens are now in the cache.
+    pub fn advance(&mut self, plan: &StepPlan) {
+        for s in &plan.scheduled {
+            if let Some(seq) = self.seqs.get_mut(&s.seq) {
+                seq.num_computed = s.start + s.len;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sched(blocks: usize, block_size: usize, budget: usize, max_seqs: usize) -> Scheduler {
+        Scheduler::new(
+            SchedulerConfig {
+                max_num_batched_tokens: budget,
+                max_num_seqs: max_seqs,
+            },
+            KvCacheManager::new(blocks, block_size),
+        )
+    }
+
+    /// Runs a plan with a fake model: every sampling sequence gets token 7.
+    fn fake_step(s: &mut Scheduler) -> StepPlan {
+        let plan = s.schedule();
+        for &(src, dst) in &plan.copies {
+            assert_ne!(src, dst);
+        }
+        s.advance(&plan);
+        for sc in &plan.scheduled {
+            if sc.sample {
+                s.append_token(sc.seq, 7);
+            }
+        }
+        plan
+    }
+
+    #[test]
+    fn long_prompt_is_chunked_while_decodes_continue() {
+        let mut s = sched(100, 4, 8, 8);
+        s.add(1, vec![1; 3], 0);
+        let p = fake_step(&mut s);
+        assert_eq!(
+            p.scheduled,
+            vec![Scheduled {
+                seq: 1,
+                start: 0,
+                len: 3,
+                sample: true
+            }]
+        );
+        s.add(2, vec![1; 20], 1);
+        // Budget 8: seq 1 decodes one token, seq 2 gets the other 7.
+        let p = fake_step(&mut s);
+        assert_eq!(
+            p.scheduled,
+            vec![
+                Scheduled {
+                    seq: 1,
+                    start: 3,
+                    len: 1,
+                    sample: true
+                },
+                Scheduled {
+                    seq: 2,
+                    start: 0,
+                    len: 7,
+                    sample: false
+                },
+            ]
+        );
+        let p = fake_step(&mut s);
+        assert_eq!(
+            p.scheduled[0],
+            Scheduled {
+                seq: 1,
+                start: 4,
+                len: 1,
+                sample: true
+            }
+        );
+        assert_eq!(
+            p.scheduled[1],
+            Scheduled {
+                seq: 2,
+                start: 7,
+                len: 7,
+                sample: false
+            }
+        );
+        let p = fake_step(&mut s);
+        assert_eq!(
+            p.scheduled[1],
+            Scheduled {
+                seq: 2,
+                start: 14,
+                len: 6,
+                sample: true
+            }
+        );
+        // Now both decode.
+        let p = fake_step(&mut s);
+        assert_eq!(p.num_tokens(), 2);
+        assert!(p.scheduled.iter().all(|x| x.sample && x.len == 1));
+    }
+
+    #[test]
+    fn max_num_seqs_limits_admission() {
+        let mut s = sched(100, 4, 100, 2);
+        for i in 0..3 {
+            s.add(i, vec![1; 2], i);
+        }
+        let p = fake_step(&mut s);
+        assert_eq!(p.scheduled.len(), 2);
+        assert_eq!(s.num_waiting(), 1);
+        s.remove(0);
+        let p = fake_step(&mut s);
+        assert_eq!(p.scheduled.len(), 2);
+        assert_eq!(s.num_waiting(), 0);
+    }
+
+    #[test]
+    fn head_of_queue_waits_for_blocks() {
+        let mut s = sched(3, 4, 100, 8);
+        s.add(1, vec![1; 8], 0); // 2 blocks
+        s.add(2, vec![1; 8], 1); // 2 blocks: does not fit
+        s.add(3, vec![1; 2], 2); // would fit, but must not overtake
+        let p = fake_step(&mut s);
+        assert_eq!(p.scheduled.len(), 1);
+        assert_eq!(s.num_waiting(), 2);
+    }
+
+    #[test]
+    fn preempts_youngest_and_resumes_by_recompute() {
+        // 4 blocks of 2 tokens. Two sequences of 3 tokens each take 2 blocks.
+        let mut s = sched(4, 2, 100, 8);
+        s.add(1, vec![1; 3], 0);
+        s.add(2, vec![1; 3], 1);
+        fake_step(&mut s); // both prefilled, both sampled: 4 tokens each now
+        assert_eq!(s.kv().num_free_blocks(), 0);
+        // Each needs a third block for token 5: the younger (2) is preempted.
+        let p = fake_step(&mut s);
+        assert_eq!(p.preempted, vec![2]);
+        assert_eq!(
+            p.scheduled,
+            vec![Scheduled {
+                seq: 1,
+                start: 3,
+                len: 1,
+                sample: true
+            }]
+        );
+        assert_eq!(s.seq(2).unwrap().num_computed, 0);
+        assert_eq!(
+            s.seq(2).unwrap().tokens.len(),
+            4,
+            "generated tokens are kept"
+        );
+        assert_eq!(s.num_preemptions(), 1);
+        // Once seq 1 is gone, seq 2 recomputes all 4 tokens and samples the 5th.
+        s.remove(1);
+        let p = fake_step(&mut s);
+        assert_eq!(
+            p.scheduled,
+            vec![Scheduled {
+                seq: 2,
+                start: 0,
+                len: 4,
+                sample: true
+            }]
+        );
+        assert_eq!(s.seq(2).unwrap().tokens.len(), 5);
+    }
+
+    #[test]
+    fn lone_sequence_preempts_itself_rather_than_deadlock() {
+        let mut s = sched(2, 2, 100, 8);
+        s.add(1, vec![1; 4], 0);
+        fake_step(&mut s);
+        // Token 5 needs a third block that does not exist: it preempts itself.
+        let p = fake_step(&mut s);
+        assert_eq!(p.preempted, vec![1]);
+        assert!(p.scheduled.is_empty());
+        assert_eq!(s.kv().num_free_blocks(), 2);
+    }
+
+    #[test]
+    fn forked_samples_share_blocks_and_copy_on_write() {
+        let mut s = sched(10, 4, 100, 8);
+        s.add(1, vec![1; 6], 0); // blocks: full + partial
+        let p = s.schedule();
+        s.advance(&p);
+        for child in [2, 3, 4] {
+            s.fork(1, child);
+        }
+        assert_eq!(s.kv().num_free_blocks(), 8, "4 samples share 2 blocks");
+        for id in 1..=4 {
+            s.append_token(id, 10 + id as u32);
+        }
+        let p = fake_step(&mut s);
+        assert_eq!(p.scheduled.len(), 4);
+        // Three of the four copy the shared partial block; the last one owns it.
+        assert_eq!(p.copies.len(), 3);
+        assert_eq!(s.kv().num_free_blocks(), 5);
+        let first = s.block_table(1)[0];
+        assert!(
+            (2..=4).all(|c| s.block_table(c)[0] == first),
+            "full prompt block still shared"
+        );
+        for id in 1..=4 {
+            s.remove(id);
+        }
+        assert_eq!(s.kv().num_free_blocks(), 10);
+    }
+}

@@ -1,0 +1,501 @@
+//! The engine end to end (no HTTP): continuous batching, preemption, aborts,
+//! sampling and stop handling, on fixture and real models.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use candela::engine::{
+    EngineConfig, EngineCore, EngineError, EngineEvent, EngineHandle, EngineStats, FinishReason,
+    GenerateRequest, RequestStream, Usage,
+};
+use candela::kv_cache::KvCacheSizing;
+use candela::model::LoadedModel;
+use candle_core::DType;
+use common::*;
+use rand::{Rng, SeedableRng};
+
+fn cfg(max_model_len: usize) -> EngineConfig {
+    EngineConfig {
+        max_model_len,
+        max_num_seqs: 256,
+        max_num_batched_tokens: 512,
+        max_waiting_requests: 1024,
+    }
+}
+
+fn sizing(m: &LoadedModel, block_size: usize, num_blocks: usize) -> KvCacheSizing {
+    let bpt = m.model.cache_spec().bytes_per_token(m.model.dtype());
+    KvCacheSizing::new(block_size, bpt, Some(num_blocks), None, 0).unwrap()
+}
+
+fn engine(path: &str, block_size: usize, num_blocks: usize, c: EngineConfig) -> EngineHandle {
+    let m = load(&repo_path(path), DType::F32);
+    let s = sizing(&m, block_size, num_blocks);
+    EngineHandle::spawn(m, s, c).unwrap()
+}
+
+/// Everything a finished request produced, per sample index.
+#[derive(Debug, Default, Clone)]
+struct Collected {
+    tokens: Vec<Vec<u32>>,
+    text: Vec<String>,
+    finish: Vec<Option<FinishReason>>,
+    usage: Option<Usage>,
+    logprob_counts: Vec<usize>,
+}
+
+fn collect(mut s: RequestStream) -> Collected {
+    let mut c = Collected::default();
+    while let Some(ev) = s.blocking_next() {
+        match ev {
+            EngineEvent::Output(o) => {
+                if c.tokens.len() <= o.index {
+                    c.tokens.resize(o.index + 1, Vec::new());
+                    c.text.resize(o.index + 1, String::new());
+                    c.finish.resize(o.index + 1, None);
+                    c.logprob_counts.resize(o.index + 1, 0);
+                }
+                assert!(c.finish[o.index].is_none(), "output after finish");
+                c.tokens[o.index].extend(&o.token_ids);
+                c.text[o.index].push_str(&o.text);
+                c.logprob_counts[o.index] += o.logprobs.len();
+                c.finish[o.index] = o.finish_reason;
+            }
+            EngineEvent::Done { usage, .. } => c.usage = Some(usage),
+            EngineEvent::Error(e) => panic!("engine error: {e}"),
+            EngineEvent::PromptLogprobs(_) => {}
+        }
+    }
+    c
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn random_prompts(n: usize, seed: u64) -> Vec<Vec<u32>> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| {
+            let len = rng.random_range(1..60);
+            std::iter::once(1)
+                .chain((1..len).map(|_| rng.random_range(3..512)))
+                .collect()
+        })
+        .collect()
+}
+
+fn greedy_req(prompt: Vec<u32>, max_tokens: usize) -> GenerateRequest {
+    let mut r = GenerateRequest::greedy(prompt, max_tokens);
+    r.stop.ignore_eos = true;
+    r
+}
+
+/// Reference outputs: each prompt alone through the plain step runner.
+fn alone(path: &str, prompts: &[Vec<u32>], max_tokens: usize) -> Vec<Vec<u32>> {
+    let m = load(&repo_path(path), DType::F32);
+    let mut r = runner(&m, 16, 64);
+    prompts
+        .iter()
+        .map(|p| {
+            r.greedy(m.model.as_ref(), 0, p, max_tokens, |_| true)
+                .unwrap()
+        })
+        .collect()
+}
+
+const MODEL: &str = "tests/fixtures/llama_gqa";
+
+#[test]
+fn sixty_four_concurrent_requests_match_each_alone() {
+    let prompts = random_prompts(64, 1);
+    let want = alone(MODEL, &prompts, 24);
+    let e = engine(MODEL, 16, 1024, cfg(256));
+    let streams: Vec<_> = prompts
+        .iter()
+        .map(|p| e.submit(greedy_req(p.clone(), 24)).unwrap())
+        .collect();
+    for (i, s) in streams.into_iter().enumerate() {
+        let c = collect(s);
+        assert_eq!(c.tokens[0], want[i], "request {i}");
+        assert_eq!(c.finish[0], Some(FinishReason::Length));
+        assert_eq!(c.usage.unwrap().completion_tokens, 24);
+        assert_eq!(c.usage.unwrap().prompt_tokens, prompts[i].len());
+    }
+    let st = e.stats();
+    assert!(
+        st.steps < 64 * 25,
+        "requests were batched ({} steps)",
+        st.steps
+    );
+    wait_until("gauges to settle", || e.stats().kv_cache_usage == 0.0);
+}
+
+#[test]
+fn a_quarter_sized_pool_preempts_but_changes_nothing() {
+    let prompts = random_prompts(64, 2);
+    let want = alone(MODEL, &prompts, 24);
+    // Each request needs up to ~83 tokens; all of them together ~3700. Give ~1/4.
+    let needed: usize = prompts.iter().map(|p| (p.len() + 24).div_ceil(16)).sum();
+    let e = engine(MODEL, 16, needed / 4, cfg(256));
+    let streams: Vec<_> = prompts
+        .iter()
+        .map(|p| e.submit(greedy_req(p.clone(), 24)).unwrap())
+        .collect();
+    for (i, s) in streams.into_iter().enumerate() {
+        assert_eq!(collect(s).tokens[0], want[i], "request {i}");
+    }
+    let st = e.stats();
+    assert!(
+        st.num_preemptions > 0,
+        "expected preemptions with a quarter-sized pool"
+    );
+    wait_until("the pool to empty", || e.stats().kv_cache_usage == 0.0);
+}
+
+#[test]
+fn aborting_half_at_random_moments_frees_every_block() {
+    let prompts = random_prompts(64, 3);
+    let e = engine(MODEL, 16, 256, cfg(256));
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    let mut streams: Vec<Option<RequestStream>> = prompts
+        .iter()
+        .map(|p| Some(e.submit(greedy_req(p.clone(), 64)).unwrap()))
+        .collect();
+    // Drop half of them after random numbers of events (some before any).
+    let mut kept = Vec::new();
+    for (i, slot) in streams.iter_mut().enumerate() {
+        let mut s = slot.take().unwrap();
+        if i % 2 == 0 {
+            for _ in 0..rng.random_range(0..20) {
+                if s.blocking_next().is_none() {
+                    break;
+                }
+            }
+            drop(s);
+        } else {
+            kept.push(s);
+        }
+    }
+    for s in kept {
+        let c = collect(s);
+        assert_eq!(c.tokens[0].len(), 64);
+    }
+    wait_until("the pool to be completely free", || {
+        let st = e.stats();
+        st.kv_cache_usage == 0.0 && st.num_running == 0 && st.num_waiting == 0
+    });
+    assert!(e.stats().aborted_requests >= 1);
+}
+
+#[test]
+fn seeded_sampling_is_the_same_alone_and_in_a_busy_batch() {
+    let e = engine(MODEL, 16, 512, cfg(256));
+    let mut req = GenerateRequest::new(vec![1, 40, 50, 60], 32);
+    req.sampling.temperature = 0.9;
+    req.sampling.top_p = 0.95;
+    req.sampling.top_k = 50;
+    req.sampling.seed = Some(1234);
+    req.stop.ignore_eos = true;
+    let solo = collect(e.submit(req.clone()).unwrap()).tokens[0].clone();
+    let noise: Vec<_> = random_prompts(20, 4)
+        .into_iter()
+        .map(|p| {
+            let mut r = GenerateRequest::new(p, 40);
+            r.stop.ignore_eos = true;
+            e.submit(r).unwrap()
+        })
+        .collect();
+    let busy = collect(e.submit(req.clone()).unwrap()).tokens[0].clone();
+    drop(noise);
+    assert_eq!(solo, busy);
+    let mut other = req.clone();
+    other.sampling.seed = Some(99);
+    assert_ne!(
+        collect(e.submit(other).unwrap()).tokens[0],
+        solo,
+        "another seed, other tokens"
+    );
+}
+
+#[test]
+fn n_samples_share_the_prompt_blocks() {
+    let m = load(&repo_path(MODEL), DType::F32);
+    let s = sizing(&m, 16, 64);
+    let tok = m.tokenizer.clone();
+    let mut core = EngineCore::new(m.model, tok, s, cfg(256), Default::default()).unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut req = GenerateRequest::new(
+        random_prompts(1, 5)[0]
+            .iter()
+            .copied()
+            .cycle()
+            .take(40)
+            .collect(),
+        8,
+    );
+    req.n = 4;
+    req.sampling.seed = Some(3);
+    req.stop.ignore_eos = true;
+    core.add_request(0, req, tx, Instant::now());
+    assert!(core.step().unwrap());
+    // 40 prompt tokens = 2 full blocks + 1 partial, shared by the 4 samples.
+    assert_eq!(core.scheduler().kv().pool().num_used(), 3);
+    assert_eq!(core.scheduler().num_running(), 4);
+    let first = core.scheduler().block_table(0).to_vec();
+    for child in 1..4 {
+        assert_eq!(core.scheduler().block_table(child)[..2], first[..2]);
+    }
+    // Writing token 41: three samples copy the partial block, one keeps it.
+    assert!(core.step().unwrap());
+    assert_eq!(core.scheduler().kv().pool().num_used(), 6);
+    while core.step().unwrap() {}
+    assert_eq!(core.scheduler().kv().pool().num_used(), 0);
+    let mut outs: Vec<Vec<u32>> = vec![Vec::new(); 4];
+    let mut usage = None;
+    while let Ok(ev) = rx.try_recv() {
+        match ev {
+            EngineEvent::Output(o) => outs[o.index].extend(o.token_ids),
+            EngineEvent::Done { usage: u, .. } => usage = Some(u),
+            _ => {}
+        }
+    }
+    assert!(outs.iter().all(|o| o.len() == 8));
+    assert!(
+        outs.iter().collect::<std::collections::HashSet<_>>().len() > 1,
+        "samples differ"
+    );
+    assert_eq!(usage.unwrap().completion_tokens, 32);
+}
+
+#[test]
+fn long_prompt_is_chunked_while_others_keep_decoding() {
+    let m = load(&repo_path(MODEL), DType::F32);
+    let s = sizing(&m, 16, 64);
+    let tok = m.tokenizer.clone();
+    let mut c = cfg(256);
+    c.max_num_batched_tokens = 16;
+    let mut core = EngineCore::new(m.model, tok, s, c, Default::default()).unwrap();
+    let (ta, mut ra) = tokio::sync::mpsc::unbounded_channel();
+    let (tb, mut rb) = tokio::sync::mpsc::unbounded_channel();
+    core.add_request(0, greedy_req(vec![1, 5, 6], 20), ta, Instant::now());
+    core.step().unwrap();
+    assert!(matches!(ra.try_recv(), Ok(EngineEvent::Output(_))));
+    core.add_request(
+        1,
+        greedy_req(
+            random_prompts(1, 6)[0]
+                .iter()
+                .copied()
+                .cycle()
+                .take(70)
+                .collect(),
+            4,
+        ),
+        tb,
+        Instant::now(),
+    );
+    // Budget 16: A decodes 1 token per step, B prefills 15 per step: 70 tokens take 5 steps.
+    for step in 0..5 {
+        core.step().unwrap();
+        assert!(
+            matches!(ra.try_recv(), Ok(EngineEvent::Output(_))),
+            "A decodes in step {step}"
+        );
+        let b_out = rb.try_recv().is_ok();
+        assert_eq!(
+            b_out,
+            step == 4,
+            "B samples only after its last chunk (step {step})"
+        );
+    }
+}
+
+fn stories() -> EngineHandle {
+    engine("models/stories260K", 16, 256, cfg(512))
+}
+
+fn stories_prompt(e: &EngineHandle) -> Vec<u32> {
+    e.tokenizer().encode("Once upon a time", true).unwrap()
+}
+
+#[test]
+fn stop_strings_spanning_tokens_are_cut_and_not_emitted() {
+    let e = stories();
+    let full = collect(
+        e.submit(GenerateRequest::greedy(stories_prompt(&e), 30))
+            .unwrap(),
+    );
+    assert!(
+        full.text[0].starts_with(", there was a little girl named Lily."),
+        "{:?}",
+        full.text[0]
+    );
+    // "girl named" spans two tokens; "e was a li" starts and ends inside tokens.
+    for (stop, want) in [
+        ("girl named", ", there was a little "),
+        ("e was a li", ", ther"),
+    ] {
+        let mut req = GenerateRequest::greedy(stories_prompt(&e), 30);
+        req.stop.stop = vec!["nomatch".into(), stop.into()];
+        let c = collect(e.submit(req).unwrap());
+        assert_eq!(c.text[0], want);
+        assert_eq!(c.finish[0], Some(FinishReason::Stop));
+        assert!(c.tokens[0].len() < 30);
+    }
+}
+
+#[test]
+fn eos_min_tokens_stop_ids_and_max_tokens() {
+    let e = stories();
+    let prompt = stories_prompt(&e);
+    let c = collect(
+        e.submit(GenerateRequest::greedy(prompt.clone(), 40))
+            .unwrap(),
+    );
+    assert_eq!(
+        c.text[0],
+        e.tokenizer()
+            .decode(&[&prompt[..], &c.tokens[0]].concat(), true)
+            .unwrap()[16..]
+    );
+    // stories260K never picks EOS on its own: a logit bias forces it. min_tokens
+    // bans it for the first 3 tokens, so the 4th is EOS: counted, not shown.
+    let mut r = GenerateRequest::greedy(prompt.clone(), 40);
+    r.sampling.logit_bias = vec![(2, 100.0)];
+    r.stop.min_tokens = 3;
+    let c2 = collect(e.submit(r).unwrap());
+    assert_eq!(c2.tokens[0].len(), 4);
+    assert_eq!(c2.tokens[0][3], 2);
+    assert!(!c2.tokens[0][..3].contains(&2));
+    assert_eq!(c2.finish[0], Some(FinishReason::Stop));
+    assert_eq!(c2.usage.unwrap().completion_tokens, 4);
+    assert!(!c2.text[0].contains("</s>"));
+    // ignore_eos keeps going to max_tokens.
+    let mut r = GenerateRequest::greedy(prompt.clone(), 10);
+    r.sampling.logit_bias = vec![(2, 100.0)];
+    r.stop.ignore_eos = true;
+    let c3 = collect(e.submit(r).unwrap());
+    assert_eq!(c3.tokens[0], vec![2; 10]);
+    assert_eq!(c3.finish[0], Some(FinishReason::Length));
+    // A stop token id ends generation at that token.
+    let third = c.tokens[0][2];
+    let mut r = GenerateRequest::greedy(prompt.clone(), 300);
+    r.stop.stop_token_ids = vec![third];
+    let c4 = collect(e.submit(r).unwrap());
+    assert_eq!(c4.tokens[0], c.tokens[0][..3]);
+    assert_eq!(c4.finish[0], Some(FinishReason::Stop));
+    // max_tokens.
+    let c5 = collect(e.submit(GenerateRequest::greedy(prompt, 5)).unwrap());
+    assert_eq!(c5.tokens[0].len(), 5);
+    assert_eq!(c5.finish[0], Some(FinishReason::Length));
+}
+
+#[test]
+fn logprobs_come_with_each_token() {
+    let e = stories();
+    let mut r = GenerateRequest::greedy(stories_prompt(&e), 6);
+    r.logprobs = Some(5);
+    r.prompt_logprobs = Some(2);
+    let mut s = e.submit(r).unwrap();
+    let mut prompt_lps = None;
+    let mut count = 0;
+    while let Some(ev) = s.blocking_next() {
+        match ev {
+            EngineEvent::PromptLogprobs(p) => prompt_lps = Some(p),
+            EngineEvent::Output(o) => {
+                let lp = &o.logprobs[0];
+                assert_eq!(lp.token_id, o.token_ids[0]);
+                assert_eq!(lp.top.len(), 5);
+                // Greedy: the chosen token is the most likely one.
+                assert_eq!(lp.top[0].0, lp.token_id);
+                assert!((lp.top[0].1 - lp.logprob).abs() < 1e-6 && lp.logprob <= 0.0);
+                count += 1;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(count, 6);
+    let p = prompt_lps.expect("prompt logprobs");
+    assert_eq!(p.len(), 5);
+    assert!(p[0].is_none() && p[1..].iter().all(|x| x.as_ref().unwrap().top.len() == 2));
+}
+
+#[test]
+fn incremental_text_never_breaks_utf8_and_matches_full_decode() {
+    // Byte-fallback tokens: emoji and CJK are several tokens per character.
+    let m = load(&repo_path("models/stories260K"), DType::F32);
+    let tok = &m.tokenizer;
+    for text in ["Once upon a time 🦙 日本語 ü!", " naïve café 😀😀 end"] {
+        let prompt = tok.encode("Hello", true).unwrap();
+        let out = tok.encode(text, false).unwrap();
+        let mut d = candela::engine::detokenizer::Detokenizer::new(&prompt, true);
+        let mut pieces = String::new();
+        for &t in &out {
+            let p = d.push(tok, t);
+            assert!(!p.contains('\u{FFFD}'), "broken UTF-8 piece {p:?}");
+            pieces.push_str(&p);
+        }
+        pieces.push_str(&d.flush(tok));
+        let all = [&prompt[..], &out[..]].concat();
+        let want =
+            tok.decode(&all, true).unwrap()[tok.decode(&prompt, true).unwrap().len()..].to_string();
+        assert_eq!(pieces, want);
+    }
+}
+
+#[test]
+fn admission_rejects_what_can_never_run() {
+    let c = EngineConfig {
+        max_waiting_requests: 2,
+        ..cfg(64)
+    };
+    let e = engine(MODEL, 16, 2, c);
+    let err = e.submit(greedy_req(vec![1; 60], 10)).err().unwrap();
+    assert!(
+        matches!(
+            err,
+            EngineError::ContextLength {
+                max_model_len: 64,
+                requested: 70,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(err
+        .to_string()
+        .starts_with("This model's maximum context length is 64 tokens."));
+    // 40 tokens fit the context but never the 32-token pool.
+    assert!(matches!(
+        e.submit(greedy_req(vec![1; 30], 10)).err().unwrap(),
+        EngineError::TooLargeForCache { .. }
+    ));
+    assert!(matches!(
+        e.submit(greedy_req(vec![1, 9999], 1)).err().unwrap(),
+        EngineError::InvalidParam { .. }
+    ));
+    let mut bad = greedy_req(vec![1], 1);
+    bad.sampling.top_p = 0.0;
+    assert!(
+        matches!(e.submit(bad).err().unwrap(), EngineError::InvalidParam { param, .. } if param == "top_p")
+    );
+    // The waiting queue is bounded.
+    let stats = EngineStats::default();
+    assert!(stats.try_enqueue(1).is_ok());
+    assert_eq!(stats.try_enqueue(1), Err(1));
+}
+
+#[test]
+fn idle_engine_thread_sleeps() {
+    let e = engine(MODEL, 16, 64, cfg(256));
+    collect(e.submit(greedy_req(vec![1, 2, 3], 4)).unwrap());
+    let steps = e.stats().steps;
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(e.stats().steps, steps, "no steps while idle");
+}
