@@ -406,40 +406,37 @@ mod tests {
         let mut s = sched(4, 2, 100, 8);
         s.add(1, vec![1; 3], 0);
         s.add(2, vec![1; 3], 1);
-        fake_step(&mut s); // both prefilled, both sampled: 4 tokens each now
+        fake_step(&mut s); // both prefilled and sampled: 4 tokens each
+        fake_step(&mut s); // token 4 still fits the second block: 5 tokens each
         assert_eq!(s.kv().num_free_blocks(), 0);
-        // Each needs a third block for token 5: the younger (2) is preempted.
+        // Each needs a third block for its 5th token: the younger (2) is preempted.
         let p = fake_step(&mut s);
         assert_eq!(p.preempted, vec![2]);
-        assert_eq!(
-            p.scheduled,
-            vec![Scheduled {
-                seq: 1,
-                start: 3,
-                len: 1,
-                sample: true
-            }]
-        );
+        let one = Scheduled {
+            seq: 1,
+            start: 4,
+            len: 1,
+            sample: true,
+        };
+        assert_eq!(p.scheduled, vec![one]);
         assert_eq!(s.seq(2).unwrap().num_computed, 0);
         assert_eq!(
             s.seq(2).unwrap().tokens.len(),
-            4,
+            5,
             "generated tokens are kept"
         );
         assert_eq!(s.num_preemptions(), 1);
-        // Once seq 1 is gone, seq 2 recomputes all 4 tokens and samples the 5th.
+        // Once seq 1 is gone, seq 2 recomputes all 5 tokens and samples the 6th.
         s.remove(1);
         let p = fake_step(&mut s);
-        assert_eq!(
-            p.scheduled,
-            vec![Scheduled {
-                seq: 2,
-                start: 0,
-                len: 4,
-                sample: true
-            }]
-        );
-        assert_eq!(s.seq(2).unwrap().tokens.len(), 5);
+        let two = Scheduled {
+            seq: 2,
+            start: 0,
+            len: 5,
+            sample: true,
+        };
+        assert_eq!(p.scheduled, vec![two]);
+        assert_eq!(s.seq(2).unwrap().tokens.len(), 6);
     }
 
     #[test]
@@ -447,7 +444,7 @@ mod tests {
         let mut s = sched(2, 2, 100, 8);
         s.add(1, vec![1; 4], 0);
         fake_step(&mut s);
-        // Token 5 needs a third block that does not exist: it preempts itself.
+        // Its 5th token needs a third block that does not exist: it preempts itself.
         let p = fake_step(&mut s);
         assert_eq!(p.preempted, vec![1]);
         assert!(p.scheduled.is_empty());
