@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod generate;
+pub mod serve;
 
 use clap::{Parser, Subcommand};
 
@@ -18,6 +19,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Serve the OpenAI-compatible HTTP API.
+    Serve(serve::ServeArgs),
     /// Load a model and greedily continue a prompt, printing tokens as they come.
     Generate(generate::GenerateArgs),
     /// Offline throughput: batches of concurrent requests through the engine.
@@ -26,6 +29,7 @@ pub enum Command {
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Serve(args) => serve::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Bench(args) => bench::run(args),
     }

@@ -407,6 +407,7 @@ impl EngineCore {
             text,
             logprobs: lp.into_iter().collect(),
             finish_reason: finish,
+            time: Instant::now(),
         };
         let send_ok = r.tx.send(EngineEvent::Output(out)).is_ok();
         if finish.is_some() {

@@ -22,7 +22,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 pub use self::core::{EngineConfig, EngineCore, RequestId};
 pub use request::{
     EngineError, EngineEvent, FinishReason, GenerateRequest, SamplingParams, SeqOutput, StopParams,
-    Timings, TokenLogprob, Usage,
+    Timings, TokenLogprob, Usage, MAX_LOGPROBS, MAX_N,
 };
 pub use stats::{EngineStats, StatsSnapshot};
 
@@ -198,24 +198,39 @@ impl RequestStream {
     /// The next event; `None` after `Done` or `Error`.
     pub async fn next(&mut self) -> Option<EngineEvent> {
         let ev = self.rx.recv().await;
-        self.note(&ev);
+        self.note(ev.as_ref());
         ev
     }
 
     /// Blocking variant for non-async callers (benchmarks, tests).
     pub fn blocking_next(&mut self) -> Option<EngineEvent> {
         let ev = self.rx.blocking_recv();
-        self.note(&ev);
+        self.note(ev.as_ref());
         ev
     }
 
-    fn note(&mut self, ev: &Option<EngineEvent>) {
+    fn note(&mut self, ev: Option<&EngineEvent>) {
         if matches!(
             ev,
             None | Some(EngineEvent::Done { .. }) | Some(EngineEvent::Error(_))
         ) {
             self.done = true;
         }
+    }
+}
+
+impl futures_util::Stream for RequestStream {
+    type Item = EngineEvent;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<EngineEvent>> {
+        let poll = self.rx.poll_recv(cx);
+        if let std::task::Poll::Ready(ev) = &poll {
+            self.note(ev.as_ref());
+        }
+        poll
     }
 }
 

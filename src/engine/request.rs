@@ -5,6 +5,8 @@ use std::time::Instant;
 
 /// Most alternatives per position the engine returns (OpenAI's limit).
 pub const MAX_LOGPROBS: usize = 20;
+/// Most samples per request.
+pub const MAX_N: usize = 128;
 
 /// How to pick each next token.
 #[derive(Debug, Clone, PartialEq)]
@@ -130,8 +132,8 @@ impl GenerateRequest {
         if self.prompt_ids.is_empty() {
             return bad("prompt", "the prompt is empty".into());
         }
-        if self.n == 0 {
-            return bad("n", "n must be at least 1".into());
+        if self.n == 0 || self.n > MAX_N {
+            return bad("n", format!("n must be between 1 and {MAX_N}"));
         }
         if self.stop.max_tokens == 0 {
             return bad("max_tokens", "max_tokens must be at least 1".into());
@@ -225,6 +227,8 @@ pub struct SeqOutput {
     /// One per entry of `token_ids` when logprobs were asked for.
     pub logprobs: Vec<TokenLogprob>,
     pub finish_reason: Option<FinishReason>,
+    /// When the engine produced it (for inter-token latency).
+    pub time: Instant,
 }
 
 /// Token counts for a finished request.

@@ -1,0 +1,136 @@
+//! One error type for the HTTP API: each variant knows its status, OpenAI
+//! error type and code, and renders as `{"error": {...}}`, in a normal
+//! response or as an SSE event.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::engine::EngineError;
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ApiError {
+    /// 400: a parameter is invalid; `param` names it.
+    #[error("{message}")]
+    BadRequest {
+        message: String,
+        param: Option<String>,
+    },
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("The model `{0}` does not exist.")]
+    ModelNotFound(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    /// 429: the engine's queue is full.
+    #[error("{0}")]
+    Overloaded(String),
+    /// 503: the engine is gone.
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn bad_request(param: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::BadRequest {
+            message: message.into(),
+            param: Some(param.into()),
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::ModelNotFound(_) | Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn kind_and_code(&self) -> (&'static str, Option<&'static str>) {
+        match self {
+            Self::BadRequest { .. } => ("invalid_request_error", None),
+            Self::Unauthorized(_) => ("invalid_request_error", Some("invalid_api_key")),
+            Self::ModelNotFound(_) => ("invalid_request_error", Some("model_not_found")),
+            Self::NotFound(_) => ("invalid_request_error", Some("not_found")),
+            Self::PayloadTooLarge(_) => ("invalid_request_error", Some("request_too_large")),
+            Self::Overloaded(_) => ("server_overloaded", Some("rate_limit_exceeded")),
+            Self::Unavailable(_) => ("server_error", Some("service_unavailable")),
+            Self::Internal(_) => ("server_error", None),
+        }
+    }
+
+    /// The OpenAI error object.
+    pub fn body(&self) -> serde_json::Value {
+        let (kind, code) = self.kind_and_code();
+        let param = match self {
+            Self::BadRequest { param, .. } => param.clone(),
+            Self::ModelNotFound(_) => Some("model".into()),
+            _ => None,
+        };
+        json!({"error": {"message": self.to_string(), "type": kind, "param": param, "code": code}})
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status().is_server_error() {
+            tracing::error!("request failed: {self}");
+        }
+        (self.status(), axum::Json(self.body())).into_response()
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::InvalidParam { param, message } => Self::BadRequest {
+                message,
+                param: Some(param),
+            },
+            EngineError::ContextLength { .. } | EngineError::TooLargeForCache { .. } => {
+                Self::BadRequest {
+                    message: e.to_string(),
+                    param: None,
+                }
+            }
+            EngineError::Overloaded { .. } => Self::Overloaded(e.to_string()),
+            EngineError::EngineDead => Self::Unavailable(e.to_string()),
+            EngineError::Internal(m) => Self::Internal(m),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_objects_follow_openai() {
+        let e = ApiError::bad_request("temperature", "temperature must be non-negative");
+        assert_eq!(e.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            e.body(),
+            json!({"error": {"message": "temperature must be non-negative", "type": "invalid_request_error",
+                             "param": "temperature", "code": null}})
+        );
+        let e = ApiError::ModelNotFound("gpt-9".into());
+        assert_eq!(e.status(), StatusCode::NOT_FOUND);
+        assert_eq!(e.body()["error"]["code"], "model_not_found");
+        assert_eq!(
+            ApiError::from(EngineError::Overloaded { waiting: 3 }).status(),
+            StatusCode::TOO_MANY_REQUESTS
+        );
+        assert_eq!(
+            ApiError::from(EngineError::EngineDead).status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+    }
+}

@@ -1,0 +1,184 @@
+//! Prometheus metrics, named like vLLM's with a `candela:` prefix.
+
+use std::time::Instant;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry, TextEncoder,
+};
+
+use crate::engine::{FinishReason, StatsSnapshot, Timings, Usage};
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    20.0, 40.0, 80.0, 160.0, 640.0,
+];
+
+pub struct Metrics {
+    registry: Registry,
+    ttft: Histogram,
+    itl: Histogram,
+    e2e: Histogram,
+    queue: Histogram,
+    prompt_tokens: IntCounter,
+    generation_tokens: IntCounter,
+    success: IntCounterVec,
+    disconnects: IntCounter,
+    preemptions: IntCounter,
+    running: prometheus::Gauge,
+    waiting: prometheus::Gauge,
+    kv_usage: prometheus::Gauge,
+}
+
+impl Metrics {
+    pub fn new(model_name: &str) -> Self {
+        let registry = Registry::new();
+        let label = |o: Opts| o.const_label("model_name", model_name);
+        let hist = |name: &str, help: &str| {
+            let h = Histogram::with_opts(
+                HistogramOpts::new(name, help)
+                    .const_label("model_name", model_name)
+                    .buckets(LATENCY_BUCKETS.to_vec()),
+            )
+            .expect("valid histogram");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("unique metric");
+            h
+        };
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::with_opts(label(Opts::new(name, help))).expect("valid counter");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let gauge = |name: &str, help: &str| {
+            let g =
+                prometheus::Gauge::with_opts(label(Opts::new(name, help))).expect("valid gauge");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let success = IntCounterVec::new(
+            label(Opts::new(
+                "candela:request_success_total",
+                "Finished requests by finish reason.",
+            )),
+            &["finished_reason"],
+        )
+        .expect("valid counter");
+        registry
+            .register(Box::new(success.clone()))
+            .expect("unique metric");
+        Self {
+            ttft: hist(
+                "candela:time_to_first_token_seconds",
+                "Time to first token.",
+            ),
+            itl: hist(
+                "candela:inter_token_latency_seconds",
+                "Time between consecutive output tokens.",
+            ),
+            e2e: hist(
+                "candela:e2e_request_latency_seconds",
+                "End-to-end request latency.",
+            ),
+            queue: hist(
+                "candela:request_queue_time_seconds",
+                "Time spent waiting before the first step.",
+            ),
+            prompt_tokens: counter("candela:prompt_tokens_total", "Prefilled prompt tokens."),
+            generation_tokens: counter("candela:generation_tokens_total", "Generated tokens."),
+            disconnects: counter(
+                "candela:client_disconnects_total",
+                "Requests whose client went away before the end.",
+            ),
+            preemptions: counter(
+                "candela:num_preemptions_total",
+                "Sequences preempted for lack of KV blocks.",
+            ),
+            running: gauge(
+                "candela:num_requests_running",
+                "Sequences in the running batch.",
+            ),
+            waiting: gauge(
+                "candela:num_requests_waiting",
+                "Sequences waiting to be scheduled.",
+            ),
+            kv_usage: gauge(
+                "candela:kv_cache_usage_perc",
+                "Fraction of KV cache blocks in use (0-1).",
+            ),
+            success,
+            registry,
+        }
+    }
+
+    /// A finished request: latencies and token counts.
+    pub fn record_request(&self, usage: &Usage, timings: &Timings) {
+        self.prompt_tokens.inc_by(usage.prompt_tokens as u64);
+        self.generation_tokens
+            .inc_by(usage.completion_tokens as u64);
+        let since = |t: Instant| t.saturating_duration_since(timings.arrived).as_secs_f64();
+        if let Some(first) = timings.first_token {
+            self.ttft.observe(since(first));
+        }
+        if let Some(s) = timings.scheduled {
+            self.queue.observe(since(s));
+        }
+        self.e2e.observe(since(timings.finished));
+    }
+
+    pub fn record_finish(&self, reason: FinishReason) {
+        self.success.with_label_values(&[reason.as_str()]).inc();
+    }
+
+    pub fn record_inter_token(&self, seconds: f64) {
+        self.itl.observe(seconds);
+    }
+
+    pub fn record_disconnect(&self) {
+        self.disconnects.inc();
+    }
+
+    /// The Prometheus text exposition, with gauges read from the engine now.
+    pub fn render(&self, stats: &StatsSnapshot) -> String {
+        self.running.set(stats.num_running as f64);
+        self.waiting.set(stats.num_waiting as f64);
+        self.kv_usage.set(stats.kv_cache_usage);
+        let seen = self.preemptions.get();
+        if stats.num_preemptions > seen {
+            self.preemptions.inc_by(stats.num_preemptions - seen);
+        }
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding cannot fail");
+        String::from_utf8(buf).expect("prometheus text is UTF-8")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_vllm_style_names() {
+        let m = Metrics::new("m");
+        m.record_finish(FinishReason::Length);
+        let text = m.render(&StatsSnapshot {
+            num_running: 2,
+            kv_cache_usage: 0.5,
+            ..Default::default()
+        });
+        for name in [
+            "candela:time_to_first_token_seconds_bucket",
+            "candela:num_requests_running{model_name=\"m\"} 2",
+            "candela:kv_cache_usage_perc{model_name=\"m\"} 0.5",
+            "candela:request_success_total{finished_reason=\"length\",model_name=\"m\"} 1",
+        ] {
+            assert!(text.contains(name), "{name} missing in\n{text}");
+        }
+    }
+}
