@@ -49,17 +49,20 @@ pub struct CacheArgs {
     #[arg(long)]
     pub num_kv_blocks: Option<usize>,
 
-    /// Memory for the KV cache, e.g. 2GiB or 512MiB [default: 2GiB].
+    /// Memory for the KV cache, e.g. 2GiB or 512MiB [default: 2GiB, or less if
+    /// --max-num-seqs sequences of --max-model-len tokens need less].
     #[arg(long)]
     pub kv_cache_memory: Option<String>,
 }
 
 impl CacheArgs {
-    /// Sizes the pool for `model` and logs the resulting capacity.
+    /// Sizes the pool for `model` and logs the resulting capacity. `max_seqs`
+    /// caps the default budget: memory no batch could use is not allocated.
     pub fn sizing(
         &self,
         model: &dyn CausalLm,
         max_model_len: usize,
+        max_seqs: usize,
     ) -> anyhow::Result<KvCacheSizing> {
         let memory = self
             .kv_cache_memory
@@ -67,12 +70,14 @@ impl CacheArgs {
             .map(parse_memory_size)
             .transpose()?;
         let bytes_per_token = model.cache_spec().bytes_per_token(model.dtype());
+        let useful = (max_seqs.saturating_mul(max_model_len) + self.block_size) as u64
+            * bytes_per_token as u64;
         let sizing = KvCacheSizing::new(
             self.block_size,
             bytes_per_token,
             self.num_kv_blocks,
             memory,
-            DEFAULT_KV_CACHE_MEMORY,
+            DEFAULT_KV_CACHE_MEMORY.min(useful),
         )?;
         tracing::info!(
             "KV cache: {} blocks x {} tokens = {} tokens ({:.1} MiB, {} bytes/token); \

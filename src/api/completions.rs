@@ -71,6 +71,14 @@ fn prepare(st: &AppState, body: &[u8]) -> Result<Prepared, ApiError> {
     }
     let tok = st.engine.tokenizer();
     let empty = || ApiError::bad_request("prompt", "the prompt must not be empty");
+    let empty_text = match &req.prompt {
+        Some(Prompt::Text(t)) => t.is_empty(),
+        Some(Prompt::Texts(ts)) => ts.iter().any(String::is_empty),
+        _ => false,
+    };
+    if empty_text {
+        return Err(empty());
+    }
     let prompts: Vec<(Vec<u32>, String)> = match req
         .prompt
         .clone()

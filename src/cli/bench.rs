@@ -34,7 +34,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let loaded = load_model(&args.model.load_options()?)?;
     let vocab = loaded.model.vocab_size() as u32;
     let max_len = args.model.max_model_len(loaded.model.as_ref());
-    let sizing = args.cache.sizing(loaded.model.as_ref(), max_len)?;
+    let sizing = args
+        .cache
+        .sizing(loaded.model.as_ref(), max_len, args.engine.max_num_seqs)?;
     let engine = EngineHandle::spawn(loaded, sizing, args.engine.engine_config(max_len)?)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
 

@@ -34,7 +34,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let loaded = load_model(&args.model.load_options()?)?;
     tracing::info!("loaded {} in {:.2?}", args.model.model, started.elapsed());
     let max_len = args.model.max_model_len(loaded.model.as_ref());
-    let sizing = args.cache.sizing(loaded.model.as_ref(), max_len)?;
+    let sizing = args.cache.sizing(loaded.model.as_ref(), max_len, 1)?;
     let tok = &loaded.tokenizer;
     let ids = if args.chat {
         let template = tok

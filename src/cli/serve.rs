@@ -24,6 +24,7 @@ pub struct ServeArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
+    /// Port to listen on.
     #[arg(long, default_value_t = 8000)]
     pub port: u16,
     /// API keys accepted as `Authorization: Bearer <key>` (repeat, or comma-separate).
@@ -46,11 +47,15 @@ pub struct ServeArgs {
     pub shutdown_timeout: u64,
 }
 
-pub fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let started = std::time::Instant::now();
+/// Loads the model, starts the engine and builds the router.
+pub fn build_app(args: &ServeArgs) -> anyhow::Result<(axum::Router, Arc<AppState>)> {
     let loaded = load_model(&args.model.load_options()?)?;
     let max_model_len = args.model.max_model_len(loaded.model.as_ref());
-    let sizing = args.cache.sizing(loaded.model.as_ref(), max_model_len)?;
+    let sizing = args.cache.sizing(
+        loaded.model.as_ref(),
+        max_model_len,
+        args.engine.max_num_seqs,
+    )?;
     let template_src = match &args.chat_template {
         Some(p) => Some(
             std::fs::read_to_string(p)
@@ -87,12 +92,18 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             .collect(),
     });
     let app = router(
-        state,
+        state.clone(),
         &HttpConfig {
             allowed_origins: args.allowed_origins.clone(),
             max_body_bytes: args.max_request_body_bytes,
         },
     );
+    Ok((app, state))
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let (app, _state) = build_app(&args)?;
     // Compute runs on the engine thread; the async side only moves bytes.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
