@@ -1,6 +1,5 @@
 //! The `candela` command line.
 
-use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
 fn main() {
@@ -10,7 +9,7 @@ fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
-    if let Err(e) = candela::cli::run(candela::cli::Cli::parse()) {
+    if let Err(e) = candela::cli::main_with_args(std::env::args_os()) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }

@@ -22,7 +22,7 @@ fn scratch_copy(tag: &str) -> PathBuf {
 
 fn load_err(path: &Path) -> String {
     let err = load_model(&LoadOptions {
-        model: path.to_str().unwrap().to_string(),
+        model: Some(path.to_str().unwrap().to_string()),
         dtype: DType::F32,
     })
     .expect_err("loading should fail");

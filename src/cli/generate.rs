@@ -32,7 +32,11 @@ pub struct GenerateArgs {
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let loaded = load_model(&args.model.load_options()?)?;
-    tracing::info!("loaded {} in {:.2?}", args.model.model, started.elapsed());
+    tracing::info!(
+        "loaded {} in {:.2?}",
+        args.model.display_name(),
+        started.elapsed()
+    );
     let max_len = args.model.max_model_len(loaded.model.as_ref());
     let sizing = args.cache.sizing(loaded.model.as_ref(), max_len, 1)?;
     let tok = &loaded.tokenizer;

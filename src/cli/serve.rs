@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
+use serde::{Deserialize, Serialize};
 
 use crate::api::{router, AppState, HttpConfig};
 use crate::config::{CacheArgs, EngineArgs, ModelArgs};
@@ -13,13 +14,20 @@ use crate::engine::EngineHandle;
 use crate::metrics::Metrics;
 use crate::model::load_model;
 
-#[derive(Debug, Clone, Args)]
+#[derive(Debug, Clone, Args, Serialize, Deserialize)]
 pub struct ServeArgs {
+    /// TOML file with any of these settings (keys in snake_case, e.g. max_num_seqs = 64);
+    /// flags on the command line override it.
+    #[arg(long)]
+    pub config: Option<std::path::PathBuf>,
     #[command(flatten)]
+    #[serde(flatten)]
     pub model: ModelArgs,
     #[command(flatten)]
+    #[serde(flatten)]
     pub cache: CacheArgs,
     #[command(flatten)]
+    #[serde(flatten)]
     pub engine: EngineArgs,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1")]
@@ -30,7 +38,7 @@ pub struct ServeArgs {
     /// API keys accepted as `Authorization: Bearer <key>` (repeat, or comma-separate).
     #[arg(long, env = "CANDELA_API_KEY", value_delimiter = ',')]
     pub api_key: Vec<String>,
-    /// Model id in the API (default: the --model value).
+    /// Model id in the API (default: the --model value, or stories260K).
     #[arg(long)]
     pub served_model_name: Option<String>,
     /// Jinja chat template file overriding the model's.
@@ -73,13 +81,13 @@ pub fn build_app(args: &ServeArgs) -> anyhow::Result<(axum::Router, Arc<AppState
     let model_name = args
         .served_model_name
         .clone()
-        .unwrap_or_else(|| args.model.model.clone());
+        .unwrap_or_else(|| args.model.display_name());
     let engine = EngineHandle::spawn(loaded, sizing, args.engine.engine_config(max_model_len)?)?;
     let state = Arc::new(AppState {
         engine,
         metrics: Arc::new(Metrics::new(&model_name)),
         model_name,
-        model_root: args.model.model.clone(),
+        model_root: args.model.display_name(),
         chat_template,
         max_model_len,
         vocab_size,

@@ -13,8 +13,9 @@ use crate::tokenizer::Tokenizer;
 /// What to load, and how.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
-    /// A folder, a `.gguf` file or a Hugging Face repo id.
-    pub model: String,
+    /// A folder, a `.gguf` file or a Hugging Face repo id; `None` for the
+    /// embedded stories260K.
+    pub model: Option<String>,
     /// Working dtype of weights, activations and the KV cache.
     pub dtype: DType,
 }
@@ -48,9 +49,13 @@ pub fn parse_dtype(s: &str) -> anyhow::Result<DType> {
 }
 
 pub fn load_model(opts: &LoadOptions) -> anyhow::Result<LoadedModel> {
-    let source = ModelSource::resolve(&opts.model)?;
+    let Some(model) = opts.model.as_deref() else {
+        return super::embedded::load(opts.dtype);
+    };
+    let source = ModelSource::resolve(model)?;
     let device = Device::Cpu;
     match &source {
+        ModelSource::Embedded => super::embedded::load(opts.dtype),
         ModelSource::Dir(dir) => {
             let cfg_path = dir.join("config.json");
             let text = std::fs::read_to_string(&cfg_path)

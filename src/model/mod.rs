@@ -4,6 +4,7 @@
 pub mod attention;
 pub mod batch;
 pub mod config;
+pub mod embedded;
 pub mod gguf;
 pub mod llama;
 mod loader;

@@ -11,6 +11,8 @@ pub enum ModelSource {
     Dir(PathBuf),
     /// A single GGUF file holding weights, config and tokenizer.
     Gguf(PathBuf),
+    /// stories260K, compiled into the binary.
+    Embedded,
 }
 
 /// Files a Hugging Face model folder provides; the weights are checked separately.

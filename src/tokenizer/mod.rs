@@ -49,7 +49,7 @@ fn token_text(v: Option<&Value>) -> Option<String> {
     }
 }
 
-fn read_json(path: &Path) -> anyhow::Result<Option<Value>> {
+pub(crate) fn read_json(path: &Path) -> anyhow::Result<Option<Value>> {
     if !path.is_file() {
         return Ok(None);
     }
@@ -80,10 +80,35 @@ impl Tokenizer {
         if !path.is_file() {
             anyhow::bail!("{}: missing tokenizer.json", dir.display());
         }
-        let inner = tokenizers::Tokenizer::from_file(&path)
-            .map_err(|e| anyhow!("{}: {e}", path.display()))?;
-        let tok_cfg = read_json(&dir.join("tokenizer_config.json"))?.unwrap_or(Value::Null);
-        let gen_cfg = read_json(&dir.join("generation_config.json"))?.unwrap_or(Value::Null);
+        let json = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        let template_file = dir.join("chat_template.jinja");
+        let template = if template_file.is_file() {
+            Some(std::fs::read_to_string(&template_file)?)
+        } else {
+            None
+        };
+        Self::from_parts(
+            &json,
+            read_json(&dir.join("tokenizer_config.json"))?,
+            read_json(&dir.join("generation_config.json"))?,
+            template,
+            config,
+        )
+        .with_context(|| format!("loading the tokenizer in {}", dir.display()))
+    }
+
+    /// From the contents of a model folder's tokenizer files.
+    pub fn from_parts(
+        tokenizer_json: &[u8],
+        tokenizer_config: Option<Value>,
+        generation_config: Option<Value>,
+        chat_template_file: Option<String>,
+        config: &DecoderConfig,
+    ) -> anyhow::Result<Self> {
+        let inner = tokenizers::Tokenizer::from_bytes(tokenizer_json)
+            .map_err(|e| anyhow!("tokenizer.json: {e}"))?;
+        let tok_cfg = tokenizer_config.unwrap_or(Value::Null);
+        let gen_cfg = generation_config.unwrap_or(Value::Null);
 
         let bos_token = token_text(tok_cfg.get("bos_token"));
         let eos_token = token_text(tok_cfg.get("eos_token"));
@@ -96,23 +121,18 @@ impl Tokenizer {
             .or(config.bos_token_id)
             .or_else(|| bos_token.as_deref().and_then(|t| inner.token_to_id(t)));
 
-        let template_file = dir.join("chat_template.jinja");
-        let chat_template = if template_file.is_file() {
-            Some(std::fs::read_to_string(&template_file)?)
-        } else {
-            match tok_cfg.get("chat_template") {
-                Some(Value::String(s)) => Some(s.clone()),
-                // A list of named templates: use the default one.
-                Some(Value::Array(list)) => list
-                    .iter()
-                    .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
-                    .or(list.first())
-                    .and_then(|t| t.get("template"))
-                    .and_then(Value::as_str)
-                    .map(str::to_string),
-                _ => None,
-            }
-        };
+        let chat_template = chat_template_file.or_else(|| match tok_cfg.get("chat_template") {
+            Some(Value::String(s)) => Some(s.clone()),
+            // A list of named templates: use the default one.
+            Some(Value::Array(list)) => list
+                .iter()
+                .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+                .or(list.first())
+                .and_then(|t| t.get("template"))
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            _ => None,
+        });
         Ok(Self::assemble(
             inner,
             eos,

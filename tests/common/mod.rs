@@ -29,7 +29,7 @@ pub fn fixture_dir(name: &str) -> PathBuf {
 
 pub fn load(path: &Path, dtype: DType) -> LoadedModel {
     load_model(&LoadOptions {
-        model: path.to_str().unwrap().to_string(),
+        model: Some(path.to_str().unwrap().to_string()),
         dtype,
     })
     .unwrap_or_else(|e| panic!("loading {}: {e:#}", path.display()))

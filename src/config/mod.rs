@@ -1,7 +1,12 @@
 //! Settings shared by the subcommands: which model, in which dtype, and how big
 //! the KV cache is. Flag names follow vLLM's.
 
+mod file;
+
 use clap::Args;
+use serde::{Deserialize, Serialize};
+
+pub use file::apply_config_file;
 
 use crate::kv_cache::{parse_memory_size, KvCacheSizing};
 use crate::model::{parse_dtype, CausalLm, LoadOptions};
@@ -9,12 +14,13 @@ use crate::model::{parse_dtype, CausalLm, LoadOptions};
 /// KV cache budget when neither `--num-kv-blocks` nor `--kv-cache-memory` is given.
 pub const DEFAULT_KV_CACHE_MEMORY: u64 = 2 << 30;
 
-#[derive(Debug, Clone, Args)]
+#[derive(Debug, Clone, Args, Serialize, Deserialize)]
 pub struct ModelArgs {
     /// A Hugging Face model folder, a .gguf file, or a Hugging Face repo id
     /// (downloaded into the Hugging Face cache; honours HF_TOKEN, HF_HOME, HF_HUB_OFFLINE).
+    /// Without it, the stories260K model compiled into the binary.
     #[arg(long, env = "CANDELA_MODEL")]
-    pub model: String,
+    pub model: Option<String>,
 
     /// Weights, activations and KV cache dtype: auto (float32 on CPU), float32, bfloat16, float16.
     #[arg(long, default_value = "auto")]
@@ -28,9 +34,17 @@ pub struct ModelArgs {
 impl ModelArgs {
     pub fn load_options(&self) -> anyhow::Result<LoadOptions> {
         Ok(LoadOptions {
-            model: self.model.clone(),
+            model: self.model.clone().filter(|m| !m.is_empty()),
             dtype: parse_dtype(&self.dtype)?,
         })
+    }
+
+    /// The model's name for the API and logs.
+    pub fn display_name(&self) -> String {
+        match self.model.as_deref() {
+            Some(m) if !m.is_empty() => m.to_string(),
+            _ => crate::model::embedded::NAME.to_string(),
+        }
     }
 
     pub fn max_model_len(&self, model: &dyn CausalLm) -> usize {
@@ -39,7 +53,7 @@ impl ModelArgs {
     }
 }
 
-#[derive(Debug, Clone, Args)]
+#[derive(Debug, Clone, Args, Serialize, Deserialize)]
 pub struct CacheArgs {
     /// Tokens per KV cache block.
     #[arg(long, default_value_t = 16)]
@@ -95,7 +109,7 @@ impl CacheArgs {
 }
 
 /// Batch shape and admission limits of the engine.
-#[derive(Debug, Clone, Args)]
+#[derive(Debug, Clone, Args, Serialize, Deserialize)]
 pub struct EngineArgs {
     /// Most sequences in one step.
     #[arg(long, default_value_t = 256)]

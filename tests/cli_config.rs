@@ -1,0 +1,102 @@
+//! The command line and config files: defaults documented in config/ are the real ones,
+//! the examples load, and mistakes are clear errors.
+
+mod common;
+
+use candela::cli::{Cli, Command};
+use clap::{CommandFactory, FromArgMatches};
+use common::repo_path;
+
+fn serve_args(argv: &[&str]) -> anyhow::Result<serde_json::Value> {
+    let mut full = vec!["candela", "serve"];
+    full.extend(argv);
+    let matches = Cli::command().try_get_matches_from(full)?;
+    let mut cli = Cli::from_arg_matches(&matches)?;
+    let Command::Serve(args) = &mut cli.command else {
+        unreachable!()
+    };
+    if let Some(path) = args.config.clone() {
+        candela::config::apply_config_file(
+            args,
+            matches.subcommand_matches("serve").unwrap(),
+            &path,
+        )?;
+    }
+    let mut v = serde_json::to_value(&*args)?;
+    v.as_object_mut().unwrap().remove("config");
+    Ok(v)
+}
+
+#[test]
+fn default_toml_states_the_real_defaults() {
+    let path = repo_path("config/default.toml");
+    let from_file = serve_args(&["--config", path.to_str().unwrap()]).unwrap();
+    assert_eq!(from_file, serve_args(&[]).unwrap());
+    // Every option is mentioned in the file, set or commented out.
+    let text = std::fs::read_to_string(&path).unwrap();
+    for key in from_file.as_object().unwrap().keys() {
+        assert!(
+            text.contains(&format!("{key} =")),
+            "config/default.toml does not document `{key}`"
+        );
+    }
+}
+
+#[test]
+fn example_configs_load_and_flags_override_them() {
+    for name in ["small-cpu", "container"] {
+        let path = repo_path(&format!("config/{name}.toml"));
+        serve_args(&["--config", path.to_str().unwrap()])
+            .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+    }
+    let path = repo_path("config/small-cpu.toml");
+    let v = serve_args(&["--config", path.to_str().unwrap(), "--max-num-seqs", "7"]).unwrap();
+    assert_eq!(v["max_num_seqs"], 7);
+    assert_eq!(v["max_num_batched_tokens"], 512);
+    assert_eq!(v["served_model_name"], "smollm2");
+}
+
+#[test]
+fn bad_config_files_are_startup_errors() {
+    let dir = std::env::temp_dir();
+    for (name, text, want) in [
+        ("unknown", "max_num_seq = 3", "unknown key `max_num_seq`"),
+        ("badvalue", "port = \"eighty\"", "`port`"),
+        ("syntax", "port = ", "config file"),
+    ] {
+        let p = dir.join(format!("candela-bad-{name}-{}.toml", std::process::id()));
+        std::fs::write(&p, text).unwrap();
+        let err = format!(
+            "{:#}",
+            serve_args(&["--config", p.to_str().unwrap()]).unwrap_err()
+        );
+        assert!(err.contains(want), "{name}: {err}");
+        std::fs::remove_file(&p).unwrap();
+    }
+    let err = format!(
+        "{:#}",
+        serve_args(&["--config", "/no/such/file.toml"]).unwrap_err()
+    );
+    assert!(err.contains("reading config file"), "{err}");
+}
+
+#[test]
+fn embedded_model_serves_without_any_flag() {
+    let started = std::time::Instant::now();
+    let m = candela::model::load_model(&candela::model::LoadOptions {
+        model: None,
+        dtype: candle_core::DType::F32,
+    })
+    .unwrap();
+    assert!(started.elapsed() < std::time::Duration::from_secs(1));
+    assert!(matches!(m.source, candela::model::ModelSource::Embedded));
+    let mut r = common::runner(&m, 16, 8);
+    let prompt = m.tokenizer.encode("Once upon a time", true).unwrap();
+    let out = r
+        .greedy(m.model.as_ref(), 0, &prompt, 11, |_| true)
+        .unwrap();
+    assert_eq!(
+        m.tokenizer.decode(&out, true).unwrap(),
+        ", there was a little girl named Lily."
+    );
+}
