@@ -11,6 +11,8 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     && cp target/release/candela /usr/local/bin/candela
 
 FROM docker.io/library/debian:bookworm-slim
+# ca-certificates is left unpinned on purpose: it should track Debian's security updates.
+# hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
@@ -22,7 +24,7 @@ COPY config/container.toml /etc/candela/config.toml
 ENV HF_HOME=/data/huggingface \
     RUST_LOG=info
 VOLUME ["/data"]
-USER candela
+USER 10001
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=3s --start-period=60s --retries=3 \
     CMD ["candela", "probe", "--url", "http://127.0.0.1:8000/health"]
