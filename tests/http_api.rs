@@ -464,6 +464,34 @@ fn oversized_bodies_and_full_queues() {
 }
 
 #[test]
+fn cors_only_for_allowed_origins() {
+    let s = start(&["--allowed-origins", "http://app.example"]);
+    let call = |origin: &str| {
+        agent()
+            .get(format!("{}/v1/models", s.base))
+            .header("origin", origin)
+            .call()
+            .unwrap()
+            .headers()
+            .get("access-control-allow-origin")
+            .map(|v| v.to_str().unwrap().to_string())
+    };
+    assert_eq!(
+        call("http://app.example").as_deref(),
+        Some("http://app.example")
+    );
+    assert_eq!(call("http://evil.example"), None);
+    // Without --allowed-origins there are no CORS headers at all.
+    let resp = agent()
+        .get(format!("{}/v1/models", server().base))
+        .header("origin", "http://app.example")
+        .call()
+        .unwrap();
+    assert!(resp.headers().get("access-control-allow-origin").is_none());
+    assert!(resp.headers().get("x-request-id").is_some());
+}
+
+#[test]
 fn chat_without_a_template_is_a_clear_400() {
     let model = repo_path("models/stories260K");
     let argv = [

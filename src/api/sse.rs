@@ -79,3 +79,73 @@ pub fn respond<W: ChunkWriter>(events: Merged, writer: W, first: VecDeque<String
     });
     Sse::new(body).into_response()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::EngineError;
+
+    struct Echo;
+
+    impl ChunkWriter for Echo {
+        fn on_event(
+            &mut self,
+            _: usize,
+            ev: EngineEvent,
+            out: &mut VecDeque<String>,
+        ) -> Result<(), ApiError> {
+            match ev {
+                EngineEvent::Error(e) => Err(e.into()),
+                _ => {
+                    out.push_back("{\"ok\":true}".into());
+                    Ok(())
+                }
+            }
+        }
+
+        fn on_end(&mut self, out: &mut VecDeque<String>) {
+            out.push_back("{\"end\":true}".into());
+        }
+    }
+
+    async fn body_of(events: Vec<EngineEvent>) -> String {
+        let s: Merged =
+            stream::select_all(vec![
+                Box::pin(stream::iter(events.into_iter().map(|e| (0usize, e))))
+                    as std::pin::Pin<Box<dyn Stream<Item = _> + Send>>,
+            ]);
+        let resp = respond(s, Echo, VecDeque::from(["{\"first\":true}".to_string()]));
+        let bytes = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_error_mid_stream_is_an_event_then_done() {
+        let body = body_of(vec![
+            EngineEvent::PromptLogprobs(Vec::new()),
+            EngineEvent::Error(EngineError::Internal("boom".into())),
+        ])
+        .await;
+        let events: Vec<&str> = body.split_terminator("\n\n").collect();
+        assert_eq!(events[0], "data: {\"first\":true}");
+        assert_eq!(events[1], "data: {\"ok\":true}");
+        assert!(
+            events[2].starts_with("data: {\"error\":") && events[2].contains("boom"),
+            "{body}"
+        );
+        assert_eq!(events[3], "data: [DONE]");
+        assert_eq!(events.len(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_normal_end_runs_the_writer_then_done() {
+        let body = body_of(vec![EngineEvent::PromptLogprobs(Vec::new())]).await;
+        assert!(
+            body.ends_with("data: {\"end\":true}\n\ndata: [DONE]\n\n"),
+            "{body}"
+        );
+    }
+}
