@@ -8,8 +8,8 @@ use anyhow::Context;
 use candle_core::IndexOp;
 
 use crate::engine::sampler::argmax;
-use crate::kv_cache::{KvCacheManager, KvCacheSizing, KvLayout, KvStorage, SeqId};
-use crate::model::{CacheSpec, CausalLm, ForwardBatch, Logits};
+use crate::kv_cache::{KvCacheManager, KvCacheSizing, KvStorage, SeqId};
+use crate::model::{CausalLm, ForwardBatch, Logits};
 
 /// One sequence's share of a step.
 #[derive(Debug, Clone)]
@@ -30,18 +30,7 @@ pub struct StepRunner {
 
 impl StepRunner {
     pub fn new(model: &dyn CausalLm, sizing: KvCacheSizing) -> anyhow::Result<Self> {
-        let CacheSpec::Paged {
-            num_layers,
-            num_kv_heads,
-            head_dim,
-        } = model.cache_spec();
-        let layout = KvLayout {
-            num_layers,
-            num_kv_heads,
-            head_dim,
-            block_size: sizing.block_size,
-            num_blocks: sizing.num_blocks,
-        };
+        let layout = model.cache_spec().layout(&sizing);
         Ok(Self {
             kv: KvCacheManager::new(sizing.num_blocks, sizing.block_size),
             storage: KvStorage::new(layout, model.dtype())?,

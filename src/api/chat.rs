@@ -291,7 +291,7 @@ async fn run(st: Arc<AppState>, body: Result<Bytes, BytesRejection>) -> Result<R
         created: w.created,
         model: w.st.model_name.clone(),
         choices,
-        usage: w.usage_json(),
+        usage: UsageJson::from(w.usage),
         system_fingerprint: None,
     })
     .into_response())
@@ -308,14 +308,6 @@ struct Writer {
 }
 
 impl Writer {
-    fn usage_json(&self) -> UsageJson {
-        UsageJson::new(
-            self.usage.prompt_tokens,
-            self.usage.completion_tokens,
-            self.usage.cached_tokens,
-        )
-    }
-
     fn chunk(&self, choices: Vec<ChunkChoice>, usage: Option<UsageJson>) -> String {
         sse::data(&ChatChunk {
             id: self.id.clone(),
@@ -373,7 +365,7 @@ impl ChunkWriter for Writer {
     fn on_end(&mut self, out: &mut VecDeque<String>) {
         self.tracker.end();
         if self.include_usage {
-            out.push_back(self.chunk(Vec::new(), Some(self.usage_json())));
+            out.push_back(self.chunk(Vec::new(), Some(UsageJson::from(self.usage))));
         }
     }
 }

@@ -223,7 +223,7 @@ async fn collect(mut events: sse::Merged, mut w: Writer) -> Result<CompletionRes
             }
             EngineEvent::Done { usage, timings } => {
                 w.tracker.on_done(&usage, &timings);
-                w.add_usage(&usage);
+                w.usage.add(&usage);
             }
             EngineEvent::Error(e) => {
                 w.tracker.end();
@@ -277,7 +277,7 @@ async fn collect(mut events: sse::Merged, mut w: Writer) -> Result<CompletionRes
         created: w.created,
         model: w.st.model_name.clone(),
         choices: out,
-        usage: Some(w.usage_json()),
+        usage: Some(UsageJson::from(w.usage)),
         system_fingerprint: None,
     })
 }
@@ -300,20 +300,6 @@ struct Writer {
 }
 
 impl Writer {
-    fn add_usage(&mut self, u: &Usage) {
-        self.usage.prompt_tokens += u.prompt_tokens;
-        self.usage.completion_tokens += u.completion_tokens;
-        self.usage.cached_tokens += u.cached_tokens;
-    }
-
-    fn usage_json(&self) -> UsageJson {
-        UsageJson::new(
-            self.usage.prompt_tokens,
-            self.usage.completion_tokens,
-            self.usage.cached_tokens,
-        )
-    }
-
     fn chunk(&self, choices: Vec<CompletionChoice>, usage: Option<UsageJson>) -> String {
         sse::data(&CompletionResponse {
             id: self.id.clone(),
@@ -398,7 +384,7 @@ impl ChunkWriter for Writer {
             }
             EngineEvent::Done { usage, timings } => {
                 self.tracker.on_done(&usage, &timings);
-                self.add_usage(&usage);
+                self.usage.add(&usage);
             }
             EngineEvent::Error(e) => {
                 self.tracker.end();
@@ -411,7 +397,7 @@ impl ChunkWriter for Writer {
     fn on_end(&mut self, out: &mut VecDeque<String>) {
         self.tracker.end();
         if self.include_usage {
-            out.push_back(self.chunk(Vec::new(), Some(self.usage_json())));
+            out.push_back(self.chunk(Vec::new(), Some(UsageJson::from(self.usage))));
         }
     }
 }

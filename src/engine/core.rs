@@ -15,8 +15,8 @@ use super::request::{
 use super::sampler::{token_logprob, Sampler};
 use super::scheduler::{Scheduler, SchedulerConfig, StepPlan};
 use super::stats::EngineStats;
-use crate::kv_cache::{KvCacheManager, KvCacheSizing, KvLayout, KvStorage, SeqId};
-use crate::model::{CacheSpec, CausalLm, ForwardBatch, Logits};
+use crate::kv_cache::{KvCacheManager, KvCacheSizing, KvStorage, SeqId};
+use crate::model::{CausalLm, ForwardBatch, Logits};
 use crate::tokenizer::Tokenizer;
 
 pub type RequestId = u64;
@@ -73,18 +73,7 @@ impl EngineCore {
         cfg: EngineConfig,
         stats: std::sync::Arc<EngineStats>,
     ) -> anyhow::Result<Self> {
-        let CacheSpec::Paged {
-            num_layers,
-            num_kv_heads,
-            head_dim,
-        } = model.cache_spec();
-        let layout = KvLayout {
-            num_layers,
-            num_kv_heads,
-            head_dim,
-            block_size: sizing.block_size,
-            num_blocks: sizing.num_blocks,
-        };
+        let layout = model.cache_spec().layout(&sizing);
         let storage = KvStorage::new(layout, model.dtype())?;
         let sched = Scheduler::new(
             SchedulerConfig {

@@ -239,6 +239,15 @@ pub struct Usage {
     pub cached_tokens: usize,
 }
 
+impl Usage {
+    /// Adds another request's counts (several prompts in one API call).
+    pub fn add(&mut self, other: &Usage) {
+        self.prompt_tokens += other.prompt_tokens;
+        self.completion_tokens += other.completion_tokens;
+        self.cached_tokens += other.cached_tokens;
+    }
+}
+
 /// Timestamps of a request's life in the engine, for latency metrics.
 #[derive(Debug, Clone, Copy)]
 pub struct Timings {

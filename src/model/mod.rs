@@ -36,6 +36,23 @@ pub enum CacheSpec {
 }
 
 impl CacheSpec {
+    /// The KV storage layout for a pool of `sizing`'s shape.
+    pub fn layout(&self, sizing: &crate::kv_cache::KvCacheSizing) -> crate::kv_cache::KvLayout {
+        match *self {
+            CacheSpec::Paged {
+                num_layers,
+                num_kv_heads,
+                head_dim,
+            } => crate::kv_cache::KvLayout {
+                num_layers,
+                num_kv_heads,
+                head_dim,
+                block_size: sizing.block_size,
+                num_blocks: sizing.num_blocks,
+            },
+        }
+    }
+
     /// Bytes of cache one token takes in `dtype`.
     pub fn bytes_per_token(&self, dtype: DType) -> usize {
         match *self {

@@ -82,6 +82,12 @@ impl UsageJson {
     }
 }
 
+impl From<crate::engine::Usage> for UsageJson {
+    fn from(u: crate::engine::Usage) -> Self {
+        Self::new(u.prompt_tokens, u.completion_tokens, u.cached_tokens)
+    }
+}
+
 /// Seconds since the Unix epoch, for `created`.
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
