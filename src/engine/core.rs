@@ -222,7 +222,9 @@ impl EngineCore {
         for &(src, dst) in &plan.copies {
             self.storage.copy_block(src, dst);
         }
+        let forward_start = Instant::now();
         let logits = self.model.forward(&batch, &mut self.storage)?;
+        let forward_time = forward_start.elapsed();
         let rows: Vec<Vec<f32>> = if batch.logits_indices.is_empty() {
             Vec::new()
         } else {
@@ -249,6 +251,13 @@ impl EngineCore {
             }
         }
         self.publish_stats();
+        tracing::debug!(
+            seqs = plan.scheduled.len(),
+            tokens = plan.num_tokens(),
+            forward_ms = forward_time.as_secs_f64() * 1e3,
+            step_ms = now.elapsed().as_secs_f64() * 1e3,
+            "step"
+        );
         Ok(true)
     }
 

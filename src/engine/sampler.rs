@@ -97,12 +97,23 @@ impl Sampler {
         banned: &[u32],
         logprobs: Option<usize>,
     ) -> (u32, Option<TokenLogprob>) {
-        let mut work = logits.to_vec();
-        self.process(&mut work, banned);
-        let token = if self.params.is_greedy() {
-            argmax(&work)
+        let p = &self.params;
+        let adjusts = p.repetition_penalty != 1.0
+            || p.presence_penalty != 0.0
+            || p.frequency_penalty != 0.0
+            || !p.logit_bias.is_empty()
+            || !banned.is_empty();
+        let token = if p.is_greedy() && !adjusts {
+            // The common greedy case reads the logits in place.
+            argmax(logits)
         } else {
-            self.sample_random(&mut work)
+            let mut work = logits.to_vec();
+            self.process(&mut work, banned);
+            if self.params.is_greedy() {
+                argmax(&work)
+            } else {
+                self.sample_random(&mut work)
+            }
         };
         let lp = logprobs.map(|k| token_logprob(logits, token, k));
         (token, lp)

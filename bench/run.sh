@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark: Candela vs llama.cpp's llama-server vs Hugging Face transformers on the
+# same machine, same weights (SmolLM2-135M-Instruct dequantized to f32), same load.
+#
+#   bench/run.sh                 # everything (about 30-40 minutes on 2 cores, first run longer)
+#   CONCURRENCY=1,8 bench/run.sh # fewer levels
+#
+# Builds llama-server from the llama.cpp sources vendored in the llama-cpp-python sdist (PyPI),
+# CPU only, into bench/.cache; Python tools go into bench/.venv. Results: bench/results/<date>/
+# (JSON) and a Markdown table on stdout to paste into docs/benchmarks.md. Not part of the tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+CACHE=bench/.cache
+VENV=bench/.venv
+CONCURRENCY=${CONCURRENCY:-1,8,32,64}
+THREADS=${THREADS:-2}
+LLAMA_CPP_PYTHON=${LLAMA_CPP_PYTHON:-0.3.36}
+OUT=bench/results/$(date +%Y-%m-%d-%H%M)
+mkdir -p "$CACHE" "$OUT"
+
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import httpx, gguf, transformers, cmake" 2>/dev/null; then
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install --quiet -r bench/requirements.txt
+fi
+PY=$ROOT/$VENV/bin/python
+export PATH="$ROOT/$VENV/bin:$PATH"
+
+scripts/fetch_models.sh
+Q4=models-cache/SmolLM2-135M-Instruct.Q4_1.gguf
+F32=$CACHE/SmolLM2-135M-Instruct.f32.gguf
+[ -f "$F32" ] || "$PY" bench/make_f32_gguf.py "$Q4" "$F32"
+
+# llama.cpp's server, from the sources inside the llama-cpp-python sdist.
+LLAMA_SERVER=$CACHE/llama.cpp/build/bin/llama-server
+if [ ! -x "$LLAMA_SERVER" ]; then
+    "$VENV/bin/pip" download --quiet --no-deps --no-binary :all: "llama-cpp-python==$LLAMA_CPP_PYTHON" -d "$CACHE/sdist"
+    rm -rf "$CACHE/llama-cpp-python" && mkdir -p "$CACHE/llama-cpp-python"
+    tar -xzf "$CACHE"/sdist/llama_cpp_python-*.tar.gz -C "$CACHE/llama-cpp-python" --strip-components=1
+    rm -rf "$CACHE/llama.cpp" && cp -r "$CACHE/llama-cpp-python/vendor/llama.cpp" "$CACHE/llama.cpp"
+    cmake -S "$CACHE/llama.cpp" -B "$CACHE/llama.cpp/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
+        -DGGML_NATIVE=ON -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF >/dev/null
+    cmake --build "$CACHE/llama.cpp/build" --target llama-server -j "$THREADS" >/dev/null
+fi
+cargo build --release --bin candela
+
+MAXC=$(echo "$CONCURRENCY" | tr ',' '\n' | sort -n | tail -1)
+PORT=18555
+wait_healthy() {
+    for _ in $(seq 1 600); do
+        curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && return 0
+        sleep 0.2
+    done
+    echo "server did not become healthy" >&2
+    return 1
+}
+peak_rss_mib() { awk '/VmHWM/ {printf "%.0f", $2 / 1024}' "/proc/$1/status"; }
+
+run_server() { # name, command...
+    local name=$1
+    shift
+    "$@" >"$OUT/$name.log" 2>&1 &
+    local pid=$!
+    wait_healthy
+    "$PY" bench/loadgen.py --base "http://127.0.0.1:$PORT" --concurrency "$CONCURRENCY" >"$OUT/$name.jsonl"
+    echo "{\"peak_rss_mib\": $(peak_rss_mib $pid)}" >"$OUT/$name.rss.json"
+    kill "$pid"
+    wait "$pid" 2>/dev/null || true
+}
+
+echo "== machine ceilings"
+OPENBLAS_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS "$PY" bench/ceilings.py | tee "$OUT/ceilings.json"
+
+echo "== candela"
+run_server candela target/release/candela serve --model "$F32" --port "$PORT" --max-model-len 512 \
+    --max-num-seqs "$MAXC" --kv-cache-memory 2GiB
+cat "$OUT/candela.jsonl"
+
+echo "== llama.cpp"
+run_server llamacpp "$LLAMA_SERVER" -m "$F32" --port "$PORT" -t "$THREADS" -tb "$THREADS" -np "$MAXC" \
+    -c $((MAXC * 320)) -b 2048 -ub 512 --cont-batching --no-webui
+cat "$OUT/llamacpp.jsonl"
+
+echo "== transformers"
+OMP_NUM_THREADS=$THREADS "$PY" bench/hf_baseline.py --gguf "$F32" | tee "$OUT/transformers.jsonl"
+
+"$PY" bench/report.py "$OUT"
