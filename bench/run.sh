@@ -34,9 +34,16 @@ F32=$CACHE/SmolLM2-135M-Instruct.f32.gguf
 # llama.cpp's server, from the sources inside the llama-cpp-python sdist.
 LLAMA_SERVER=$CACHE/llama.cpp/build/bin/llama-server
 if [ ! -x "$LLAMA_SERVER" ]; then
-    "$VENV/bin/pip" download --quiet --no-deps --no-binary :all: "llama-cpp-python==$LLAMA_CPP_PYTHON" -d "$CACHE/sdist"
+    # The sdist itself (pip download --no-binary would build its build tools from source).
+    SDIST=$CACHE/llama_cpp_python-$LLAMA_CPP_PYTHON.tar.gz
+    if [ ! -f "$SDIST" ]; then
+        url=$(curl -sf https://pypi.org/simple/llama-cpp-python/ \
+            | grep -o "https://[^\"]*llama_cpp_python-$LLAMA_CPP_PYTHON.tar.gz#sha256=[0-9a-f]*" | head -1)
+        curl -sfL "${url%%#*}" -o "$SDIST"
+        echo "${url##*sha256=}  $SDIST" | sha256sum --check --quiet
+    fi
     rm -rf "$CACHE/llama-cpp-python" && mkdir -p "$CACHE/llama-cpp-python"
-    tar -xzf "$CACHE"/sdist/llama_cpp_python-*.tar.gz -C "$CACHE/llama-cpp-python" --strip-components=1
+    tar -xzf "$SDIST" -C "$CACHE/llama-cpp-python" --strip-components=1
     rm -rf "$CACHE/llama.cpp" && cp -r "$CACHE/llama-cpp-python/vendor/llama.cpp" "$CACHE/llama.cpp"
     cmake -S "$CACHE/llama.cpp" -B "$CACHE/llama.cpp/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
         -DGGML_NATIVE=ON -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF >/dev/null

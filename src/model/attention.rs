@@ -121,9 +121,12 @@ impl KvElem for half::bf16 {
     }
 }
 
-/// What one (query token, head) work item reads.
+/// What one work item reads: the query heads of one token that share a KV
+/// head (the GQA group), so each cached key and value is loaded once for all of them.
 struct Item<'a, T> {
+    /// `group` query heads, `head_dim` each.
     q: &'a [T],
+    group: usize,
     kc: &'a [T],
     vc: &'a [T],
     table: &'a [u32],
@@ -137,42 +140,55 @@ struct Item<'a, T> {
 /// Scratch space reused across the work items of one rayon split.
 #[derive(Default)]
 struct Scratch {
+    /// Scores, key-major: `scores[i * group + j]` for key `i`, query head `j`.
     scores: Vec<f32>,
     q: Vec<f32>,
     acc: Vec<f32>,
+    max: Vec<f32>,
+    sum: Vec<f32>,
 }
 
-/// Softmax attention of one query over keys `lo..=pos`, written to `out`. Two
-/// passes (scores with their max, then exp-weighted values) keep the softmax
-/// exact without rescaling the accumulator.
+/// Softmax attention of a group of query heads over keys `lo..=pos`, written
+/// to `out`. Two passes (scores with their max, then exp-weighted values) keep
+/// the softmax exact without rescaling the accumulators.
 #[inline(always)]
-fn attend_one<T: KvElem>(it: &Item<'_, T>, s: &mut Scratch, out: &mut [T]) {
-    let hd = it.layout.head_dim;
+fn attend_group<T: KvElem>(it: &Item<'_, T>, s: &mut Scratch, out: &mut [T]) {
+    let (hd, g) = (it.layout.head_dim, it.group);
     let bs = it.layout.block_size;
     s.q.clear();
     s.q.extend(it.q.iter().map(|x| x.f32() * it.scale));
     s.scores.clear();
-    let mut max = f32::NEG_INFINITY;
+    s.max.clear();
+    s.max.resize(g, f32::NEG_INFINITY);
     for_each_key(it.table, it.lo, it.pos, bs, |block, off| {
         let base = it.layout.index(block * bs + off, it.kv_head);
-        let v = dot(&s.q, &it.kc[base..base + hd]);
-        max = max.max(v);
-        s.scores.push(v);
+        let k = &it.kc[base..base + hd];
+        for j in 0..g {
+            let v = dot(&s.q[j * hd..(j + 1) * hd], k);
+            s.max[j] = s.max[j].max(v);
+            s.scores.push(v);
+        }
     });
-    let mut sum = 0f32;
+    s.sum.clear();
+    s.sum.resize(g, 0.0);
     s.acc.clear();
-    s.acc.resize(hd, 0.0);
+    s.acc.resize(g * hd, 0.0);
     let mut i = 0;
     for_each_key(it.table, it.lo, it.pos, bs, |block, off| {
-        let w = (s.scores[i] - max).exp();
-        i += 1;
-        sum += w;
         let base = it.layout.index(block * bs + off, it.kv_head);
-        axpy(w, &it.vc[base..base + hd], &mut s.acc);
+        let v = &it.vc[base..base + hd];
+        for j in 0..g {
+            let w = (s.scores[i] - s.max[j]).exp();
+            i += 1;
+            s.sum[j] += w;
+            axpy(w, v, &mut s.acc[j * hd..(j + 1) * hd]);
+        }
     });
-    let inv = 1.0 / sum;
-    for (o, a) in out.iter_mut().zip(s.acc.iter()) {
-        *o = T::from_f64((a * inv) as f64);
+    for j in 0..g {
+        let inv = 1.0 / s.sum[j];
+        for (o, a) in out[j * hd..(j + 1) * hd].iter_mut().zip(&s.acc[j * hd..(j + 1) * hd]) {
+            *o = T::from_f64((a * inv) as f64);
+        }
     }
 }
 
@@ -182,8 +198,8 @@ fn attend_one<T: KvElem>(it: &Item<'_, T>, s: &mut Scratch, out: &mut [T]) {
 /// The CPU must support AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn attend_one_avx2<T: KvElem>(it: &Item<'_, T>, s: &mut Scratch, out: &mut [T]) {
-    attend_one(it, s, out)
+unsafe fn attend_group_avx2<T: KvElem>(it: &Item<'_, T>, s: &mut Scratch, out: &mut [T]) {
+    attend_group(it, s, out)
 }
 
 fn attend_typed<T: KvElem>(
@@ -211,20 +227,22 @@ fn attend_typed<T: KvElem>(
     let group = nh / nkv;
     let mut out = vec![T::zero(); n_tokens * nh * hd];
     with_slice::<T, _>(q, |q| {
-        // One work item per (token, head).
-        out.par_chunks_mut(hd)
+        // One work item per (token, KV head): the group's query heads are adjacent.
+        let chunk = group * hd;
+        out.par_chunks_mut(chunk)
             .enumerate()
             .for_each_init(Scratch::default, |scratch, (idx, o)| {
-                let (t, h) = (idx / nh, idx % nh);
+                let (t, kv_head) = (idx / nkv, idx % nkv);
                 let seq = &batch.seqs[token_seq[t] as usize];
                 let pos = seq.num_cached() + (t - seq.query_start);
                 let item = Item {
-                    q: &q[idx * hd..(idx + 1) * hd],
+                    q: &q[idx * chunk..(idx + 1) * chunk],
+                    group,
                     kc,
                     vc,
                     table: &seq.block_table,
                     layout,
-                    kv_head: h / group,
+                    kv_head,
                     lo: p.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w)),
                     pos,
                     scale: p.scale,
@@ -232,9 +250,9 @@ fn attend_typed<T: KvElem>(
                 #[cfg(target_arch = "x86_64")]
                 if avx2 {
                     // SAFETY: checked at run time just above.
-                    return unsafe { attend_one_avx2(&item, scratch, o) };
+                    return unsafe { attend_group_avx2(&item, scratch, o) };
                 }
-                attend_one(&item, scratch, o);
+                attend_group(&item, scratch, o);
             });
     })?;
     Tensor::from_vec(out, (n_tokens, nh * hd), &Device::Cpu)
