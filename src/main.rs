@@ -2,6 +2,11 @@
 
 use tracing_subscriber::EnvFilter;
 
+/// mimalloc reuses freed memory instead of returning large blocks to the OS,
+/// so the per-step tensors of the forward pass do not page-fault every step.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -7,19 +7,8 @@ use candle_core::{DType, Device, Result, Tensor, WithDType};
 use rayon::prelude::*;
 
 use super::batch::ForwardBatch;
+use super::cpu::with_slice;
 use crate::kv_cache::{KvLayout, LayerKv};
-
-/// Runs `f` on the elements of a contiguous CPU tensor.
-fn with_slice<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    let candle_core::Storage::Cpu(cpu) = &*storage else {
-        candle_core::bail!("paged attention runs on the CPU only");
-    };
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("paged attention needs contiguous inputs");
-    };
-    Ok(f(&cpu.as_slice::<T>()?[start..end]))
-}
 
 /// Writes `k`, `v` (`[tokens, num_kv_heads, head_dim]`) into `cache` at the
 /// batch's slots.
@@ -186,7 +175,10 @@ fn attend_group<T: KvElem>(it: &Item<'_, T>, s: &mut Scratch, out: &mut [T]) {
     });
     for j in 0..g {
         let inv = 1.0 / s.sum[j];
-        for (o, a) in out[j * hd..(j + 1) * hd].iter_mut().zip(&s.acc[j * hd..(j + 1) * hd]) {
+        for (o, a) in out[j * hd..(j + 1) * hd]
+            .iter_mut()
+            .zip(&s.acc[j * hd..(j + 1) * hd])
+        {
             *o = T::from_f64((a * inv) as f64);
         }
     }
@@ -212,7 +204,10 @@ fn attend_typed<T: KvElem>(
     let (n_tokens, nh, hd) = q.dims3()?;
     let nkv = layout.num_kv_heads;
     if hd != layout.head_dim || !nh.is_multiple_of(nkv) {
-        candle_core::bail!("attention shape mismatch: q {:?}, cache {layout:?}", q.shape());
+        candle_core::bail!(
+            "attention shape mismatch: q {:?}, cache {layout:?}",
+            q.shape()
+        );
     }
     let (Some(kc), Some(vc)) = (cache.k.as_slice::<T>(), cache.v.as_slice::<T>()) else {
         candle_core::bail!("KV cache dtype differs from the model's ({:?})", T::DTYPE);
@@ -229,9 +224,9 @@ fn attend_typed<T: KvElem>(
     with_slice::<T, _>(q, |q| {
         // One work item per (token, KV head): the group's query heads are adjacent.
         let chunk = group * hd;
-        out.par_chunks_mut(chunk)
-            .enumerate()
-            .for_each_init(Scratch::default, |scratch, (idx, o)| {
+        out.par_chunks_mut(chunk).enumerate().for_each_init(
+            Scratch::default,
+            |scratch, (idx, o)| {
                 let (t, kv_head) = (idx / nkv, idx % nkv);
                 let seq = &batch.seqs[token_seq[t] as usize];
                 let pos = seq.num_cached() + (t - seq.query_start);
@@ -253,7 +248,8 @@ fn attend_typed<T: KvElem>(
                     return unsafe { attend_group_avx2(&item, scratch, o) };
                 }
                 attend_group(&item, scratch, o);
-            });
+            },
+        );
     })?;
     Tensor::from_vec(out, (n_tokens, nh * hd), &Device::Cpu)
 }

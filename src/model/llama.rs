@@ -5,7 +5,7 @@
 //! Weight paths mirror the Hugging Face checkpoint names.
 
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
 
 use super::attention::{paged_attention, write_kv, AttnParams};
 use super::batch::ForwardBatch;
@@ -33,12 +33,46 @@ impl RmsNorm {
     }
 }
 
-fn linear(vb: VarBuilder, inp: usize, out: usize, bias: bool) -> Result<Linear> {
-    if bias {
-        candle_nn::linear(inp, out, vb)
-    } else {
-        candle_nn::linear_no_bias(inp, out, vb)
+/// A linear layer whose weight is kept transposed (`[in, out]`, contiguous).
+/// Large batches go to candle's GEMM, which then streams the weight row by row
+/// instead of gathering it with a stride; small ones (decode steps of a few
+/// sequences) to our matrix-vector kernel, which reads each weight once at
+/// memory bandwidth instead of packing it.
+#[derive(Debug, Clone)]
+struct Linear {
+    weight_t: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        Ok(Self {
+            weight_t: weight.t()?.contiguous()?,
+            bias,
+        })
     }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = if x.dim(0)? <= super::gemv::MAX_ROWS && x.dtype() == DType::F32 {
+            super::gemv::gemv(x, &self.weight_t)?
+        } else {
+            x.matmul(&self.weight_t)?
+        };
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+fn linear(vb: VarBuilder, inp: usize, out: usize, bias: bool) -> Result<Linear> {
+    let weight = vb.get((out, inp), "weight")?;
+    let bias = if bias {
+        Some(vb.get(out, "bias")?)
+    } else {
+        None
+    };
+    Linear::new(weight, bias)
 }
 
 #[derive(Debug)]
@@ -190,9 +224,9 @@ impl Llama {
         let norm = RmsNorm::load(m.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
         // Checkpoints with tied embeddings usually omit lm_head.weight.
         let lm_head = if cfg.tie_word_embeddings && !vb.contains_tensor("lm_head.weight") {
-            Linear::new(embed_tokens.embeddings().clone(), None)
+            Linear::new(embed_tokens.embeddings().clone(), None)?
         } else {
-            candle_nn::linear_no_bias(cfg.hidden_size, cfg.vocab_size, vb.pp("lm_head"))?
+            linear(vb.pp("lm_head"), cfg.hidden_size, cfg.vocab_size, false)?
         };
         Ok(Self {
             embed_tokens,

@@ -4,7 +4,9 @@
 pub mod attention;
 pub mod batch;
 pub mod config;
+mod cpu;
 pub mod embedded;
+mod gemv;
 pub mod gguf;
 pub mod llama;
 mod loader;
