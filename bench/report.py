@@ -34,12 +34,12 @@ def main(out):
     for c in sorted(rows["candela"]):
         cand = rows["candela"][c]["output_tok_s"]
         llama = rows["llamacpp"].get(c, {}).get("output_tok_s")
-        parts = [f"concurrency {c}:"]
+        parts = []
         if llama:
             parts.append(f"{cand / llama:.2f}x llama.cpp")
         if seq:
             parts.append(f"{cand / seq:.1f}x transformers sequential")
-        print("- " + ", ".join(parts))
+        print(f"- concurrency {c}: " + ", ".join(parts))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ LLAMA_CPP_PYTHON=${LLAMA_CPP_PYTHON:-0.3.36}
 OUT=bench/results/$(date +%Y-%m-%d-%H%M)
 mkdir -p "$CACHE" "$OUT"
 
-if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import httpx, gguf, transformers, cmake" 2>/dev/null; then
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import httpx, gguf, transformers, accelerate, cmake" 2>/dev/null; then
     python3 -m venv "$VENV"
     "$VENV/bin/pip" install --quiet -r bench/requirements.txt
 fi
@@ -63,23 +63,30 @@ wait_healthy() {
 }
 peak_rss_mib() { awk '/VmHWM/ {printf "%.0f", $2 / 1024}' "/proc/$1/status"; }
 
+SERVER_PID=
+trap '[ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null || true' EXIT
 run_server() { # name, command...
     local name=$1
     shift
+    if curl -sf "http://127.0.0.1:$PORT/health" >/dev/null 2>&1; then
+        echo "port $PORT is already serving; stop that server first" >&2
+        return 1
+    fi
     "$@" >"$OUT/$name.log" 2>&1 &
-    local pid=$!
+    SERVER_PID=$!
     wait_healthy
-    "$PY" bench/loadgen.py --base "http://127.0.0.1:$PORT" --concurrency "$CONCURRENCY" >"$OUT/$name.jsonl"
-    echo "{\"peak_rss_mib\": $(peak_rss_mib $pid)}" >"$OUT/$name.rss.json"
-    kill "$pid"
-    wait "$pid" 2>/dev/null || true
+    "$PY" bench/loadgen.py --base "http://127.0.0.1:$PORT" --model smollm2 --concurrency "$CONCURRENCY" >"$OUT/$name.jsonl"
+    echo "{\"peak_rss_mib\": $(peak_rss_mib $SERVER_PID)}" >"$OUT/$name.rss.json"
+    kill "$SERVER_PID"
+    wait "$SERVER_PID" 2>/dev/null || true
+    SERVER_PID=
 }
 
 echo "== machine ceilings"
 OPENBLAS_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS "$PY" bench/ceilings.py | tee "$OUT/ceilings.json"
 
 echo "== candela"
-run_server candela target/release/candela serve --model "$F32" --port "$PORT" --max-model-len 512 \
+run_server candela target/release/candela serve --model "$F32" --served-model-name smollm2 --port "$PORT" --max-model-len 512 \
     --max-num-seqs "$MAXC" --kv-cache-memory 2GiB
 cat "$OUT/candela.jsonl"
 
@@ -89,6 +96,6 @@ run_server llamacpp "$LLAMA_SERVER" -m "$F32" --port "$PORT" -t "$THREADS" -tb "
 cat "$OUT/llamacpp.jsonl"
 
 echo "== transformers"
-OMP_NUM_THREADS=$THREADS "$PY" bench/hf_baseline.py --gguf "$F32" | tee "$OUT/transformers.jsonl"
+OMP_NUM_THREADS=$THREADS "$PY" bench/hf_baseline.py --gguf "$F32" 2>/dev/null | grep "^{" | tee "$OUT/transformers.jsonl"
 
 "$PY" bench/report.py "$OUT"
