@@ -94,11 +94,11 @@ mod tests {
     }
 
     fn run(argv: &[&str], toml: &str) -> anyhow::Result<Demo> {
-        let path = std::env::temp_dir().join(format!(
-            "candela-cfg-{}-{}.toml",
-            std::process::id(),
-            argv.len()
-        ));
+        // Tests run in parallel: every call gets its own file.
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("candela-cfg-{}-{n}.toml", std::process::id()));
         std::fs::write(&path, toml).unwrap();
         let matches = Demo::command().get_matches_from(argv);
         let mut d = Demo::from_arg_matches(&matches).unwrap();
