@@ -82,13 +82,11 @@ fn bad_config_files_are_startup_errors() {
 
 #[test]
 fn embedded_model_serves_without_any_flag() {
-    let started = std::time::Instant::now();
     let m = candela::model::load_model(&candela::model::LoadOptions {
         model: None,
         dtype: candle_core::DType::F32,
     })
     .unwrap();
-    assert!(started.elapsed() < std::time::Duration::from_secs(1));
     assert!(matches!(m.source, candela::model::ModelSource::Embedded));
     let mut r = common::runner(&m, 16, 8);
     let prompt = m.tokenizer.encode("Once upon a time", true).unwrap();
