@@ -65,6 +65,25 @@ impl Linear {
     }
 }
 
+/// Several projections of the same input (q/k/v, gate/up) as one linear layer:
+/// one matmul instead of several. Weights keep their checkpoint names.
+fn fused_linear(parts: &[(VarBuilder, usize)], inp: usize, bias: bool) -> Result<Linear> {
+    let weights = parts
+        .iter()
+        .map(|(vb, out)| vb.get((*out, inp), "weight"))
+        .collect::<Result<Vec<_>>>()?;
+    let bias = if bias {
+        let b = parts
+            .iter()
+            .map(|(vb, out)| vb.get(*out, "bias"))
+            .collect::<Result<Vec<_>>>()?;
+        Some(Tensor::cat(&b, 0)?)
+    } else {
+        None
+    };
+    Linear::new(Tensor::cat(&weights, 0)?, bias)
+}
+
 fn linear(vb: VarBuilder, inp: usize, out: usize, bias: bool) -> Result<Linear> {
     let weight = vb.get((out, inp), "weight")?;
     let bias = if bias {
@@ -77,9 +96,8 @@ fn linear(vb: VarBuilder, inp: usize, out: usize, bias: bool) -> Result<Linear> 
 
 #[derive(Debug)]
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    /// q_proj, k_proj and v_proj fused.
+    qkv_proj: Linear,
     o_proj: Linear,
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
@@ -101,9 +119,15 @@ impl Attention {
             (None, None)
         };
         Ok(Self {
-            q_proj: linear(vb.pp("q_proj"), h, cfg.num_heads * hd, cfg.qkv_bias)?,
-            k_proj: linear(vb.pp("k_proj"), h, cfg.num_kv_heads * hd, cfg.qkv_bias)?,
-            v_proj: linear(vb.pp("v_proj"), h, cfg.num_kv_heads * hd, cfg.qkv_bias)?,
+            qkv_proj: fused_linear(
+                &[
+                    (vb.pp("q_proj"), cfg.num_heads * hd),
+                    (vb.pp("k_proj"), cfg.num_kv_heads * hd),
+                    (vb.pp("v_proj"), cfg.num_kv_heads * hd),
+                ],
+                h,
+                cfg.qkv_bias,
+            )?,
             o_proj: linear(vb.pp("o_proj"), cfg.num_heads * hd, h, cfg.o_bias)?,
             q_norm,
             k_norm,
@@ -124,17 +148,19 @@ impl Attention {
         layer: usize,
     ) -> Result<Tensor> {
         let t = x.dim(0)?;
-        let mut q = self
-            .q_proj
-            .forward(x)?
+        let (qs, kvs) = (
+            self.num_heads * self.head_dim,
+            self.num_kv_heads * self.head_dim,
+        );
+        let qkv = self.qkv_proj.forward(x)?;
+        let mut q = qkv
+            .narrow(1, 0, qs)?
             .reshape((t, self.num_heads, self.head_dim))?;
-        let mut k = self
-            .k_proj
-            .forward(x)?
+        let mut k = qkv
+            .narrow(1, qs, kvs)?
             .reshape((t, self.num_kv_heads, self.head_dim))?;
-        let v = self
-            .v_proj
-            .forward(x)?
+        let v = qkv
+            .narrow(1, qs + kvs, kvs)?
             .reshape((t, self.num_kv_heads, self.head_dim))?;
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
             q = qn.forward(&q)?;
@@ -156,24 +182,27 @@ impl Attention {
 
 #[derive(Debug)]
 struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
+    /// gate_proj and up_proj fused.
+    gate_up_proj: Linear,
     down_proj: Linear,
+    intermediate: usize,
 }
 
 impl Mlp {
     fn load(vb: VarBuilder, cfg: &DecoderConfig) -> Result<Self> {
         let (h, i, b) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
         Ok(Self {
-            gate_proj: linear(vb.pp("gate_proj"), h, i, b)?,
-            up_proj: linear(vb.pp("up_proj"), h, i, b)?,
+            gate_up_proj: fused_linear(&[(vb.pp("gate_proj"), i), (vb.pp("up_proj"), i)], h, b)?,
             down_proj: linear(vb.pp("down_proj"), i, h, b)?,
+            intermediate: i,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+        let gate_up = self.gate_up_proj.forward(x)?;
+        let i = self.intermediate;
+        let gate = candle_nn::ops::silu(&gate_up.narrow(1, 0, i)?)?;
+        self.down_proj.forward(&(gate * gate_up.narrow(1, i, i)?)?)
     }
 }
 
