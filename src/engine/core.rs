@@ -266,15 +266,15 @@ impl EngineCore {
         self.requests.get_mut(&rid)
     }
 
+    /// Prompt logprobs are gathered once, by the first sample while it prefills;
+    /// `prompt_logprobs` is cleared once they are sent, so a recompute after
+    /// preemption does not gather them again.
     fn wants_prompt_logprobs(&self, seq: SeqId, start: usize) -> bool {
         let Some(&(rid, index)) = self.owners.get(&seq) else {
             return false;
         };
         let r = &self.requests[&rid];
-        index == 0
-            && r.req.prompt_logprobs.is_some()
-            && start < r.req.prompt_ids.len()
-            && !r.forked_or_done_prompt_lp()
+        index == 0 && r.req.prompt_logprobs.is_some() && start < r.req.prompt_ids.len()
     }
 
     fn build_batch(&self, plan: &StepPlan) -> (ForwardBatch, Vec<Logits>) {
@@ -464,11 +464,4 @@ fn flush_text(st: &mut SeqState, tok: &Tokenizer) -> String {
         out.push_str(&st.stops.flush());
     }
     out
-}
-
-impl RequestState {
-    /// Prompt logprobs are gathered once, by the first sample, before forking.
-    fn forked_or_done_prompt_lp(&self) -> bool {
-        self.req.prompt_logprobs.is_none()
-    }
 }
