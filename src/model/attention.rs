@@ -76,9 +76,19 @@ pub fn paged_attention(
 ) -> Result<Tensor> {
     let q = q.contiguous()?;
     let out = match q.dtype() {
-        DType::F32 => attend_typed::<f32>(&q, cache, layout, batch, params)?,
-        DType::F16 => attend_typed::<half::f16>(&q, cache, layout, batch, params)?,
-        DType::BF16 => attend_typed::<half::bf16>(&q, cache, layout, batch, params)?,
+        DType::F32 => {
+            #[cfg(target_arch = "x86_64")]
+            if super::attention_avx512::supported(layout.head_dim) {
+                // SAFETY: `supported` checked the CPU and the head size.
+                let kernel = |it: &Item<f32>, s: &mut Scratch, o: &mut [f32]| unsafe {
+                    super::attention_avx512::attend(it, s, o)
+                };
+                return attend_typed(&q, cache, layout, batch, params, kernel);
+            }
+            attend_typed(&q, cache, layout, batch, params, generic::<f32>())?
+        }
+        DType::F16 => attend_typed(&q, cache, layout, batch, params, generic::<half::f16>())?,
+        DType::BF16 => attend_typed(&q, cache, layout, batch, params, generic::<half::bf16>())?,
         dt => candle_core::bail!("unsupported attention dtype {dt:?}"),
     };
     Ok(out)
@@ -112,29 +122,31 @@ impl KvElem for half::bf16 {
 
 /// What one work item reads: the query heads of one token that share a KV
 /// head (the GQA group), so each cached key and value is loaded once for all of them.
-struct Item<'a, T> {
+pub(super) struct Item<'a, T> {
     /// `group` query heads, `head_dim` each.
-    q: &'a [T],
-    group: usize,
-    kc: &'a [T],
-    vc: &'a [T],
-    table: &'a [u32],
-    layout: &'a KvLayout,
-    kv_head: usize,
-    lo: usize,
-    pos: usize,
-    scale: f32,
+    pub(super) q: &'a [T],
+    pub(super) group: usize,
+    pub(super) kc: &'a [T],
+    pub(super) vc: &'a [T],
+    pub(super) table: &'a [u32],
+    pub(super) layout: &'a KvLayout,
+    pub(super) kv_head: usize,
+    pub(super) lo: usize,
+    pub(super) pos: usize,
+    pub(super) scale: f32,
 }
 
 /// Scratch space reused across the work items of one rayon split.
 #[derive(Default)]
-struct Scratch {
+pub(super) struct Scratch {
     /// Scores, key-major: `scores[i * group + j]` for key `i`, query head `j`.
-    scores: Vec<f32>,
-    q: Vec<f32>,
-    acc: Vec<f32>,
-    max: Vec<f32>,
-    sum: Vec<f32>,
+    pub(super) scores: Vec<f32>,
+    pub(super) q: Vec<f32>,
+    pub(super) acc: Vec<f32>,
+    pub(super) max: Vec<f32>,
+    pub(super) sum: Vec<f32>,
+    /// Runs of contiguous cache rows: (first element, rows).
+    pub(super) segments: Vec<(usize, usize)>,
 }
 
 /// Softmax attention of a group of query heads over keys `lo..=pos`, written
@@ -194,12 +206,27 @@ unsafe fn attend_group_avx2<T: KvElem>(it: &Item<'_, T>, s: &mut Scratch, out: &
     attend_group(it, s, out)
 }
 
+/// The portable kernel, vectorized with AVX2 where the CPU has it.
+fn generic<T: KvElem>() -> impl Fn(&Item<T>, &mut Scratch, &mut [T]) + Sync {
+    #[cfg(target_arch = "x86_64")]
+    let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+    move |it, s, o| {
+        #[cfg(target_arch = "x86_64")]
+        if avx2 {
+            // SAFETY: checked at run time just above.
+            return unsafe { attend_group_avx2(it, s, o) };
+        }
+        attend_group(it, s, o)
+    }
+}
+
 fn attend_typed<T: KvElem>(
     q: &Tensor,
     cache: &LayerKv,
     layout: &KvLayout,
     batch: &ForwardBatch,
     p: AttnParams,
+    kernel: impl Fn(&Item<T>, &mut Scratch, &mut [T]) + Sync,
 ) -> Result<Tensor> {
     let (n_tokens, nh, hd) = q.dims3()?;
     let nkv = layout.num_kv_heads;
@@ -217,8 +244,6 @@ fn attend_typed<T: KvElem>(
     for (s, seq) in batch.seqs.iter().enumerate() {
         token_seq[seq.query_start..seq.query_start + seq.query_len].fill(s as u32);
     }
-    #[cfg(target_arch = "x86_64")]
-    let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
     let group = nh / nkv;
     let mut out = vec![T::zero(); n_tokens * nh * hd];
     with_slice::<T, _>(q, |q| {
@@ -242,12 +267,7 @@ fn attend_typed<T: KvElem>(
                     pos,
                     scale: p.scale,
                 };
-                #[cfg(target_arch = "x86_64")]
-                if avx2 {
-                    // SAFETY: checked at run time just above.
-                    return unsafe { attend_group_avx2(&item, scratch, o) };
-                }
-                attend_group(&item, scratch, o);
+                kernel(&item, scratch, o);
             },
         );
     })?;
@@ -353,7 +373,16 @@ mod tests {
 
     #[test]
     fn chunked_paged_attention_matches_contiguous_reference() {
-        let (n, nh, nkv, hd, bs) = (11, 4, 2, 8, 4);
+        // Head sizes 8 (portable kernel), 32, 64 and 128 (the AVX-512 kernel's
+        // runtime-length, 4- and 8-register variants where the CPU has it);
+        // 7 query heads per KV head exceed one register pass of the 64 variant.
+        for (nh, nkv, hd) in [(4, 2, 8), (4, 1, 32), (14, 2, 64), (4, 4, 128), (8, 2, 128)] {
+            check_chunked(nh, nkv, hd);
+        }
+    }
+
+    fn check_chunked(nh: usize, nkv: usize, hd: usize) {
+        let (n, bs) = (11, 4);
         let q = pseudo_random(n * nh * hd, 1);
         let k = pseudo_random(n * nkv * hd, 2);
         let v = pseudo_random(n * nkv * hd, 3);
@@ -396,7 +425,10 @@ mod tests {
                 .zip(&want)
                 .map(|(a, b)| (a - b).abs())
                 .fold(0f32, f32::max);
-            assert!(max_diff < 1e-5, "window {window:?}: max diff {max_diff}");
+            assert!(
+                max_diff < 1e-5,
+                "hd {hd}, window {window:?}: max diff {max_diff}"
+            );
         }
     }
 }

@@ -10,6 +10,7 @@ use candle_nn::{Embedding, VarBuilder};
 use super::attention::{paged_attention, write_kv, AttnParams};
 use super::batch::ForwardBatch;
 use super::config::DecoderConfig;
+use super::linear::{fused_linear, linear, Linear};
 use super::rope::Rope;
 use super::{CacheSpec, CausalLm};
 use crate::kv_cache::KvStorage;
@@ -31,67 +32,6 @@ impl RmsNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)
     }
-}
-
-/// A linear layer whose weight is kept transposed (`[in, out]`, contiguous).
-/// Large batches go to candle's GEMM, which then streams the weight row by row
-/// instead of gathering it with a stride; small ones (decode steps of a few
-/// sequences) to our matrix-vector kernel, which reads each weight once at
-/// memory bandwidth instead of packing it.
-#[derive(Debug, Clone)]
-struct Linear {
-    weight_t: Tensor,
-    bias: Option<Tensor>,
-}
-
-impl Linear {
-    fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
-        Ok(Self {
-            weight_t: weight.t()?.contiguous()?,
-            bias,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = if x.dim(0)? <= super::gemv::MAX_ROWS && x.dtype() == DType::F32 {
-            super::gemv::gemv(x, &self.weight_t)?
-        } else {
-            x.matmul(&self.weight_t)?
-        };
-        match &self.bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
-        }
-    }
-}
-
-/// Several projections of the same input (q/k/v, gate/up) as one linear layer:
-/// one matmul instead of several. Weights keep their checkpoint names.
-fn fused_linear(parts: &[(VarBuilder, usize)], inp: usize, bias: bool) -> Result<Linear> {
-    let weights = parts
-        .iter()
-        .map(|(vb, out)| vb.get((*out, inp), "weight"))
-        .collect::<Result<Vec<_>>>()?;
-    let bias = if bias {
-        let b = parts
-            .iter()
-            .map(|(vb, out)| vb.get(*out, "bias"))
-            .collect::<Result<Vec<_>>>()?;
-        Some(Tensor::cat(&b, 0)?)
-    } else {
-        None
-    };
-    Linear::new(Tensor::cat(&weights, 0)?, bias)
-}
-
-fn linear(vb: VarBuilder, inp: usize, out: usize, bias: bool) -> Result<Linear> {
-    let weight = vb.get((out, inp), "weight")?;
-    let bias = if bias {
-        Some(vb.get(out, "bias")?)
-    } else {
-        None
-    };
-    Linear::new(weight, bias)
 }
 
 #[derive(Debug)]

@@ -2,14 +2,17 @@
 //! a flattened batch and the paged KV cache.
 
 pub mod attention;
+#[cfg(target_arch = "x86_64")]
+mod attention_avx512;
 pub mod batch;
 pub mod config;
 mod cpu;
 pub mod embedded;
-mod gemv;
 pub mod gguf;
+mod linear;
 pub mod llama;
 mod loader;
+pub mod matmul;
 pub mod rope;
 mod source;
 

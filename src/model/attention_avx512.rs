@@ -1,0 +1,209 @@
+//! The f32 attention kernel with AVX-512, for head sizes that are a multiple
+//! of 16 (64 and 128 in practice).
+//!
+//! The generic kernel in `attention.rs` spends most of its time in scalar
+//! `expf` calls and in per-key bookkeeping. Here a key or value row is a few
+//! registers, the cache is walked block by block (a block's rows for one KV
+//! head are contiguous), the softmax weights are computed sixteen at a time
+//! with a polynomial `exp`, and the value accumulators of several query heads
+//! stay in registers across all keys.
+
+use std::arch::x86_64::*;
+
+use super::attention::{Item, Scratch};
+
+/// Largest head size (in registers of 16) this kernel handles.
+const MAX_V: usize = 16;
+
+/// Whether the kernel applies: f32, AVX-512 present, head size `16 * v`.
+pub fn supported(head_dim: usize) -> bool {
+    head_dim.is_multiple_of(16)
+        && head_dim / 16 <= MAX_V
+        && head_dim > 0
+        && is_x86_feature_detected!("avx512f")
+}
+
+/// # Safety
+/// [`supported`] returned true for the item's head size.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn attend(it: &Item<'_, f32>, s: &mut Scratch, out: &mut [f32]) {
+    match it.layout.head_dim / 16 {
+        4 => unsafe { attend_v::<4, 6>(it, s, out) },
+        8 => unsafe { attend_v::<8, 3>(it, s, out) },
+        _ => unsafe { attend_v::<MAX_V, 1>(it, s, out) },
+    }
+}
+
+/// `V`: registers per head row; `H`: query heads whose accumulators are held
+/// in registers at once (`H * V <= 24`). Other head sizes go through `MAX_V`
+/// with a runtime row length.
+#[target_feature(enable = "avx512f")]
+unsafe fn attend_v<const V: usize, const H: usize>(
+    it: &Item<'_, f32>,
+    s: &mut Scratch,
+    out: &mut [f32],
+) {
+    let (hd, g, bs) = (it.layout.head_dim, it.group, it.layout.block_size);
+    let v_regs = hd / 16;
+    // Key segments: (start of the block's rows for this KV head, rows).
+    s.segments.clear();
+    let (lo, hi) = (it.lo, it.pos);
+    for (bi, &block) in it.table.iter().enumerate().take(hi / bs + 1).skip(lo / bs) {
+        let start = lo.max(bi * bs) - bi * bs;
+        let end = (hi + 1).min((bi + 1) * bs) - bi * bs;
+        let base = it.layout.index(block as usize * bs + start, it.kv_head);
+        s.segments.push((base, end - start));
+    }
+    let n = hi + 1 - lo;
+    // Scores, head-major, padded so the exp pass works on whole registers.
+    let stride = n.next_multiple_of(16);
+    s.scores.clear();
+    s.scores.resize(g * stride, f32::NEG_INFINITY);
+    s.q.clear();
+    s.q.extend(it.q.iter().map(|x| x * it.scale));
+    let (kc, vc, q) = (it.kc.as_ptr(), it.vc.as_ptr(), s.q.as_ptr());
+
+    // Pass 1: q · k for every key and query head of the group.
+    let mut i = 0;
+    for &(base, len) in &s.segments {
+        for r in 0..len {
+            // SAFETY: `base + (r + 1) * hd` is inside the cache (the block
+            // table only holds valid blocks), `q` holds `g * hd` values.
+            unsafe {
+                let k = kc.add(base + r * hd);
+                let mut kv = [_mm512_setzero_ps(); V];
+                for (c, reg) in kv.iter_mut().enumerate().take(v_regs) {
+                    *reg = _mm512_loadu_ps(k.add(c * 16));
+                }
+                for j in 0..g {
+                    let qj = q.add(j * hd);
+                    let mut acc = _mm512_mul_ps(_mm512_loadu_ps(qj), kv[0]);
+                    for (c, reg) in kv.iter().enumerate().take(v_regs).skip(1) {
+                        acc = _mm512_fmadd_ps(_mm512_loadu_ps(qj.add(c * 16)), *reg, acc);
+                    }
+                    *s.scores.get_unchecked_mut(j * stride + i) = _mm512_reduce_add_ps(acc);
+                }
+            }
+            i += 1;
+        }
+    }
+
+    // Softmax weights, sixteen at a time; the padding's exp(-inf) is 0.
+    s.sum.clear();
+    for j in 0..g {
+        let row = &mut s.scores[j * stride..(j + 1) * stride];
+        let max = row[..n].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        // SAFETY: `row` is a whole number of registers.
+        let sum = unsafe {
+            let m = _mm512_set1_ps(max);
+            let mut sum = _mm512_setzero_ps();
+            for c in row.chunks_exact_mut(16) {
+                let w = exp(_mm512_sub_ps(_mm512_loadu_ps(c.as_ptr()), m));
+                _mm512_storeu_ps(c.as_mut_ptr(), w);
+                sum = _mm512_add_ps(sum, w);
+            }
+            _mm512_reduce_add_ps(sum)
+        };
+        s.sum.push(sum);
+    }
+
+    // Pass 2: weighted values, `H` query heads per walk over the cache.
+    let w = s.scores.as_ptr();
+    for j0 in (0..g).step_by(H) {
+        let heads = H.min(g - j0);
+        let mut acc = [[_mm512_setzero_ps(); V]; H];
+        let mut i = 0;
+        for &(base, len) in &s.segments {
+            for r in 0..len {
+                // SAFETY: as in pass 1; `w` holds `g * stride` weights.
+                unsafe {
+                    let v = vc.add(base + r * hd);
+                    let mut vv = [_mm512_setzero_ps(); V];
+                    for (c, reg) in vv.iter_mut().enumerate().take(v_regs) {
+                        *reg = _mm512_loadu_ps(v.add(c * 16));
+                    }
+                    for (h, a) in acc.iter_mut().enumerate().take(heads) {
+                        let wt = _mm512_set1_ps(*w.add((j0 + h) * stride + i));
+                        for (c, reg) in a.iter_mut().enumerate().take(v_regs) {
+                            *reg = _mm512_fmadd_ps(wt, vv[c], *reg);
+                        }
+                    }
+                }
+                i += 1;
+            }
+        }
+        for (h, a) in acc.iter().enumerate().take(heads) {
+            let j = j0 + h;
+            // SAFETY: `out` holds `g * hd` values.
+            unsafe {
+                let inv = _mm512_set1_ps(1.0 / s.sum[j]);
+                let o = out.as_mut_ptr().add(j * hd);
+                for (c, reg) in a.iter().enumerate().take(v_regs) {
+                    _mm512_storeu_ps(o.add(c * 16), _mm512_mul_ps(*reg, inv));
+                }
+            }
+        }
+    }
+}
+
+/// `e^x` for `x <= 0` (softmax arguments), relative error a few 1e-7:
+/// `x = n ln 2 + f` with `n` an integer (applied with `scalef`) and `|f| <= ln 2 / 2`
+/// (computed with ln 2 split in two so that `f` is exact), `e^f` by its degree-7
+/// Taylor polynomial. `-inf` gives 0.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn exp(x: __m512) -> __m512 {
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    let x = _mm512_max_ps(x, _mm512_set1_ps(-120.0));
+    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+        _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+    );
+    let f = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
+    let f = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), f);
+    // e^f = sum of f^k / k!, Horner from k = 7.
+    let mut p = _mm512_set1_ps(1.0 / 5040.0);
+    for c in [
+        1.0 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        0.5,
+        1.0,
+        1.0,
+    ] {
+        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
+    }
+    _mm512_scalef_ps(p, n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_is_accurate() {
+        if !is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        let xs: Vec<f32> = (0..16 * 200).map(|i| -(i as f32) * 0.03).collect();
+        for c in xs.chunks(16) {
+            let mut got = [0f32; 16];
+            // SAFETY: AVX-512 was detected.
+            unsafe { _mm512_storeu_ps(got.as_mut_ptr(), exp(_mm512_loadu_ps(c.as_ptr()))) };
+            for (x, g) in c.iter().zip(got) {
+                let want = x.exp();
+                assert!(
+                    (g - want).abs() <= 3e-7 * want + 1e-38,
+                    "exp({x}) = {g}, want {want}"
+                );
+            }
+        }
+        let mut got = [1f32; 16];
+        // SAFETY: as above.
+        unsafe {
+            _mm512_storeu_ps(got.as_mut_ptr(), exp(_mm512_set1_ps(f32::NEG_INFINITY)));
+        }
+        assert_eq!(got, [0.0; 16]);
+    }
+}
