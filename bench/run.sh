@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Side-by-side benchmark: Candela vs llama.cpp's llama-server vs Hugging Face transformers on the
-# same machine, same weights (SmolLM2-135M-Instruct dequantized to f32), same load.
+# same machine, same weights (SmolLM2-135M-Instruct dequantized to f32), same load. Both servers keep
+# the KV cache in float16 (llama.cpp's default; Candela's --kv-cache-dtype float16).
 #
 #   bench/run.sh                 # everything (about 30-40 minutes on 2 cores, first run longer)
 #   CONCURRENCY=1,8 bench/run.sh # fewer levels
@@ -87,12 +88,12 @@ OPENBLAS_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS "$PY" bench/ceilings.py |
 
 echo "== candela"
 run_server candela target/release/candela serve --model "$F32" --served-model-name smollm2 --port "$PORT" --max-model-len 512 \
-    --max-num-seqs "$MAXC" --kv-cache-memory 2GiB
+    --max-num-seqs "$MAXC" --kv-cache-memory 2GiB --kv-cache-dtype float16
 cat "$OUT/candela.jsonl"
 
 echo "== llama.cpp"
 run_server llamacpp "$LLAMA_SERVER" -m "$F32" --port "$PORT" -t "$THREADS" -tb "$THREADS" -np "$MAXC" \
-    -c $((MAXC * 320)) -b 2048 -ub 512 --cont-batching --no-webui
+    -c $((MAXC * 320)) -b 2048 -ub 512 -ctk f16 -ctv f16 --cont-batching --no-webui
 cat "$OUT/llamacpp.jsonl"
 
 echo "== transformers"

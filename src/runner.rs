@@ -33,7 +33,7 @@ impl StepRunner {
         let layout = model.cache_spec().layout(&sizing);
         Ok(Self {
             kv: KvCacheManager::new(sizing.num_blocks, sizing.block_size),
-            storage: KvStorage::new(layout, model.dtype())?,
+            storage: KvStorage::new(layout, sizing.dtype.unwrap_or(model.dtype()))?,
             cached: HashMap::new(),
         })
     }

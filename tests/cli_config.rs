@@ -98,3 +98,25 @@ fn embedded_model_serves_without_any_flag() {
         ", there was a little girl named Lily."
     );
 }
+
+#[test]
+fn kv_cache_dtype_sizes_the_cache_and_rejects_unknown_names() {
+    let m = candela::model::load_model(&candela::model::LoadOptions {
+        model: None,
+        dtype: candle_core::DType::F32,
+    })
+    .unwrap();
+    let args = |dt: &str| candela::config::CacheArgs {
+        block_size: 16,
+        num_kv_blocks: Some(8),
+        kv_cache_memory: None,
+        kv_cache_dtype: dt.into(),
+    };
+    let f32 = args("auto").sizing(m.model.as_ref(), 256, 4).unwrap();
+    let f16 = args("float16").sizing(m.model.as_ref(), 256, 4).unwrap();
+    assert_eq!(f32.dtype, Some(candle_core::DType::F32));
+    assert_eq!(f16.dtype, Some(candle_core::DType::F16));
+    assert_eq!(f16.bytes_per_token * 2, f32.bytes_per_token);
+    let err = args("fp8").sizing(m.model.as_ref(), 256, 4).unwrap_err();
+    assert!(err.to_string().contains("--kv-cache-dtype"), "{err}");
+}

@@ -13,7 +13,17 @@ fn stories_golden() -> serde_json::Value {
 }
 
 fn greedy(m: &LoadedModel, prompt: &[u32], n: usize, stop_at_eos: bool) -> Vec<u32> {
-    let mut r = runner(m, 16, 64);
+    greedy_with_cache(m, prompt, n, stop_at_eos, m.model.dtype())
+}
+
+fn greedy_with_cache(
+    m: &LoadedModel,
+    prompt: &[u32],
+    n: usize,
+    stop_at_eos: bool,
+    cache_dtype: DType,
+) -> Vec<u32> {
+    let mut r = runner_with_cache_dtype(m, 16, 64, cache_dtype);
     r.greedy(m.model.as_ref(), 0, prompt, n, |t| {
         !(stop_at_eos && m.tokenizer.eos_token_ids.contains(&t))
     })
@@ -101,6 +111,8 @@ fn smollm2_gguf_answers_the_capital_of_france() {
     assert_eq!(&prompt[..8], &[1, 9690, 198, 2683, 359, 253, 5356, 5646]);
     let out = greedy(&m, &prompt, 32, true);
     assert_eq!(out, vec![504, 3575, 282, 4649, 314, 7042, 30, 2]);
+    // A float16 KV cache (--kv-cache-dtype float16) gives the same answer.
+    assert_eq!(greedy_with_cache(&m, &prompt, 32, true, DType::F16), out);
     assert_eq!(
         m.tokenizer.decode(&out, true).unwrap(),
         "The capital of France is Paris."

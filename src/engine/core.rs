@@ -74,7 +74,7 @@ impl EngineCore {
         stats: std::sync::Arc<EngineStats>,
     ) -> anyhow::Result<Self> {
         let layout = model.cache_spec().layout(&sizing);
-        let storage = KvStorage::new(layout, model.dtype())?;
+        let storage = KvStorage::new(layout, sizing.dtype.unwrap_or(model.dtype()))?;
         let sched = Scheduler::new(
             SchedulerConfig {
                 max_num_batched_tokens: cfg.max_num_batched_tokens,

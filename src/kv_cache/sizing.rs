@@ -1,6 +1,7 @@
 //! How many KV blocks to allocate.
 
 use anyhow::{bail, Context};
+use candle_core::DType;
 
 /// The pool's size, as decided at start-up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -9,6 +10,8 @@ pub struct KvCacheSizing {
     pub block_size: usize,
     /// Bytes of key + value storage one token takes across all layers.
     pub bytes_per_token: usize,
+    /// Element type of the cache; `None`: the model's dtype.
+    pub dtype: Option<DType>,
 }
 
 impl KvCacheSizing {
@@ -42,7 +45,16 @@ impl KvCacheSizing {
             num_blocks,
             block_size,
             bytes_per_token,
+            dtype: None,
         })
+    }
+
+    /// Stores the cache as `dtype` (whose size `bytes_per_token` must reflect).
+    pub fn with_dtype(self, dtype: DType) -> Self {
+        Self {
+            dtype: Some(dtype),
+            ..self
+        }
     }
 
     pub fn max_tokens(&self) -> usize {

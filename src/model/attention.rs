@@ -19,7 +19,10 @@ pub fn write_kv(
     layout: &KvLayout,
     batch: &ForwardBatch,
 ) -> Result<()> {
-    match k.dtype() {
+    // The cache may be narrower than the activations (`--kv-cache-dtype`).
+    let dt = cache.k.dtype();
+    let (k, v) = (&k.to_dtype(dt)?, &v.to_dtype(dt)?);
+    match dt {
         DType::F32 => write_typed::<f32>(k, v, cache, layout, batch),
         DType::F16 => write_typed::<half::f16>(k, v, cache, layout, batch),
         DType::BF16 => write_typed::<half::bf16>(k, v, cache, layout, batch),
@@ -74,35 +77,66 @@ pub fn paged_attention(
     batch: &ForwardBatch,
     params: AttnParams,
 ) -> Result<Tensor> {
-    let q = q.contiguous()?;
-    let out = match q.dtype() {
-        DType::F32 => {
-            #[cfg(target_arch = "x86_64")]
-            if super::attention_avx512::supported(layout.head_dim) {
-                // SAFETY: `supported` checked the CPU and the head size.
-                let kernel = |it: &Item<f32>, s: &mut Scratch, o: &mut [f32]| unsafe {
-                    super::attention_avx512::attend(it, s, o)
-                };
-                return attend_typed(&q, cache, layout, batch, params, kernel);
-            }
-            attend_typed(&q, cache, layout, batch, params, generic::<f32>())?
-        }
-        DType::F16 => attend_typed(&q, cache, layout, batch, params, generic::<half::f16>())?,
-        DType::BF16 => attend_typed(&q, cache, layout, batch, params, generic::<half::bf16>())?,
-        dt => candle_core::bail!("unsupported attention dtype {dt:?}"),
+    let dtype = q.dtype();
+    // Queries and outputs are f32 whatever the cache holds.
+    let q = q.to_dtype(DType::F32)?.contiguous()?;
+    let out = match cache.k.dtype() {
+        DType::F32 => attend_typed(&q, cache, layout, batch, params, kernel::<f32>())?,
+        DType::F16 => attend_typed(&q, cache, layout, batch, params, kernel::<half::f16>())?,
+        DType::BF16 => attend_typed(&q, cache, layout, batch, params, kernel::<half::bf16>())?,
+        dt => candle_core::bail!("unsupported KV cache dtype {dt:?}"),
     };
-    Ok(out)
+    out.to_dtype(dtype)
+}
+
+/// The fastest kernel this CPU runs for cache elements `T`.
+fn kernel<T: KvElem>() -> impl Fn(&Item<T>, &mut Scratch, &mut [f32]) + Sync {
+    #[cfg(target_arch = "x86_64")]
+    let (avx512, avx2) = (
+        T::avx512_kernel(),
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+    );
+    move |it, s, o| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if let Some(k) =
+                avx512.filter(|_| super::attention_avx512::supported(it.layout.head_dim))
+            {
+                // SAFETY: `supported` checked the CPU and the head size.
+                return unsafe { k(it, s, o) };
+            }
+            if avx2 {
+                // SAFETY: checked at run time just above.
+                return unsafe { attend_group_avx2(it, s, o) };
+            }
+        }
+        attend_group(it, s, o)
+    }
 }
 
 /// An element of the KV cache, widened to f32 for arithmetic (a no-op for f32).
-pub trait KvElem: WithDType {
+pub(super) trait KvElem: WithDType {
     fn f32(self) -> f32;
+
+    /// The AVX-512 kernel for this element type, where there is one.
+    #[cfg(target_arch = "x86_64")]
+    fn avx512_kernel() -> Option<AttendFn<Self>> {
+        None
+    }
 }
+
+/// An attention kernel: one work item, its scratch space, its output.
+pub(super) type AttendFn<T> = unsafe fn(&Item<'_, T>, &mut Scratch, &mut [f32]);
 
 impl KvElem for f32 {
     #[inline(always)]
     fn f32(self) -> f32 {
         self
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn avx512_kernel() -> Option<AttendFn<Self>> {
+        Some(super::attention_avx512::attend::<f32>)
     }
 }
 
@@ -111,6 +145,11 @@ impl KvElem for half::f16 {
     fn f32(self) -> f32 {
         self.to_f32()
     }
+
+    #[cfg(target_arch = "x86_64")]
+    fn avx512_kernel() -> Option<AttendFn<Self>> {
+        Some(super::attention_avx512::attend::<half::f16>)
+    }
 }
 
 impl KvElem for half::bf16 {
@@ -118,13 +157,19 @@ impl KvElem for half::bf16 {
     fn f32(self) -> f32 {
         self.to_f32()
     }
+
+    #[cfg(target_arch = "x86_64")]
+    fn avx512_kernel() -> Option<AttendFn<Self>> {
+        Some(super::attention_avx512::attend::<half::bf16>)
+    }
 }
 
 /// What one work item reads: the query heads of one token that share a KV
 /// head (the GQA group), so each cached key and value is loaded once for all of them.
 pub(super) struct Item<'a, T> {
     /// `group` query heads, `head_dim` each.
-    pub(super) q: &'a [T],
+    /// Already f32, unscaled.
+    pub(super) q: &'a [f32],
     pub(super) group: usize,
     pub(super) kc: &'a [T],
     pub(super) vc: &'a [T],
@@ -153,11 +198,11 @@ pub(super) struct Scratch {
 /// to `out`. Two passes (scores with their max, then exp-weighted values) keep
 /// the softmax exact without rescaling the accumulators.
 #[inline(always)]
-fn attend_group<T: KvElem>(it: &Item<'_, T>, s: &mut Scratch, out: &mut [T]) {
+fn attend_group<T: KvElem>(it: &Item<'_, T>, s: &mut Scratch, out: &mut [f32]) {
     let (hd, g) = (it.layout.head_dim, it.group);
     let bs = it.layout.block_size;
     s.q.clear();
-    s.q.extend(it.q.iter().map(|x| x.f32() * it.scale));
+    s.q.extend(it.q.iter().map(|x| x * it.scale));
     s.scores.clear();
     s.max.clear();
     s.max.resize(g, f32::NEG_INFINITY);
@@ -191,7 +236,7 @@ fn attend_group<T: KvElem>(it: &Item<'_, T>, s: &mut Scratch, out: &mut [T]) {
             .iter_mut()
             .zip(&s.acc[j * hd..(j + 1) * hd])
         {
-            *o = T::from_f64((a * inv) as f64);
+            *o = a * inv;
         }
     }
 }
@@ -202,22 +247,8 @@ fn attend_group<T: KvElem>(it: &Item<'_, T>, s: &mut Scratch, out: &mut [T]) {
 /// The CPU must support AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn attend_group_avx2<T: KvElem>(it: &Item<'_, T>, s: &mut Scratch, out: &mut [T]) {
+unsafe fn attend_group_avx2<T: KvElem>(it: &Item<'_, T>, s: &mut Scratch, out: &mut [f32]) {
     attend_group(it, s, out)
-}
-
-/// The portable kernel, vectorized with AVX2 where the CPU has it.
-fn generic<T: KvElem>() -> impl Fn(&Item<T>, &mut Scratch, &mut [T]) + Sync {
-    #[cfg(target_arch = "x86_64")]
-    let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
-    move |it, s, o| {
-        #[cfg(target_arch = "x86_64")]
-        if avx2 {
-            // SAFETY: checked at run time just above.
-            return unsafe { attend_group_avx2(it, s, o) };
-        }
-        attend_group(it, s, o)
-    }
 }
 
 fn attend_typed<T: KvElem>(
@@ -226,7 +257,7 @@ fn attend_typed<T: KvElem>(
     layout: &KvLayout,
     batch: &ForwardBatch,
     p: AttnParams,
-    kernel: impl Fn(&Item<T>, &mut Scratch, &mut [T]) + Sync,
+    kernel: impl Fn(&Item<T>, &mut Scratch, &mut [f32]) + Sync,
 ) -> Result<Tensor> {
     let (n_tokens, nh, hd) = q.dims3()?;
     let nkv = layout.num_kv_heads;
@@ -245,8 +276,8 @@ fn attend_typed<T: KvElem>(
         token_seq[seq.query_start..seq.query_start + seq.query_len].fill(s as u32);
     }
     let group = nh / nkv;
-    let mut out = vec![T::zero(); n_tokens * nh * hd];
-    with_slice::<T, _>(q, |q| {
+    let mut out = vec![0f32; n_tokens * nh * hd];
+    with_slice::<f32, _>(q, |q| {
         // One work item per (token, KV head): the group's query heads are adjacent.
         let chunk = group * hd;
         out.par_chunks_mut(chunk).enumerate().for_each_init(
@@ -376,18 +407,27 @@ mod tests {
         // Head sizes 8 (portable kernel), 32, 64 and 128 (the AVX-512 kernel's
         // runtime-length, 4- and 8-register variants where the CPU has it);
         // 7 query heads per KV head exceed one register pass of the 64 variant.
+        // Each with an f32, f16 and bf16 cache under f32 activations.
         for (nh, nkv, hd) in [(4, 2, 8), (4, 1, 32), (14, 2, 64), (4, 4, 128), (8, 2, 128)] {
-            check_chunked(nh, nkv, hd);
+            for dt in [DType::F32, DType::F16, DType::BF16] {
+                check_chunked(nh, nkv, hd, dt);
+            }
         }
     }
 
-    fn check_chunked(nh: usize, nkv: usize, hd: usize) {
+    fn check_chunked(nh: usize, nkv: usize, hd: usize, cache_dtype: DType) {
         let (n, bs) = (11, 4);
         let q = pseudo_random(n * nh * hd, 1);
         let k = pseudo_random(n * nkv * hd, 2);
         let v = pseudo_random(n * nkv * hd, 3);
+        // The reference sees the keys and values as the cache stores them.
+        let stored = |x: &[f32]| -> Vec<f32> {
+            Tensor::new(x, &Device::Cpu)
+                .and_then(|t| t.to_dtype(cache_dtype)?.to_dtype(DType::F32)?.to_vec1())
+                .unwrap()
+        };
         for window in [None, Some(3)] {
-            let want = reference(&q, &k, &v, n, nh, nkv, hd, window);
+            let want = reference(&q, &stored(&k), &stored(&v), n, nh, nkv, hd, window);
             let layout = KvLayout {
                 num_layers: 1,
                 num_kv_heads: nkv,
@@ -395,7 +435,7 @@ mod tests {
                 block_size: bs,
                 num_blocks: 8,
             };
-            let mut storage = KvStorage::new(layout, DType::F32).unwrap();
+            let mut storage = KvStorage::new(layout, cache_dtype).unwrap();
             // Scattered blocks, and the sequence processed in chunks of 5, 1 and 5 tokens.
             let table = [6u32, 1, 4];
             let mut got = Vec::new();
@@ -427,7 +467,7 @@ mod tests {
                 .fold(0f32, f32::max);
             assert!(
                 max_diff < 1e-5,
-                "hd {hd}, window {window:?}: max diff {max_diff}"
+                "hd {hd}, {cache_dtype:?} cache, window {window:?}: max diff {max_diff}"
             );
         }
     }

@@ -10,13 +10,45 @@
 
 use std::arch::x86_64::*;
 
-use super::attention::{Item, Scratch};
+use super::attention::{Item, KvElem, Scratch};
+
+/// Cache elements that load as sixteen f32 lanes.
+pub(super) trait Lanes: KvElem {
+    /// # Safety
+    /// `p` points to 16 readable elements; AVX-512F is present.
+    unsafe fn load16(p: *const Self) -> __m512;
+}
+
+impl Lanes for f32 {
+    #[inline(always)]
+    unsafe fn load16(p: *const f32) -> __m512 {
+        unsafe { _mm512_loadu_ps(p) }
+    }
+}
+
+impl Lanes for half::f16 {
+    #[inline(always)]
+    unsafe fn load16(p: *const half::f16) -> __m512 {
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())) }
+    }
+}
+
+impl Lanes for half::bf16 {
+    /// bf16 is the top half of an f32.
+    #[inline(always)]
+    unsafe fn load16(p: *const half::bf16) -> __m512 {
+        unsafe {
+            let wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast()));
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(wide))
+        }
+    }
+}
 
 /// Largest head size (in registers of 16) this kernel handles.
 const MAX_V: usize = 16;
 
-/// Whether the kernel applies: f32, AVX-512 present, head size `16 * v`.
-pub fn supported(head_dim: usize) -> bool {
+/// Whether the kernel applies: AVX-512 present, head size `16 * v`.
+pub(super) fn supported(head_dim: usize) -> bool {
     head_dim.is_multiple_of(16)
         && head_dim / 16 <= MAX_V
         && head_dim > 0
@@ -26,11 +58,11 @@ pub fn supported(head_dim: usize) -> bool {
 /// # Safety
 /// [`supported`] returned true for the item's head size.
 #[target_feature(enable = "avx512f")]
-pub unsafe fn attend(it: &Item<'_, f32>, s: &mut Scratch, out: &mut [f32]) {
+pub(super) unsafe fn attend<T: Lanes>(it: &Item<'_, T>, s: &mut Scratch, out: &mut [f32]) {
     match it.layout.head_dim / 16 {
-        4 => unsafe { attend_v::<4, 6>(it, s, out) },
-        8 => unsafe { attend_v::<8, 3>(it, s, out) },
-        _ => unsafe { attend_v::<MAX_V, 1>(it, s, out) },
+        4 => unsafe { attend_v::<T, 4, 6>(it, s, out) },
+        8 => unsafe { attend_v::<T, 8, 3>(it, s, out) },
+        _ => unsafe { attend_v::<T, MAX_V, 1>(it, s, out) },
     }
 }
 
@@ -38,8 +70,8 @@ pub unsafe fn attend(it: &Item<'_, f32>, s: &mut Scratch, out: &mut [f32]) {
 /// in registers at once (`H * V <= 24`). Other head sizes go through `MAX_V`
 /// with a runtime row length.
 #[target_feature(enable = "avx512f")]
-unsafe fn attend_v<const V: usize, const H: usize>(
-    it: &Item<'_, f32>,
+unsafe fn attend_v<T: Lanes, const V: usize, const H: usize>(
+    it: &Item<'_, T>,
     s: &mut Scratch,
     out: &mut [f32],
 ) {
@@ -73,7 +105,7 @@ unsafe fn attend_v<const V: usize, const H: usize>(
                 let k = kc.add(base + r * hd);
                 let mut kv = [_mm512_setzero_ps(); V];
                 for (c, reg) in kv.iter_mut().enumerate().take(v_regs) {
-                    *reg = _mm512_loadu_ps(k.add(c * 16));
+                    *reg = T::load16(k.add(c * 16));
                 }
                 for j in 0..g {
                     let qj = q.add(j * hd);
@@ -120,7 +152,7 @@ unsafe fn attend_v<const V: usize, const H: usize>(
                     let v = vc.add(base + r * hd);
                     let mut vv = [_mm512_setzero_ps(); V];
                     for (c, reg) in vv.iter_mut().enumerate().take(v_regs) {
-                        *reg = _mm512_loadu_ps(v.add(c * 16));
+                        *reg = T::load16(v.add(c * 16));
                     }
                     for (h, a) in acc.iter_mut().enumerate().take(heads) {
                         let wt = _mm512_set1_ps(*w.add((j0 + h) * stride + i));

@@ -36,8 +36,20 @@ pub fn load(path: &Path, dtype: DType) -> LoadedModel {
 }
 
 pub fn runner(m: &LoadedModel, block_size: usize, num_blocks: usize) -> StepRunner {
-    let bpt = m.model.cache_spec().bytes_per_token(m.model.dtype());
-    let sizing = KvCacheSizing::new(block_size, bpt, Some(num_blocks), None, 0).unwrap();
+    runner_with_cache_dtype(m, block_size, num_blocks, m.model.dtype())
+}
+
+#[allow(dead_code)] // not every test binary uses every helper
+pub fn runner_with_cache_dtype(
+    m: &LoadedModel,
+    block_size: usize,
+    num_blocks: usize,
+    dtype: DType,
+) -> StepRunner {
+    let bpt = m.model.cache_spec().bytes_per_token(dtype);
+    let sizing = KvCacheSizing::new(block_size, bpt, Some(num_blocks), None, 0)
+        .unwrap()
+        .with_dtype(dtype);
     StepRunner::new(m.model.as_ref(), sizing).unwrap()
 }
 
