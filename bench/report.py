@@ -19,7 +19,7 @@ def main(out):
     servers = {"candela": "Candela", "llamacpp": "llama.cpp server"}
     rows = {k: {r["concurrency"]: r for r in lines(out / f"{k}.jsonl")} for k in servers}
     rss = {k: json.loads((out / f"{k}.rss.json").read_text())["peak_rss_mib"] for k in servers}
-    hf = lines(out / "transformers.jsonl")
+    hf = lines(out / "transformers.jsonl") if (out / "transformers.jsonl").exists() else []
     print("| server | conc. | output tok/s | req/s | TTFT p50 / p99 s | TPOT p50 / p99 ms | ITL p50 / p99 ms | peak RSS MiB |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for k, name in servers.items():

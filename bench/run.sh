@@ -5,6 +5,9 @@
 #
 #   bench/run.sh                 # everything (about 30-40 minutes on 2 cores, first run longer)
 #   CONCURRENCY=1,8 bench/run.sh # fewer levels
+#   PRECISION=q8_0 bench/run.sh  # both servers on 8-bit weights: llama.cpp on a Q8_0 GGUF made by
+#                                # its llama-quantize, Candela with --quantization q8_0 on the same file
+#   SKIP_HF=1 bench/run.sh       # without the transformers baseline
 #
 # Builds llama-server from the llama.cpp sources vendored in the llama-cpp-python sdist (PyPI),
 # CPU only, into bench/.cache; Python tools go into bench/.venv. Results: bench/results/<date>/
@@ -15,9 +18,10 @@ ROOT=$PWD
 CACHE=bench/.cache
 VENV=bench/.venv
 CONCURRENCY=${CONCURRENCY:-1,8,32,64}
+PRECISION=${PRECISION:-f32}
 THREADS=${THREADS:-2}
 LLAMA_CPP_PYTHON=${LLAMA_CPP_PYTHON:-0.3.36}
-OUT=bench/results/$(date +%Y-%m-%d-%H%M)
+OUT=bench/results/$(date +%Y-%m-%d-%H%M)-$PRECISION
 mkdir -p "$CACHE" "$OUT"
 
 if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import httpx, gguf, transformers, accelerate, cmake" 2>/dev/null; then
@@ -50,6 +54,23 @@ if [ ! -x "$LLAMA_SERVER" ]; then
         -DGGML_NATIVE=ON -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF >/dev/null
     cmake --build "$CACHE/llama.cpp/build" --target llama-server -j "$THREADS" >/dev/null
 fi
+case $PRECISION in
+f32)
+    MODEL=$F32
+    CANDELA_QUANT=none
+    ;;
+q8_0)
+    MODEL=$CACHE/SmolLM2-135M-Instruct.q8_0.gguf
+    CANDELA_QUANT=q8_0
+    QUANTIZE=$CACHE/llama.cpp/build/bin/llama-quantize
+    [ -x "$QUANTIZE" ] || cmake --build "$CACHE/llama.cpp/build" --target llama-quantize -j "$THREADS" >/dev/null
+    [ -f "$MODEL" ] || "$QUANTIZE" "$F32" "$MODEL" Q8_0 >/dev/null 2>&1
+    ;;
+*)
+    echo "PRECISION must be f32 or q8_0" >&2
+    exit 2
+    ;;
+esac
 cargo build --release --bin candela
 
 MAXC=$(echo "$CONCURRENCY" | tr ',' '\n' | sort -n | tail -1)
@@ -87,16 +108,18 @@ echo "== machine ceilings"
 OPENBLAS_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS "$PY" bench/ceilings.py | tee "$OUT/ceilings.json"
 
 echo "== candela"
-run_server candela target/release/candela serve --model "$F32" --served-model-name smollm2 --port "$PORT" --max-model-len 512 \
+run_server candela target/release/candela serve --model "$MODEL" --quantization "$CANDELA_QUANT" --served-model-name smollm2 --port "$PORT" --max-model-len 512 \
     --max-num-seqs "$MAXC" --kv-cache-memory 2GiB --kv-cache-dtype float16
 cat "$OUT/candela.jsonl"
 
 echo "== llama.cpp"
-run_server llamacpp "$LLAMA_SERVER" -m "$F32" --port "$PORT" -t "$THREADS" -tb "$THREADS" -np "$MAXC" \
+run_server llamacpp "$LLAMA_SERVER" -m "$MODEL" --port "$PORT" -t "$THREADS" -tb "$THREADS" -np "$MAXC" \
     -c $((MAXC * 320)) -b 2048 -ub 512 -ctk f16 -ctv f16 --cont-batching --no-webui
 cat "$OUT/llamacpp.jsonl"
 
-echo "== transformers"
-OMP_NUM_THREADS=$THREADS "$PY" bench/hf_baseline.py --gguf "$F32" 2>/dev/null | grep "^{" | tee "$OUT/transformers.jsonl"
+echo "== transformers (float32)"
+if [ -z "${SKIP_HF:-}" ]; then
+    OMP_NUM_THREADS=$THREADS "$PY" bench/hf_baseline.py --gguf "$F32" 2>/dev/null | grep "^{" | tee "$OUT/transformers.jsonl"
+fi
 
 "$PY" bench/report.py "$OUT"

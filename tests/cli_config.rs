@@ -85,6 +85,7 @@ fn embedded_model_serves_without_any_flag() {
     let m = candela::model::load_model(&candela::model::LoadOptions {
         model: None,
         dtype: candle_core::DType::F32,
+        quantization: Default::default(),
     })
     .unwrap();
     assert!(matches!(m.source, candela::model::ModelSource::Embedded));
@@ -104,6 +105,7 @@ fn kv_cache_dtype_sizes_the_cache_and_rejects_unknown_names() {
     let m = candela::model::load_model(&candela::model::LoadOptions {
         model: None,
         dtype: candle_core::DType::F32,
+        quantization: Default::default(),
     })
     .unwrap();
     let args = |dt: &str| candela::config::CacheArgs {

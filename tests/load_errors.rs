@@ -24,6 +24,7 @@ fn load_err(path: &Path) -> String {
     let err = load_model(&LoadOptions {
         model: Some(path.to_str().unwrap().to_string()),
         dtype: DType::F32,
+        quantization: Default::default(),
     })
     .expect_err("loading should fail");
     format!("{err:#}")

@@ -7,6 +7,7 @@ use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
 use super::config::DecoderConfig;
+use super::linear::Quantization;
 use super::llama::Llama;
 use super::loader::LoadedModel;
 use super::source::ModelSource;
@@ -21,7 +22,7 @@ const TOKENIZER: &[u8] = include_bytes!("../../models/stories260K/tokenizer.json
 const TOKENIZER_CONFIG: &str = include_str!("../../models/stories260K/tokenizer_config.json");
 const GENERATION_CONFIG: &str = include_str!("../../models/stories260K/generation_config.json");
 
-pub fn load(dtype: DType) -> anyhow::Result<LoadedModel> {
+pub fn load(dtype: DType, quant: Quantization) -> anyhow::Result<LoadedModel> {
     let config = DecoderConfig::from_json(CONFIG)?;
     let tokenizer = Tokenizer::from_parts(
         TOKENIZER,
@@ -31,7 +32,7 @@ pub fn load(dtype: DType) -> anyhow::Result<LoadedModel> {
         &config,
     )?;
     let vb = VarBuilder::from_slice_safetensors(WEIGHTS, dtype, &Device::Cpu)?;
-    let model = Llama::load(vb, &config).context("loading the embedded model")?;
+    let model = Llama::load(vb, &config, quant).context("loading the embedded model")?;
     Ok(LoadedModel {
         model: Box::new(model),
         tokenizer,

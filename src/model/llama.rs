@@ -10,7 +10,7 @@ use candle_nn::{Embedding, VarBuilder};
 use super::attention::{paged_attention, write_kv, AttnParams};
 use super::batch::ForwardBatch;
 use super::config::DecoderConfig;
-use super::linear::{fused_linear, linear, Linear};
+use super::linear::{fused_linear, linear, Linear, Quantization};
 use super::rope::Rope;
 use super::{CacheSpec, CausalLm};
 use crate::kv_cache::KvStorage;
@@ -48,7 +48,7 @@ struct Attention {
 }
 
 impl Attention {
-    fn load(vb: VarBuilder, cfg: &DecoderConfig, layer: usize) -> Result<Self> {
+    fn load(vb: VarBuilder, cfg: &DecoderConfig, layer: usize, q: Quantization) -> Result<Self> {
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
         let (q_norm, k_norm) = if cfg.qk_norm {
             (
@@ -67,8 +67,9 @@ impl Attention {
                 ],
                 h,
                 cfg.qkv_bias,
+                q,
             )?,
-            o_proj: linear(vb.pp("o_proj"), cfg.num_heads * hd, h, cfg.o_bias)?,
+            o_proj: linear(vb.pp("o_proj"), cfg.num_heads * hd, h, cfg.o_bias, q)?,
             q_norm,
             k_norm,
             num_heads: cfg.num_heads,
@@ -129,11 +130,11 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn load(vb: VarBuilder, cfg: &DecoderConfig) -> Result<Self> {
+    fn load(vb: VarBuilder, cfg: &DecoderConfig, q: Quantization) -> Result<Self> {
         let (h, i, b) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
         Ok(Self {
-            gate_up_proj: fused_linear(&[(vb.pp("gate_proj"), i), (vb.pp("up_proj"), i)], h, b)?,
-            down_proj: linear(vb.pp("down_proj"), i, h, b)?,
+            gate_up_proj: fused_linear(&[(vb.pp("gate_proj"), i), (vb.pp("up_proj"), i)], h, b, q)?,
+            down_proj: linear(vb.pp("down_proj"), i, h, b, q)?,
             intermediate: i,
         })
     }
@@ -167,7 +168,9 @@ pub struct Llama {
 }
 
 impl Llama {
-    pub fn load(vb: VarBuilder, cfg: &DecoderConfig) -> Result<Self> {
+    /// Loads the weights; `quant` decides how linear layers (the LM head
+    /// included) store them.
+    pub fn load(vb: VarBuilder, cfg: &DecoderConfig, quant: Quantization) -> Result<Self> {
         let m = vb.pp("model");
         let embed_tokens =
             candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, m.pp("embed_tokens"))?;
@@ -180,22 +183,28 @@ impl Llama {
                         cfg.hidden_size,
                         cfg.rms_norm_eps,
                     )?,
-                    self_attn: Attention::load(l.pp("self_attn"), cfg, i)?,
+                    self_attn: Attention::load(l.pp("self_attn"), cfg, i, quant)?,
                     post_attention_layernorm: RmsNorm::load(
                         l.pp("post_attention_layernorm"),
                         cfg.hidden_size,
                         cfg.rms_norm_eps,
                     )?,
-                    mlp: Mlp::load(l.pp("mlp"), cfg)?,
+                    mlp: Mlp::load(l.pp("mlp"), cfg, quant)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::load(m.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
         // Checkpoints with tied embeddings usually omit lm_head.weight.
         let lm_head = if cfg.tie_word_embeddings && !vb.contains_tensor("lm_head.weight") {
-            Linear::new(embed_tokens.embeddings().clone(), None)?
+            Linear::new(embed_tokens.embeddings().clone(), None, quant)?
         } else {
-            linear(vb.pp("lm_head"), cfg.hidden_size, cfg.vocab_size, false)?
+            linear(
+                vb.pp("lm_head"),
+                cfg.hidden_size,
+                cfg.vocab_size,
+                false,
+                quant,
+            )?
         };
         Ok(Self {
             embed_tokens,

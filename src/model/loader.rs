@@ -5,6 +5,7 @@ use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
 use super::config::DecoderConfig;
+use super::linear::Quantization;
 use super::llama::Llama;
 use super::source::ModelSource;
 use super::CausalLm;
@@ -18,6 +19,8 @@ pub struct LoadOptions {
     pub model: Option<String>,
     /// Working dtype of weights, activations and the KV cache.
     pub dtype: DType,
+    /// How linear layers store their weights.
+    pub quantization: Quantization,
 }
 
 /// A model ready to run, with everything needed to talk to it.
@@ -50,12 +53,12 @@ pub fn parse_dtype(s: &str) -> anyhow::Result<DType> {
 
 pub fn load_model(opts: &LoadOptions) -> anyhow::Result<LoadedModel> {
     let Some(model) = opts.model.as_deref() else {
-        return super::embedded::load(opts.dtype);
+        return super::embedded::load(opts.dtype, opts.quantization);
     };
     let source = ModelSource::resolve(model)?;
     let device = Device::Cpu;
     match &source {
-        ModelSource::Embedded => super::embedded::load(opts.dtype),
+        ModelSource::Embedded => super::embedded::load(opts.dtype, opts.quantization),
         ModelSource::Dir(dir) => {
             let cfg_path = dir.join("config.json");
             let text = std::fs::read_to_string(&cfg_path)
@@ -73,7 +76,7 @@ pub fn load_model(opts: &LoadOptions) -> anyhow::Result<LoadedModel> {
             // rely on them not being truncated while the server runs.
             let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, opts.dtype, &device) }
                 .with_context(|| format!("reading safetensors in {}", dir.display()))?;
-            let model = Llama::load(vb, &config)
+            let model = Llama::load(vb, &config, opts.quantization)
                 .with_context(|| format!("loading weights from {}", dir.display()))?;
             check_vocab(&config, &tokenizer)?;
             Ok(LoadedModel {
@@ -86,7 +89,7 @@ pub fn load_model(opts: &LoadOptions) -> anyhow::Result<LoadedModel> {
         ModelSource::Gguf(path) => {
             let g = super::gguf::read(path, opts.dtype, &device)?;
             let vb = VarBuilder::from_tensors(g.tensors, opts.dtype, &device);
-            let model = Llama::load(vb, &g.config)
+            let model = Llama::load(vb, &g.config, opts.quantization)
                 .with_context(|| format!("loading weights from {}", path.display()))?;
             check_vocab(&g.config, &g.tokenizer)?;
             Ok(LoadedModel {

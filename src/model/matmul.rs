@@ -103,31 +103,43 @@ impl PackedMatrix {
     }
 
     fn compute(&self, x: &[f32], m: usize, y: &mut [f32]) {
-        let tiles_n = self.data.len() / self.k / NR;
-        let row_blocks = m.div_ceil(MC);
-        // Enough tasks for every thread (and some slack for imbalance), but
-        // never so many that a task is a handful of FMAs.
-        let rows_tiles = m.min(MC).div_ceil(MR);
-        let want = rayon::current_num_threads() * 4;
-        let per_task = tiles_n
-            .div_ceil(want.div_ceil(row_blocks))
-            .max(MIN_TILES_PER_TASK.div_ceil(rows_tiles))
-            .max(1);
-        let col_tasks = tiles_n.div_ceil(per_task);
         let out = SharedOut(y.as_mut_ptr());
         let kernel = Kernel::detect();
-        (0..row_blocks * col_tasks)
-            .into_par_iter()
-            .for_each(|task| {
-                let (rb, ct) = (task / col_tasks, task % col_tasks);
-                let rows = rb * MC..((rb + 1) * MC).min(m);
-                let tiles = ct * per_task..((ct + 1) * per_task).min(tiles_n);
-                for t in tiles {
-                    // SAFETY: tasks own disjoint (rows, tiles) rectangles.
-                    unsafe { self.column(kernel, x, rows.clone(), t, out) };
-                }
-            });
+        let tiles_n = self.data.len() / self.k / NR;
+        par_tiles(m, tiles_n, MR, |rows, t| {
+            // SAFETY: `par_tiles` hands out disjoint (rows, tile) rectangles.
+            unsafe { self.column(kernel, x, rows, t, out) }
+        });
     }
+}
+
+/// Runs `f(rows, tile)` over every block of at most [`MC`] rows and every
+/// tile of output columns, on rayon: enough tasks for every thread (and some
+/// slack for imbalance), but never so many that a task is a handful of
+/// micro-tiles of `mr` rows. Every (rows, tile) pair is visited exactly once.
+pub(super) fn par_tiles(
+    m: usize,
+    tiles_n: usize,
+    mr: usize,
+    f: impl Fn(std::ops::Range<usize>, usize) + Sync,
+) {
+    let row_blocks = m.div_ceil(MC);
+    let rows_tiles = m.min(MC).div_ceil(mr);
+    let want = rayon::current_num_threads() * 4;
+    let per_task = tiles_n
+        .div_ceil(want.div_ceil(row_blocks))
+        .max(MIN_TILES_PER_TASK.div_ceil(rows_tiles))
+        .max(1);
+    let col_tasks = tiles_n.div_ceil(per_task);
+    (0..row_blocks * col_tasks)
+        .into_par_iter()
+        .for_each(|task| {
+            let (rb, ct) = (task / col_tasks, task % col_tasks);
+            let rows = rb * MC..((rb + 1) * MC).min(m);
+            for t in ct * per_task..((ct + 1) * per_task).min(tiles_n) {
+                f(rows.clone(), t);
+            }
+        });
 }
 
 impl PackedMatrix {
@@ -185,7 +197,7 @@ impl PackedMatrix {
 
 /// The output pointer, shared by tasks that write disjoint parts of it.
 #[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
+pub(super) struct SharedOut(pub(super) *mut f32);
 // SAFETY: see `compute`: every task writes its own rectangle.
 unsafe impl Send for SharedOut {}
 unsafe impl Sync for SharedOut {}
@@ -193,7 +205,7 @@ unsafe impl Sync for SharedOut {}
 impl SharedOut {
     /// # Safety
     /// `offset` is inside the output.
-    unsafe fn at(self, offset: usize) -> *mut f32 {
+    pub(super) unsafe fn at(self, offset: usize) -> *mut f32 {
         unsafe { self.0.add(offset) }
     }
 }

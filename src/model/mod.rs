@@ -13,6 +13,7 @@ mod linear;
 pub mod llama;
 mod loader;
 pub mod matmul;
+pub mod matmul_q8;
 pub mod rope;
 mod source;
 
@@ -20,6 +21,7 @@ use candle_core::{DType, Result, Tensor};
 
 pub use batch::{ForwardBatch, Logits, SeqSlice};
 pub use config::{Arch, DecoderConfig};
+pub use linear::Quantization;
 pub use loader::{load_model, parse_dtype, LoadOptions, LoadedModel};
 pub use source::ModelSource;
 

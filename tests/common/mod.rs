@@ -31,6 +31,7 @@ pub fn load(path: &Path, dtype: DType) -> LoadedModel {
     load_model(&LoadOptions {
         model: Some(path.to_str().unwrap().to_string()),
         dtype,
+        quantization: Default::default(),
     })
     .unwrap_or_else(|e| panic!("loading {}: {e:#}", path.display()))
 }
