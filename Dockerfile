@@ -4,6 +4,8 @@ FROM docker.io/library/rust:1-bookworm AS builder
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+# Cargo.toml declares the kernel benchmark; cargo wants its file even when not building it.
+COPY benches ./benches
 COPY models/stories260K ./models/stories260K
 # No debug info in the shipped binary: a quarter of the size.
 ENV CARGO_PROFILE_RELEASE_DEBUG=false \

@@ -76,17 +76,9 @@ impl PackedMatrix {
                 }
             })
         })?;
-        let bias = match bias {
-            Some(b) => {
-                let mut v = b.to_vec1::<f32>()?;
-                if v.len() != n {
-                    candle_core::bail!("bias of {} for {n} outputs", v.len());
-                }
-                v.resize(panels * LANES, 0.0);
-                Some(v)
-            }
-            None => None,
-        };
+        let bias = bias
+            .map(|b| padded_bias(b, n, panels * LANES))
+            .transpose()?;
         Ok(Self { k, n, data, bias })
     }
 
@@ -346,8 +338,19 @@ unsafe fn tile_avx512<const R: usize>(t: &Tile) {
     }
 }
 
+/// A bias as f32, zero-padded from `n` to `width` outputs.
+pub(super) fn padded_bias(bias: &Tensor, n: usize, width: usize) -> Result<Vec<f32>> {
+    let mut v = bias.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
+    if v.len() != n {
+        candle_core::bail!("bias of {} for {n} outputs", v.len());
+    }
+    v.resize(width, 0.0);
+    Ok(v)
+}
+
+/// The lane mask of the first `n` of 16 lanes.
 #[cfg(target_arch = "x86_64")]
-fn mask(n: usize) -> u16 {
+pub(super) fn mask(n: usize) -> u16 {
     if n >= 16 {
         u16::MAX
     } else {

@@ -16,7 +16,7 @@ use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
 use super::cpu::with_slice;
-use super::matmul::{par_tiles, SharedOut};
+use super::matmul::{padded_bias, par_tiles, SharedOut};
 
 /// Output columns per panel.
 const LANES: usize = 16;
@@ -118,17 +118,9 @@ impl Q8Matrix {
                     }
                 })
         })?;
-        let bias = match bias {
-            Some(b) => {
-                let mut v = b.to_vec1::<f32>()?;
-                if v.len() != n {
-                    candle_core::bail!("bias of {} for {n} outputs", v.len());
-                }
-                v.resize(panels * LANES, 0.0);
-                Some(v)
-            }
-            None => None,
-        };
+        let bias = bias
+            .map(|b| padded_bias(b, n, panels * LANES))
+            .transpose()?;
         Ok(Self {
             k,
             n,
@@ -288,6 +280,7 @@ impl Kernel {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vnni")]
 unsafe fn tile_vnni<const R: usize>(t: &Tile) {
+    use super::matmul::mask;
     use std::arch::x86_64::*;
     let mut f = [[_mm512_setzero_ps(); NR]; R];
     if let Some(b) = t.bias {
@@ -336,15 +329,6 @@ unsafe fn tile_vnni<const R: usize>(t: &Tile) {
             _mm512_mask_storeu_ps(out, mask(lo), row[0]);
             _mm512_mask_storeu_ps(out.add(LANES), mask(t.cols - lo), row[1]);
         }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-fn mask(n: usize) -> u16 {
-    if n >= 16 {
-        u16::MAX
-    } else {
-        (1u16 << n) - 1
     }
 }
 
