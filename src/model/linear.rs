@@ -47,11 +47,9 @@ impl Linear {
     /// `weight` is `[out, in]` as in the checkpoints.
     pub fn new(weight: Tensor, bias: Option<Tensor>, quant: Quantization) -> Result<Self> {
         if quant == Quantization::Q8_0 && Q8Matrix::supports(weight.dim(1)?) {
-            let bias = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;
-            return Ok(Self::Q8(Q8Matrix::new(
-                &weight.to_dtype(DType::F32)?,
-                bias.as_ref(),
-            )?));
+            // The bias is kept in f32 by the matrix itself.
+            let weight = weight.to_dtype(DType::F32)?;
+            return Ok(Self::Q8(Q8Matrix::new(&weight, bias.as_ref())?));
         }
         if weight.dtype() == DType::F32 {
             return Ok(Self::Packed(PackedMatrix::new(&weight, bias.as_ref())?));

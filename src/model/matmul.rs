@@ -18,9 +18,9 @@ use rayon::prelude::*;
 use super::cpu::with_slice;
 
 /// f32 lanes in a panel: one AVX-512 register.
-const LANES: usize = 16;
+pub(super) const LANES: usize = 16;
 /// Panels in a micro-tile.
-const NR: usize = 2;
+pub(super) const NR: usize = 2;
 /// Rows in a micro-tile: with [`NR`] panels, 16 accumulators out of 32 registers.
 const MR: usize = 8;
 /// Rows of `x` per cache block (256 rows of a 1536-wide input are 1.5 MiB: L2).
@@ -149,8 +149,7 @@ impl PackedMatrix {
         t: usize,
         out: SharedOut,
     ) {
-        let c0 = t * NR * LANES;
-        let cols = (self.n - c0.min(self.n)).min(NR * LANES);
+        let (c0, cols) = tile_columns(t, self.n);
         if cols == 0 {
             return;
         }
@@ -163,9 +162,7 @@ impl PackedMatrix {
                 (0, None) => Init::Zero,
                 _ => Init::Out,
             };
-            let mut r = rows.start;
-            while r < rows.end {
-                let h = (rows.end - r).min(MR);
+            for (r, h) in row_tiles(rows.clone(), MR) {
                 let tile = Tile {
                     x: &x[r * self.k..(r + h) * self.k],
                     k: self.k,
@@ -180,7 +177,6 @@ impl PackedMatrix {
                 };
                 // SAFETY: the tile's bounds hold per the caller.
                 unsafe { kernel.run(h, &tile) };
-                r += h;
             }
             k0 = k1;
         }
@@ -286,55 +282,108 @@ unsafe fn tile_avx512<const R: usize>(t: &Tile) {
     use std::arch::x86_64::*;
     let k = t.k;
     let (p0, p1) = t.panel.split_at(k);
-    let mut acc0 = [_mm512_setzero_ps(); R];
-    let mut acc1 = [_mm512_setzero_ps(); R];
-    match t.init {
-        Init::Zero => {}
-        Init::Bias(b) => {
-            for r in 0..R {
-                acc0[r] = unsafe { _mm512_loadu_ps(b.as_ptr()) };
-                acc1[r] = unsafe { _mm512_loadu_ps(b.as_ptr().add(LANES)) };
-            }
-        }
+    let mut acc = match t.init {
+        Init::Zero => [[_mm512_setzero_ps(); NR]; R],
+        Init::Bias(b) => bias_rows_avx512::<R>(b),
         Init::Out => {
-            for r in 0..R {
-                // SAFETY: as for the stores below.
-                unsafe {
-                    let out = t.out.add(r * t.ldo);
-                    let lo = t.cols.min(LANES);
-                    acc0[r] = _mm512_maskz_loadu_ps(mask(lo), out);
-                    acc1[r] = _mm512_maskz_loadu_ps(mask(t.cols - lo), out.add(LANES));
-                }
-            }
+            let lo = t.cols.min(LANES);
+            // SAFETY: the tile's rows have `cols` outputs; masked loads stay inside them.
+            std::array::from_fn(|r| unsafe {
+                let out = t.out.add(r * t.ldo);
+                [
+                    _mm512_maskz_loadu_ps(mask(lo), out),
+                    _mm512_maskz_loadu_ps(mask(t.cols - lo), out.add(LANES)),
+                ]
+            })
         }
-    }
+    };
     let x = t.x.as_ptr();
     for i in t.k0..t.k1 {
         // SAFETY: lanes are 64-byte aligned; `x` holds R rows of k.
         unsafe {
             let b0 = _mm512_load_ps(p0.as_ptr().add(i).cast());
             let b1 = _mm512_load_ps(p1.as_ptr().add(i).cast());
-            for r in 0..R {
+            for (r, row) in acc.iter_mut().enumerate() {
                 let a = _mm512_set1_ps(*x.add(r * k + i));
-                acc0[r] = _mm512_fmadd_ps(a, b0, acc0[r]);
-                acc1[r] = _mm512_fmadd_ps(a, b1, acc1[r]);
+                row[0] = _mm512_fmadd_ps(a, b0, row[0]);
+                row[1] = _mm512_fmadd_ps(a, b1, row[1]);
             }
         }
     }
-    for r in 0..R {
+    // SAFETY: the caller guarantees room for the tile.
+    unsafe { store_rows_avx512(t.out, t.ldo, t.cols, &acc) };
+}
+
+/// Output columns of tile `t` (`NR` panels) among `n`: the first, and how
+/// many are real (0 for a tile of padding only).
+pub(super) fn tile_columns(t: usize, n: usize) -> (usize, usize) {
+    let c0 = t * NR * LANES;
+    (c0, (n - c0.min(n)).min(NR * LANES))
+}
+
+/// The micro-tiles covering `rows`: (first row, rows), at most `mr` each.
+pub(super) fn row_tiles(
+    rows: std::ops::Range<usize>,
+    mr: usize,
+) -> impl Iterator<Item = (usize, usize)> {
+    let end = rows.end;
+    rows.step_by(mr).map(move |r| (r, mr.min(end - r)))
+}
+
+/// Accumulators of `R` rows starting from the tile's bias (`NR * LANES` values).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(super) fn bias_rows_avx512<const R: usize>(
+    bias: &[f32],
+) -> [[std::arch::x86_64::__m512; NR]; R] {
+    use std::arch::x86_64::*;
+    let b = &bias[..NR * LANES];
+    // SAFETY: `b` holds NR registers' worth of values.
+    let row = [0, 1].map(|j| unsafe { _mm512_loadu_ps(b.as_ptr().add(j * LANES)) });
+    [row; R]
+}
+
+/// Stores accumulator rows to a tile's output: `cols` values of each row,
+/// rows `ldo` apart.
+///
+/// # Safety
+/// AVX-512F is present; `out` has room for `acc.len()` rows of `cols`.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn store_rows_avx512(
+    out: *mut f32,
+    ldo: usize,
+    cols: usize,
+    acc: &[[std::arch::x86_64::__m512; NR]],
+) {
+    use std::arch::x86_64::*;
+    let lo = cols.min(LANES);
+    for (r, row) in acc.iter().enumerate() {
         // SAFETY: the row has `cols` valid outputs; masked stores stay inside them.
         unsafe {
-            let out = t.out.add(r * t.ldo);
-            if t.cols == NR * LANES {
-                _mm512_storeu_ps(out, acc0[r]);
-                _mm512_storeu_ps(out.add(LANES), acc1[r]);
+            let out = out.add(r * ldo);
+            if cols == NR * LANES {
+                _mm512_storeu_ps(out, row[0]);
+                _mm512_storeu_ps(out.add(LANES), row[1]);
             } else {
-                let lo = t.cols.min(LANES);
-                let hi = t.cols - lo;
-                _mm512_mask_storeu_ps(out, mask(lo), acc0[r]);
-                _mm512_mask_storeu_ps(out.add(LANES), mask(hi), acc1[r]);
+                _mm512_mask_storeu_ps(out, mask(lo), row[0]);
+                _mm512_mask_storeu_ps(out.add(LANES), mask(cols - lo), row[1]);
             }
         }
+    }
+}
+
+/// [`store_rows_avx512`] for plain accumulators.
+///
+/// # Safety
+/// `out` has room for `acc.len()` rows of `cols`, `ldo` apart.
+pub(super) unsafe fn store_rows(out: *mut f32, ldo: usize, cols: usize, acc: &[[f32; NR * LANES]]) {
+    for (r, row) in acc.iter().enumerate() {
+        // SAFETY: per the caller.
+        let out = unsafe { std::slice::from_raw_parts_mut(out.add(r * ldo), cols) };
+        out.copy_from_slice(&row[..cols]);
     }
 }
 
@@ -370,22 +419,19 @@ unsafe fn tile_avx2<const R: usize>(t: &Tile) {
 fn tile_portable<const R: usize>(t: &Tile) {
     let k = t.k;
     let (p0, p1) = t.panel.split_at(k);
-    let mut acc = [[[0f32; LANES]; NR]; R];
-    let lo = t.cols.min(LANES);
+    let mut acc = [[0f32; NR * LANES]; R];
     match t.init {
         Init::Zero => {}
         Init::Bias(b) => {
             for row in acc.iter_mut() {
-                row[0].copy_from_slice(&b[..LANES]);
-                row[1].copy_from_slice(&b[LANES..2 * LANES]);
+                row.copy_from_slice(&b[..NR * LANES]);
             }
         }
         Init::Out => {
             for (r, row) in acc.iter_mut().enumerate() {
                 // SAFETY: the caller guarantees `cols` outputs in each row.
                 let out = unsafe { std::slice::from_raw_parts(t.out.add(r * t.ldo), t.cols) };
-                row[0][..lo].copy_from_slice(&out[..lo]);
-                row[1][..t.cols - lo].copy_from_slice(&out[lo..]);
+                row[..t.cols].copy_from_slice(out);
             }
         }
     }
@@ -394,17 +440,13 @@ fn tile_portable<const R: usize>(t: &Tile) {
         for (r, row) in acc.iter_mut().enumerate() {
             let a = t.x[r * k + i];
             for l in 0..LANES {
-                row[0][l] += a * b0[l];
-                row[1][l] += a * b1[l];
+                row[l] += a * b0[l];
+                row[LANES + l] += a * b1[l];
             }
         }
     }
-    for (r, row) in acc.iter().enumerate() {
-        // SAFETY: the caller guarantees room for `cols` outputs in each row.
-        let out = unsafe { std::slice::from_raw_parts_mut(t.out.add(r * t.ldo), t.cols) };
-        out[..lo].copy_from_slice(&row[0][..lo]);
-        out[lo..].copy_from_slice(&row[1][..t.cols - lo]);
-    }
+    // SAFETY: the caller guarantees room for the tile.
+    unsafe { store_rows(t.out, t.ldo, t.cols, &acc) };
 }
 
 #[cfg(test)]

@@ -16,12 +16,12 @@ use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
 use super::cpu::with_slice;
-use super::matmul::{padded_bias, par_tiles, SharedOut};
+// Panels of LANES columns, NR per micro-tile, as the f32 kernel: the tile
+// helpers are shared.
+use super::matmul::{
+    padded_bias, par_tiles, row_tiles, store_rows, tile_columns, SharedOut, LANES, NR,
+};
 
-/// Output columns per panel.
-const LANES: usize = 16;
-/// Panels per micro-tile.
-const NR: usize = 2;
 /// Rows per micro-tile: 2·MR integer and 2·MR float accumulators, plus weights and scales.
 const MR: usize = 4;
 /// Inputs per quantization block.
@@ -186,8 +186,7 @@ impl Q8Matrix {
         t: usize,
         out: SharedOut,
     ) {
-        let c0 = t * NR * LANES;
-        let cols = (self.n - c0.min(self.n)).min(NR * LANES);
+        let (c0, cols) = tile_columns(t, self.n);
         if cols == 0 {
             return;
         }
@@ -200,9 +199,7 @@ impl Q8Matrix {
             )
         };
         let (p0, p1) = (panel(t * NR), panel(t * NR + 1));
-        let mut r = rows.start;
-        while r < rows.end {
-            let h = (rows.end - r).min(MR);
+        for (r, h) in row_tiles(rows, MR) {
             let tile = Tile {
                 xq: &xq[r * k..(r + h) * k],
                 xs: &xs[r * blocks..(r + h) * blocks],
@@ -219,7 +216,6 @@ impl Q8Matrix {
             };
             // SAFETY: the tile's bounds hold per the caller.
             unsafe { kernel.run(h, &tile) };
-            r += h;
         }
     }
 }
@@ -280,17 +276,12 @@ impl Kernel {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vnni")]
 unsafe fn tile_vnni<const R: usize>(t: &Tile) {
-    use super::matmul::mask;
+    use super::matmul::{bias_rows_avx512, store_rows_avx512};
     use std::arch::x86_64::*;
-    let mut f = [[_mm512_setzero_ps(); NR]; R];
-    if let Some(b) = t.bias {
-        for row in f.iter_mut() {
-            for (j, acc) in row.iter_mut().enumerate() {
-                // SAFETY: the bias slice covers the tile's NR panels.
-                *acc = unsafe { _mm512_loadu_ps(b.as_ptr().add(j * LANES)) };
-            }
-        }
-    }
+    let mut f = match t.bias {
+        Some(b) => bias_rows_avx512::<R>(b),
+        None => [[_mm512_setzero_ps(); NR]; R],
+    };
     let xq = t.xq.as_ptr();
     for b in 0..t.blocks {
         let mut acc = [[_mm512_setzero_si512(); NR]; R];
@@ -321,15 +312,8 @@ unsafe fn tile_vnni<const R: usize>(t: &Tile) {
             }
         }
     }
-    for (r, row) in f.iter().enumerate() {
-        // SAFETY: the row has `cols` valid outputs; masked stores stay inside them.
-        unsafe {
-            let out = t.out.add(r * t.ldo);
-            let lo = t.cols.min(LANES);
-            _mm512_mask_storeu_ps(out, mask(lo), row[0]);
-            _mm512_mask_storeu_ps(out.add(LANES), mask(t.cols - lo), row[1]);
-        }
-    }
+    // SAFETY: the caller guarantees room for the tile.
+    unsafe { store_rows_avx512(t.out, t.ldo, t.cols, &f) };
 }
 
 /// The same arithmetic in plain Rust, for CPUs without AVX-512 VNNI.
@@ -359,11 +343,8 @@ fn tile_portable<const R: usize>(t: &Tile) {
             }
         }
     }
-    for (r, row) in f.iter().enumerate() {
-        // SAFETY: the caller guarantees room for `cols` outputs in each row.
-        let out = unsafe { std::slice::from_raw_parts_mut(t.out.add(r * t.ldo), t.cols) };
-        out.copy_from_slice(&row[..t.cols]);
-    }
+    // SAFETY: the caller guarantees room for the tile.
+    unsafe { store_rows(t.out, t.ldo, t.cols, &f) };
 }
 
 #[cfg(test)]
