@@ -80,30 +80,30 @@ pub fn paged_attention(
     let dtype = q.dtype();
     // Queries and outputs are f32 whatever the cache holds.
     let q = q.to_dtype(DType::F32)?.contiguous()?;
+    let hd = layout.head_dim;
     let out = match cache.k.dtype() {
-        DType::F32 => attend_typed(&q, cache, layout, batch, params, kernel::<f32>())?,
-        DType::F16 => attend_typed(&q, cache, layout, batch, params, kernel::<half::f16>())?,
-        DType::BF16 => attend_typed(&q, cache, layout, batch, params, kernel::<half::bf16>())?,
+        DType::F32 => attend_typed(&q, cache, layout, batch, params, kernel::<f32>(hd))?,
+        DType::F16 => attend_typed(&q, cache, layout, batch, params, kernel::<half::f16>(hd))?,
+        DType::BF16 => attend_typed(&q, cache, layout, batch, params, kernel::<half::bf16>(hd))?,
         dt => candle_core::bail!("unsupported KV cache dtype {dt:?}"),
     };
     out.to_dtype(dtype)
 }
 
-/// The fastest kernel this CPU runs for cache elements `T`.
-fn kernel<T: KvElem>() -> impl Fn(&Item<T>, &mut Scratch, &mut [f32]) + Sync {
+/// The fastest kernel this CPU runs for cache elements `T` and this head size.
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+fn kernel<T: KvElem>(head_dim: usize) -> impl Fn(&Item<T>, &mut Scratch, &mut [f32]) + Sync {
     #[cfg(target_arch = "x86_64")]
     let (avx512, avx2) = (
-        T::avx512_kernel(),
+        super::attention_avx512::supported(head_dim),
         is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
     );
     move |it, s, o| {
         #[cfg(target_arch = "x86_64")]
         {
-            if let Some(k) =
-                avx512.filter(|_| super::attention_avx512::supported(it.layout.head_dim))
-            {
+            if avx512 {
                 // SAFETY: `supported` checked the CPU and the head size.
-                return unsafe { k(it, s, o) };
+                return unsafe { super::attention_avx512::attend(it, s, o) };
             }
             if avx2 {
                 // SAFETY: checked at run time just above.
@@ -114,29 +114,22 @@ fn kernel<T: KvElem>() -> impl Fn(&Item<T>, &mut Scratch, &mut [f32]) + Sync {
     }
 }
 
-/// An element of the KV cache, widened to f32 for arithmetic (a no-op for f32).
-pub(super) trait KvElem: WithDType {
+/// An element of the KV cache, widened to f32 for arithmetic (a no-op for f32);
+/// on x86-64 each also loads sixteen at a time for the AVX-512 kernel.
+#[cfg(target_arch = "x86_64")]
+pub(super) trait KvElem: WithDType + super::attention_avx512::Lanes {
     fn f32(self) -> f32;
-
-    /// The AVX-512 kernel for this element type, where there is one.
-    #[cfg(target_arch = "x86_64")]
-    fn avx512_kernel() -> Option<AttendFn<Self>> {
-        None
-    }
 }
 
-/// An attention kernel: one work item, its scratch space, its output.
-pub(super) type AttendFn<T> = unsafe fn(&Item<'_, T>, &mut Scratch, &mut [f32]);
+#[cfg(not(target_arch = "x86_64"))]
+pub(super) trait KvElem: WithDType {
+    fn f32(self) -> f32;
+}
 
 impl KvElem for f32 {
     #[inline(always)]
     fn f32(self) -> f32 {
         self
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    fn avx512_kernel() -> Option<AttendFn<Self>> {
-        Some(super::attention_avx512::attend::<f32>)
     }
 }
 
@@ -145,22 +138,12 @@ impl KvElem for half::f16 {
     fn f32(self) -> f32 {
         self.to_f32()
     }
-
-    #[cfg(target_arch = "x86_64")]
-    fn avx512_kernel() -> Option<AttendFn<Self>> {
-        Some(super::attention_avx512::attend::<half::f16>)
-    }
 }
 
 impl KvElem for half::bf16 {
     #[inline(always)]
     fn f32(self) -> f32 {
         self.to_f32()
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    fn avx512_kernel() -> Option<AttendFn<Self>> {
-        Some(super::attention_avx512::attend::<half::bf16>)
     }
 }
 

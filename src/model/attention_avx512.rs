@@ -10,10 +10,10 @@
 
 use std::arch::x86_64::*;
 
-use super::attention::{Item, KvElem, Scratch};
+use super::attention::{Item, Scratch};
 
 /// Cache elements that load as sixteen f32 lanes.
-pub(super) trait Lanes: KvElem {
+pub(super) trait Lanes: Copy {
     /// # Safety
     /// `p` points to 16 readable elements; AVX-512F is present.
     unsafe fn load16(p: *const Self) -> __m512;
@@ -102,11 +102,7 @@ unsafe fn attend_v<T: Lanes, const V: usize, const H: usize>(
             // SAFETY: `base + (r + 1) * hd` is inside the cache (the block
             // table only holds valid blocks), `q` holds `g * hd` values.
             unsafe {
-                let k = kc.add(base + r * hd);
-                let mut kv = [_mm512_setzero_ps(); V];
-                for (c, reg) in kv.iter_mut().enumerate().take(v_regs) {
-                    *reg = T::load16(k.add(c * 16));
-                }
+                let kv = load_row::<T, V>(kc.add(base + r * hd), v_regs);
                 for j in 0..g {
                     let qj = q.add(j * hd);
                     let mut acc = _mm512_mul_ps(_mm512_loadu_ps(qj), kv[0]);
@@ -149,11 +145,7 @@ unsafe fn attend_v<T: Lanes, const V: usize, const H: usize>(
             for r in 0..len {
                 // SAFETY: as in pass 1; `w` holds `g * stride` weights.
                 unsafe {
-                    let v = vc.add(base + r * hd);
-                    let mut vv = [_mm512_setzero_ps(); V];
-                    for (c, reg) in vv.iter_mut().enumerate().take(v_regs) {
-                        *reg = T::load16(v.add(c * 16));
-                    }
+                    let vv = load_row::<T, V>(vc.add(base + r * hd), v_regs);
                     for (h, a) in acc.iter_mut().enumerate().take(heads) {
                         let wt = _mm512_set1_ps(*w.add((j0 + h) * stride + i));
                         for (c, reg) in a.iter_mut().enumerate().take(v_regs) {
@@ -176,6 +168,21 @@ unsafe fn attend_v<T: Lanes, const V: usize, const H: usize>(
             }
         }
     }
+}
+
+/// One cache row of `16 * v_regs` elements as f32 registers (the rest zero).
+///
+/// # Safety
+/// `p` points to `16 * v_regs` readable elements; `v_regs <= V`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn load_row<T: Lanes, const V: usize>(p: *const T, v_regs: usize) -> [__m512; V] {
+    let mut row = [_mm512_setzero_ps(); V];
+    for (c, reg) in row.iter_mut().enumerate().take(v_regs) {
+        // SAFETY: per the caller.
+        *reg = unsafe { T::load16(p.add(c * 16)) };
+    }
+    row
 }
 
 /// `e^x` for `x <= 0` (softmax arguments), relative error a few 1e-7:
