@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use candela::model::matmul::PackedMatrix;
+use candela::model::matmul_q8::Q8Matrix;
 use candle_core::{Device, Tensor};
 
 fn time(mut f: impl FnMut()) -> Duration {
@@ -25,12 +26,13 @@ fn main() {
         return;
     }
     let dev = Device::Cpu;
-    println!("| m | k | n | packed GFLOP/s | candle GFLOP/s |");
-    println!("|---:|---:|---:|---:|---:|");
+    println!("| m | k | n | packed GFLOP/s | candle GFLOP/s | q8_0 GOP/s |");
+    println!("|---:|---:|---:|---:|---:|---:|");
     for (k, n) in [(576, 960), (576, 3072), (1536, 576), (576, 49152)] {
         let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
         let wt = w.t().unwrap().contiguous().unwrap();
         let packed = PackedMatrix::new(&w, None).unwrap();
+        let q8 = Q8Matrix::new(&w, None).unwrap();
         for m in [1, 8, 32, 64, 512] {
             if n > 10_000 && m > 64 {
                 continue;
@@ -43,10 +45,14 @@ fn main() {
             let theirs = time(|| {
                 x.matmul(&wt).unwrap();
             });
+            let quantized = time(|| {
+                q8.forward(&x).unwrap();
+            });
             println!(
-                "| {m} | {k} | {n} | {:.1} | {:.1} |",
+                "| {m} | {k} | {n} | {:.1} | {:.1} | {:.1} |",
                 flops / ours.as_secs_f64() / 1e9,
-                flops / theirs.as_secs_f64() / 1e9
+                flops / theirs.as_secs_f64() / 1e9,
+                flops / quantized.as_secs_f64() / 1e9
             );
         }
     }

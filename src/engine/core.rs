@@ -63,6 +63,11 @@ pub struct EngineCore {
     next_seq: SeqId,
     next_arrival: u64,
     stats: std::sync::Arc<EngineStats>,
+    /// The threads that run the forward pass. Entering the pool once per step
+    /// makes the kernels' hundreds of parallel loops fork from a worker of the
+    /// pool (work stealing) instead of each waking the pool from outside and
+    /// putting this thread to sleep until it is done.
+    compute: rayon::ThreadPool,
 }
 
 impl EngineCore {
@@ -93,6 +98,10 @@ impl EngineCore {
             next_seq: 0,
             next_arrival: 0,
             stats,
+            compute: rayon::ThreadPoolBuilder::new()
+                .num_threads(rayon::current_num_threads())
+                .thread_name(|i| format!("candela-compute-{i}"))
+                .build()?,
         })
     }
 
@@ -223,7 +232,8 @@ impl EngineCore {
             self.storage.copy_block(src, dst);
         }
         let forward_start = Instant::now();
-        let logits = self.model.forward(&batch, &mut self.storage)?;
+        let (model, storage) = (&self.model, &mut self.storage);
+        let logits = self.compute.install(|| model.forward(&batch, storage))?;
         let forward_time = forward_start.elapsed();
         let rows: Vec<Vec<f32>> = if batch.logits_indices.is_empty() {
             Vec::new()

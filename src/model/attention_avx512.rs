@@ -11,6 +11,7 @@
 use std::arch::x86_64::*;
 
 use super::attention::{Item, Scratch};
+use super::vmath::exp;
 
 /// Cache elements that load as sixteen f32 lanes.
 pub(super) trait Lanes: Copy {
@@ -69,6 +70,9 @@ pub(super) unsafe fn attend<T: Lanes>(it: &Item<'_, T>, s: &mut Scratch, out: &m
 /// `V`: registers per head row; `H`: query heads whose accumulators are held
 /// in registers at once (`H * V <= 24`). Other head sizes go through `MAX_V`
 /// with a runtime row length.
+// Index loops with a compile-time bound: they unroll, where iterator adapters
+// (`take`/`skip`) were left as calls in the hot loop.
+#[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx512f")]
 unsafe fn attend_v<T: Lanes, const V: usize, const H: usize>(
     it: &Item<'_, T>,
@@ -76,7 +80,8 @@ unsafe fn attend_v<T: Lanes, const V: usize, const H: usize>(
     out: &mut [f32],
 ) {
     let (hd, g, bs) = (it.layout.head_dim, it.group, it.layout.block_size);
-    let v_regs = hd / 16;
+    // A compile-time count for the exact variants, so the row loops unroll.
+    let v_regs = if V == MAX_V { hd / 16 } else { V }.min(V);
     // Key segments: (start of the block's rows for this KV head, rows).
     s.segments.clear();
     let (lo, hi) = (it.lo, it.pos);
@@ -106,8 +111,8 @@ unsafe fn attend_v<T: Lanes, const V: usize, const H: usize>(
                 for j in 0..g {
                     let qj = q.add(j * hd);
                     let mut acc = _mm512_mul_ps(_mm512_loadu_ps(qj), kv[0]);
-                    for (c, reg) in kv.iter().enumerate().take(v_regs).skip(1) {
-                        acc = _mm512_fmadd_ps(_mm512_loadu_ps(qj.add(c * 16)), *reg, acc);
+                    for c in 1..v_regs {
+                        acc = _mm512_fmadd_ps(_mm512_loadu_ps(qj.add(c * 16)), kv[c], acc);
                     }
                     *s.scores.get_unchecked_mut(j * stride + i) = _mm512_reduce_add_ps(acc);
                 }
@@ -148,8 +153,8 @@ unsafe fn attend_v<T: Lanes, const V: usize, const H: usize>(
                     let vv = load_row::<T, V>(vc.add(base + r * hd), v_regs);
                     for (h, a) in acc.iter_mut().enumerate().take(heads) {
                         let wt = _mm512_set1_ps(*w.add((j0 + h) * stride + i));
-                        for (c, reg) in a.iter_mut().enumerate().take(v_regs) {
-                            *reg = _mm512_fmadd_ps(wt, vv[c], *reg);
+                        for c in 0..v_regs {
+                            a[c] = _mm512_fmadd_ps(wt, vv[c], a[c]);
                         }
                     }
                 }
@@ -178,71 +183,9 @@ unsafe fn attend_v<T: Lanes, const V: usize, const H: usize>(
 #[target_feature(enable = "avx512f")]
 unsafe fn load_row<T: Lanes, const V: usize>(p: *const T, v_regs: usize) -> [__m512; V] {
     let mut row = [_mm512_setzero_ps(); V];
-    for (c, reg) in row.iter_mut().enumerate().take(v_regs) {
+    for (c, reg) in row.iter_mut().enumerate().take(v_regs.min(V)) {
         // SAFETY: per the caller.
         *reg = unsafe { T::load16(p.add(c * 16)) };
     }
     row
-}
-
-/// `e^x` for `x <= 0` (softmax arguments), relative error a few 1e-7:
-/// `x = n ln 2 + f` with `n` an integer (applied with `scalef`) and `|f| <= ln 2 / 2`
-/// (computed with ln 2 split in two so that `f` is exact), `e^f` by its degree-7
-/// Taylor polynomial. `-inf` gives 0.
-#[inline]
-#[target_feature(enable = "avx512f")]
-fn exp(x: __m512) -> __m512 {
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
-    let x = _mm512_max_ps(x, _mm512_set1_ps(-120.0));
-    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-        _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
-    );
-    let f = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
-    let f = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), f);
-    // e^f = sum of f^k / k!, Horner from k = 7.
-    let mut p = _mm512_set1_ps(1.0 / 5040.0);
-    for c in [
-        1.0 / 720.0,
-        1.0 / 120.0,
-        1.0 / 24.0,
-        1.0 / 6.0,
-        0.5,
-        1.0,
-        1.0,
-    ] {
-        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
-    }
-    _mm512_scalef_ps(p, n)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn exp_is_accurate() {
-        if !is_x86_feature_detected!("avx512f") {
-            return;
-        }
-        let xs: Vec<f32> = (0..16 * 200).map(|i| -(i as f32) * 0.03).collect();
-        for c in xs.chunks(16) {
-            let mut got = [0f32; 16];
-            // SAFETY: AVX-512 was detected.
-            unsafe { _mm512_storeu_ps(got.as_mut_ptr(), exp(_mm512_loadu_ps(c.as_ptr()))) };
-            for (x, g) in c.iter().zip(got) {
-                let want = x.exp();
-                assert!(
-                    (g - want).abs() <= 3e-7 * want + 1e-38,
-                    "exp({x}) = {g}, want {want}"
-                );
-            }
-        }
-        let mut got = [1f32; 16];
-        // SAFETY: as above.
-        unsafe {
-            _mm512_storeu_ps(got.as_mut_ptr(), exp(_mm512_set1_ps(f32::NEG_INFINITY)));
-        }
-        assert_eq!(got, [0.0; 16]);
-    }
 }

@@ -1,5 +1,7 @@
 //! Raw access to CPU tensors for the kernels written in Rust.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{Result, Tensor, WithDType};
 
 /// Runs `f` on the elements of a contiguous CPU tensor.
@@ -12,4 +14,18 @@ pub fn with_slice<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> Res
         candle_core::bail!("paged attention needs contiguous inputs");
     };
     Ok(f(&cpu.as_slice::<T>()?[start..end]))
+}
+
+/// A vector of `n` elements written by `fill`, without zeroing it first (a
+/// pass over memory, and page faults for large fresh allocations, that every
+/// kernel output would pay for nothing).
+///
+/// # Safety
+/// `fill` must initialize all `n` elements (or panic).
+pub unsafe fn filled_vec<T>(n: usize, fill: impl FnOnce(&mut [MaybeUninit<T>])) -> Vec<T> {
+    let mut v = Vec::with_capacity(n);
+    fill(&mut v.spare_capacity_mut()[..n]);
+    // SAFETY: per the caller, every element is initialized.
+    unsafe { v.set_len(n) };
+    v
 }

@@ -10,8 +10,9 @@ use candle_nn::{Embedding, VarBuilder};
 use super::attention::{paged_attention, write_kv, AttnParams};
 use super::batch::ForwardBatch;
 use super::config::DecoderConfig;
+use super::elementwise;
 use super::linear::{fused_linear, linear, Linear, Quantization};
-use super::rope::Rope;
+use super::rope::{split_rotate_qkv, Rope};
 use super::{CacheSpec, CausalLm};
 use crate::kv_cache::KvStorage;
 
@@ -88,12 +89,35 @@ impl Attention {
         cache: &mut KvStorage,
         layer: usize,
     ) -> Result<Tensor> {
-        let t = x.dim(0)?;
+        let qkv = self.qkv_proj.forward(x)?;
+        let (q, k, v) = if self.q_norm.is_none() && qkv.dtype() == DType::F32 {
+            split_rotate_qkv(&qkv, cos, sin, self.num_heads, self.num_kv_heads)?
+        } else {
+            self.split_rotate_generic(&qkv, cos, sin)?
+        };
+        let layout = *cache.layout();
+        write_kv(&k, &v, cache.layer_mut(layer), &layout, batch)?;
+        let params = AttnParams {
+            num_heads: self.num_heads,
+            scale: 1.0 / (self.head_dim as f32).sqrt(),
+            sliding_window: self.sliding_window,
+        };
+        let y = paged_attention(&q, cache.layer(layer), &layout, batch, params)?;
+        self.o_proj.forward(&y)
+    }
+
+    /// Any dtype, with per-head q/k norms (applied before the rotation).
+    fn split_rotate_generic(
+        &self,
+        qkv: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let t = qkv.dim(0)?;
         let (qs, kvs) = (
             self.num_heads * self.head_dim,
             self.num_kv_heads * self.head_dim,
         );
-        let qkv = self.qkv_proj.forward(x)?;
         let mut q = qkv
             .narrow(1, 0, qs)?
             .reshape((t, self.num_heads, self.head_dim))?;
@@ -107,17 +131,7 @@ impl Attention {
             q = qn.forward(&q)?;
             k = kn.forward(&k)?;
         }
-        let q = Rope::apply(&q, cos, sin)?;
-        let k = Rope::apply(&k, cos, sin)?;
-        let layout = *cache.layout();
-        write_kv(&k, &v, cache.layer_mut(layer), &layout, batch)?;
-        let params = AttnParams {
-            num_heads: self.num_heads,
-            scale: 1.0 / (self.head_dim as f32).sqrt(),
-            sliding_window: self.sliding_window,
-        };
-        let y = paged_attention(&q, cache.layer(layer), &layout, batch, params)?;
-        self.o_proj.forward(&y)
+        Ok((Rope::apply(&q, cos, sin)?, Rope::apply(&k, cos, sin)?, v))
     }
 }
 
@@ -141,9 +155,8 @@ impl Mlp {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let gate_up = self.gate_up_proj.forward(x)?;
-        let i = self.intermediate;
-        let gate = candle_nn::ops::silu(&gate_up.narrow(1, 0, i)?)?;
-        self.down_proj.forward(&(gate * gate_up.narrow(1, i, i)?)?)
+        self.down_proj
+            .forward(&elementwise::silu_mul(&gate_up, self.intermediate)?)
     }
 }
 
@@ -235,9 +248,12 @@ impl CausalLm for Llama {
         let mut x = self.embed_tokens.forward(&ids)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let h = layer.input_layernorm.forward(&x)?;
-            x = (x + layer.self_attn.forward(&h, &cos, &sin, batch, cache, i)?)?;
+            x = elementwise::add(
+                &x,
+                &layer.self_attn.forward(&h, &cos, &sin, batch, cache, i)?,
+            )?;
             let h = layer.post_attention_layernorm.forward(&x)?;
-            x = (x + layer.mlp.forward(&h)?)?;
+            x = elementwise::add(&x, &layer.mlp.forward(&h)?)?;
         }
         // Only the rows that need logits go through the final norm and head.
         let idx = Tensor::new(batch.logits_indices.as_slice(), &device)?;

@@ -15,7 +15,7 @@
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::with_slice;
+use super::cpu::{filled_vec, with_slice};
 
 /// f32 lanes in a panel: one AVX-512 register.
 pub(super) const LANES: usize = 16;
@@ -89,13 +89,18 @@ impl PackedMatrix {
         if k != self.k {
             candle_core::bail!("matmul: input width {k}, weight expects {}", self.k);
         }
-        let mut y = vec![0f32; m * self.n];
-        with_slice::<f32, _>(&x, |xv| self.compute(xv, m, &mut y))?;
+        let y = with_slice::<f32, _>(&x, |xv| {
+            // SAFETY: the tiles cover every output (the first K chunk stores, later ones add).
+            unsafe {
+                filled_vec::<f32>(m * self.n, |y| {
+                    self.compute(xv, m, SharedOut(y.as_mut_ptr().cast()))
+                })
+            }
+        })?;
         Tensor::from_vec(y, (m, self.n), x.device())
     }
 
-    fn compute(&self, x: &[f32], m: usize, y: &mut [f32]) {
-        let out = SharedOut(y.as_mut_ptr());
+    fn compute(&self, x: &[f32], m: usize, out: SharedOut) {
         let kernel = Kernel::detect();
         let tiles_n = self.data.len() / self.k / NR;
         par_tiles(m, tiles_n, MR, |rows, t| {

@@ -15,7 +15,7 @@
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::with_slice;
+use super::cpu::{filled_vec, with_slice};
 // Panels of LANES columns, NR per micro-tile, as the f32 kernel: the tile
 // helpers are shared.
 use super::matmul::{
@@ -140,14 +140,17 @@ impl Q8Matrix {
             candle_core::bail!("matmul: input width {k}, weight expects {}", self.k);
         }
         let (xq, xs) = with_slice::<f32, _>(&x, |xv| self.quantize_input(xv, m))?;
-        let mut y = vec![0f32; m * self.n];
-        let out = SharedOut(y.as_mut_ptr());
         let kernel = Kernel::detect();
         let tiles_n = self.data.len() / (self.blocks * GROUPS) / NR;
-        par_tiles(m, tiles_n, MR, |rows, t| {
-            // SAFETY: `par_tiles` hands out disjoint (rows, tile) rectangles.
-            unsafe { self.column(kernel, &xq, &xs, rows, t, out) }
-        });
+        let fill = |y: &mut [std::mem::MaybeUninit<f32>]| {
+            let out = SharedOut(y.as_mut_ptr().cast());
+            par_tiles(m, tiles_n, MR, |rows, t| {
+                // SAFETY: `par_tiles` hands out disjoint (rows, tile) rectangles.
+                unsafe { self.column(kernel, &xq, &xs, rows, t, out) }
+            });
+        };
+        // SAFETY: the tiles cover every output.
+        let y = unsafe { filled_vec(m * self.n, fill) };
         Tensor::from_vec(y, (m, self.n), x.device())
     }
 

@@ -7,6 +7,7 @@ mod attention_avx512;
 pub mod batch;
 pub mod config;
 mod cpu;
+mod elementwise;
 pub mod embedded;
 pub mod gguf;
 mod linear;
@@ -16,6 +17,8 @@ pub mod matmul;
 pub mod matmul_q8;
 pub mod rope;
 mod source;
+#[cfg(target_arch = "x86_64")]
+mod vmath;
 
 use candle_core::{DType, Result, Tensor};
 

@@ -1,6 +1,9 @@
 //! Rotary position embeddings (half-split layout, as Hugging Face's Llama).
 
 use candle_core::{DType, Device, Result, Tensor};
+use rayon::prelude::*;
+
+use super::cpu::with_slice;
 
 use super::config::RopeScaling;
 
@@ -86,6 +89,82 @@ impl Rope {
     }
 }
 
+/// Splits a fused `[tokens, (heads + 2 * kv_heads) * head_dim]` f32 q/k/v
+/// projection into contiguous q (`[tokens, heads, head_dim]`), k and v, rotating
+/// q and k on the way: one pass instead of a copy and a rotation per tensor.
+/// `cos`/`sin` are [`Rope::cos_sin`]'s, in f32.
+pub fn split_rotate_qkv(
+    qkv: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    heads: usize,
+    kv_heads: usize,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (t, width) = qkv.dims2()?;
+    let half = cos.dim(1)?;
+    let hd = 2 * half;
+    if width != (heads + 2 * kv_heads) * hd || cos.dim(0)? != t {
+        candle_core::bail!(
+            "rope: q/k/v of shape {:?} for {heads}+2x{kv_heads} heads and cos {:?}",
+            qkv.shape(),
+            cos.shape()
+        );
+    }
+    let (qkv, cos, sin) = (qkv.contiguous()?, cos.contiguous()?, sin.contiguous()?);
+    let (qs, kvs) = (heads * hd, kv_heads * hd);
+    let mut q = vec![0f32; t * qs];
+    let mut k = vec![0f32; t * kvs];
+    let mut v = vec![0f32; t * kvs];
+    with_slice::<f32, _>(&qkv, |x| {
+        with_slice::<f32, _>(&cos, |c| {
+            with_slice::<f32, _>(&sin, |s| {
+                q.par_chunks_mut(qs)
+                    .zip(k.par_chunks_mut(kvs))
+                    .zip(v.par_chunks_mut(kvs))
+                    .enumerate()
+                    .with_min_len(64)
+                    .for_each(|(i, ((q, k), v))| {
+                        let row = &x[i * width..(i + 1) * width];
+                        let (c, s) = (&c[i * half..(i + 1) * half], &s[i * half..(i + 1) * half]);
+                        for (o, x) in q.chunks_exact_mut(hd).zip(row[..qs].chunks_exact(hd)) {
+                            rotate(x, c, s, o);
+                        }
+                        for (o, x) in k
+                            .chunks_exact_mut(hd)
+                            .zip(row[qs..qs + kvs].chunks_exact(hd))
+                        {
+                            rotate(x, c, s, o);
+                        }
+                        v.copy_from_slice(&row[qs + kvs..]);
+                    })
+            })
+        })
+    })???;
+    let dev = qkv.device();
+    Ok((
+        Tensor::from_vec(q, (t, heads, hd), dev)?,
+        Tensor::from_vec(k, (t, kv_heads, hd), dev)?,
+        Tensor::from_vec(v, (t, kv_heads, hd), dev)?,
+    ))
+}
+
+/// One head, half-split: `(x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)`.
+#[inline]
+fn rotate(x: &[f32], cos: &[f32], sin: &[f32], out: &mut [f32]) {
+    let (x1, x2) = x.split_at(cos.len());
+    let (o1, o2) = out.split_at_mut(cos.len());
+    for ((((o1, o2), &a), &b), (&c, &s)) in o1
+        .iter_mut()
+        .zip(o2)
+        .zip(x1)
+        .zip(x2)
+        .zip(cos.iter().zip(sin))
+    {
+        *o1 = a * c - b * s;
+        *o2 = b * c + a * s;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -108,6 +187,32 @@ mod tests {
         assert_eq!(plain.inv_freq[0], scaled.inv_freq[0]);
         let last = plain.inv_freq.len() - 1;
         assert!((plain.inv_freq[last] / 8.0 - scaled.inv_freq[last]).abs() < 1e-12);
+    }
+
+    #[test]
+    fn split_rotate_matches_candle_rope() {
+        let rope = Rope::new(64, 10000.0, RopeScaling::None, None);
+        let (t, nh, nkv, hd) = (5, 9, 3, 64);
+        let qkv = Tensor::randn(0f32, 1.0, (t, (nh + 2 * nkv) * hd), &Device::Cpu).unwrap();
+        let (c, s) = rope
+            .cos_sin(&[0, 3, 17, 200, 4095], DType::F32, &Device::Cpu)
+            .unwrap();
+        let (q, k, v) = split_rotate_qkv(&qkv, &c, &s, nh, nkv).unwrap();
+        let part = |start, heads| {
+            qkv.narrow(1, start * hd, heads * hd)
+                .unwrap()
+                .reshape((t, heads, hd))
+                .unwrap()
+        };
+        let want_q = Rope::apply(&part(0, nh), &c, &s).unwrap();
+        let want_k = Rope::apply(&part(nh, nkv), &c, &s).unwrap();
+        let diff = |a: &Tensor, b: &Tensor| {
+            let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap();
+            d.max(0).unwrap().to_scalar::<f32>().unwrap()
+        };
+        assert!(diff(&q, &want_q) < 1e-6);
+        assert!(diff(&k, &want_k) < 1e-6);
+        assert_eq!(diff(&v, &part(nh + nkv, nkv).contiguous().unwrap()), 0.0);
     }
 
     #[test]

@@ -1,0 +1,157 @@
+//! Element-wise steps between the matmuls, for f32 activations on the CPU: one
+//! pass each on the compute threads. candle would make several passes (narrow,
+//! copy, SiLU, multiply) and hand large tensors to its own pool of spinning
+//! threads, which then competes for the cores with the matmuls that follow.
+
+use std::mem::MaybeUninit;
+
+use candle_core::{DType, Result, Tensor};
+use rayon::prelude::*;
+
+use super::cpu::{filled_vec, with_slice};
+
+/// Elements per rayon task: below this a split costs more than it saves.
+const MIN_PER_TASK: usize = 32 * 1024;
+
+fn fast_path(t: &Tensor) -> bool {
+    t.dtype() == DType::F32 && t.device().is_cpu()
+}
+
+/// `silu(gate) * up` for `gate_up = [gate | up]` of shape `[tokens, 2 * i]`
+/// (the fused gate/up projection); returns `[tokens, i]`.
+pub fn silu_mul(gate_up: &Tensor, i: usize) -> Result<Tensor> {
+    if !fast_path(gate_up) {
+        let gate = candle_nn::ops::silu(&gate_up.narrow(1, 0, i)?)?;
+        return gate * gate_up.narrow(1, i, i)?;
+    }
+    let gate_up = gate_up.contiguous()?;
+    let t = gate_up.dim(0)?;
+    if gate_up.dim(1)? != 2 * i {
+        candle_core::bail!(
+            "silu_mul: expected width {}, got {:?}",
+            2 * i,
+            gate_up.shape()
+        );
+    }
+    let out = with_slice::<f32, _>(&gate_up, |gu| {
+        // SAFETY: every row of the output is written.
+        unsafe {
+            filled_vec(t * i, |out| {
+                out.par_chunks_mut(i)
+                    .zip(gu.par_chunks(2 * i))
+                    .with_min_len((MIN_PER_TASK / i).max(1))
+                    .for_each(|(o, gu)| silu_mul_row(&gu[..i], &gu[i..], o));
+            })
+        }
+    })?;
+    Tensor::from_vec(out, (t, i), gate_up.device())
+}
+
+fn silu_mul_row(g: &[f32], u: &[f32], o: &mut [MaybeUninit<f32>]) {
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F is present.
+        done = unsafe { silu_mul_avx512(g, u, o) };
+    }
+    for ((o, &g), &u) in o.iter_mut().zip(g).zip(u).skip(done) {
+        o.write(g / (1.0 + (-g).exp()) * u);
+    }
+}
+
+/// The whole registers of a row; returns how many elements it wrote.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn silu_mul_avx512(g: &[f32], u: &[f32], o: &mut [MaybeUninit<f32>]) -> usize {
+    use std::arch::x86_64::*;
+    let n = g.len().min(u.len()).min(o.len()) / 16 * 16;
+    let one = _mm512_set1_ps(1.0);
+    for j in (0..n).step_by(16) {
+        // SAFETY: `j + 16 <= n`, inside all three slices.
+        unsafe {
+            let gv = _mm512_loadu_ps(g.as_ptr().add(j));
+            let uv = _mm512_loadu_ps(u.as_ptr().add(j));
+            let e = super::vmath::exp(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+            let s = _mm512_div_ps(gv, _mm512_add_ps(one, e));
+            _mm512_storeu_ps(o.as_mut_ptr().add(j).cast(), _mm512_mul_ps(s, uv));
+        }
+    }
+    n
+}
+
+/// `a + b` for two tensors of the same shape (the residual connections).
+pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if !fast_path(a) || !fast_path(b) || a.shape() != b.shape() {
+        return a + b;
+    }
+    let (a, b) = (a.contiguous()?, b.contiguous()?);
+    let n = a.elem_count();
+    let out = with_slice::<f32, _>(&a, |av| {
+        with_slice::<f32, _>(&b, |bv| {
+            // SAFETY: every chunk of the output is written.
+            unsafe {
+                filled_vec(n, |out| {
+                    out.par_chunks_mut(MIN_PER_TASK)
+                        .zip(av.par_chunks(MIN_PER_TASK).zip(bv.par_chunks(MIN_PER_TASK)))
+                        .for_each(|(o, (a, b))| {
+                            for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
+                                o.write(a + b);
+                            }
+                        });
+                })
+            }
+        })
+    })??;
+    Tensor::from_vec(out, a.shape(), a.device())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn silu_mul_matches_candle() {
+        // 37 columns: whole registers and a scalar tail; values far into both tails of exp.
+        for (t, i) in [(3, 37), (70, 1536)] {
+            let gu = (Tensor::randn(0f32, 1.0, (t, 2 * i), &Device::Cpu).unwrap() * 30.0).unwrap();
+            let want = (candle_nn::ops::silu(&gu.narrow(1, 0, i).unwrap()).unwrap()
+                * gu.narrow(1, i, i).unwrap())
+            .unwrap();
+            let got = silu_mul(&gu, i).unwrap();
+            let diff = (got - &want).unwrap().abs().unwrap();
+            let rel = diff
+                .broadcast_div(&(want.abs().unwrap() + 1e-3).unwrap())
+                .unwrap();
+            let max = rel
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(max < 1e-5, "{t}x{i}: relative error {max}");
+        }
+    }
+
+    #[test]
+    fn add_matches_candle() {
+        for n in [5, 100_003] {
+            let a = Tensor::randn(0f32, 1.0, (n, 1), &Device::Cpu).unwrap();
+            let b = Tensor::randn(0f32, 1.0, (n, 1), &Device::Cpu).unwrap();
+            let want = (&a + &b)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let got = add(&a, &b)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            assert_eq!(got, want);
+        }
+    }
+}
