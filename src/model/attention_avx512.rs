@@ -100,9 +100,18 @@ unsafe fn attend_v<T: Lanes, const V: usize, const H: usize>(
     s.q.extend(it.q.iter().map(|x| x * it.scale));
     let (kc, vc, q) = (it.kc.as_ptr(), it.vc.as_ptr(), s.q.as_ptr());
 
-    // Pass 1: q · k for every key and query head of the group.
+    // Pass 1: q · k for every key and query head of the group. Blocks are
+    // scattered, so the hardware prefetcher restarts at each one: fetch the
+    // next block's keys ahead, and this block's values for pass 2.
+    let row_bytes = hd * std::mem::size_of::<T>();
     let mut i = 0;
-    for &(base, len) in &s.segments {
+    for (si, &(base, len)) in s.segments.iter().enumerate() {
+        if let Some(&(next, next_len)) = s.segments.get(si + 1) {
+            // SAFETY: the next segment is inside the cache.
+            unsafe { prefetch::<_MM_HINT_T0>(kc.add(next).cast(), next_len * row_bytes) };
+        }
+        // SAFETY: this segment is inside the cache.
+        unsafe { prefetch::<_MM_HINT_T1>(vc.add(base).cast(), len * row_bytes) };
         for r in 0..len {
             // SAFETY: `base + (r + 1) * hd` is inside the cache (the block
             // table only holds valid blocks), `q` holds `g * hd` values.
@@ -146,7 +155,11 @@ unsafe fn attend_v<T: Lanes, const V: usize, const H: usize>(
         let heads = H.min(g - j0);
         let mut acc = [[_mm512_setzero_ps(); V]; H];
         let mut i = 0;
-        for &(base, len) in &s.segments {
+        for (si, &(base, len)) in s.segments.iter().enumerate() {
+            if let Some(&(next, next_len)) = s.segments.get(si + 1) {
+                // SAFETY: the next segment is inside the cache.
+                unsafe { prefetch::<_MM_HINT_T0>(vc.add(next).cast(), next_len * row_bytes) };
+            }
             for r in 0..len {
                 // SAFETY: as in pass 1; `w` holds `g * stride` weights.
                 unsafe {
@@ -172,6 +185,19 @@ unsafe fn attend_v<T: Lanes, const V: usize, const H: usize>(
                 }
             }
         }
+    }
+}
+
+/// Asks for the cache lines of `bytes` bytes from `p` ahead of use.
+///
+/// # Safety
+/// The range is inside one allocation.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn prefetch<const HINT: i32>(p: *const i8, bytes: usize) {
+    for off in (0..bytes).step_by(64) {
+        // SAFETY: per the caller (a prefetch never faults anyway).
+        unsafe { _mm_prefetch::<HINT>(p.add(off)) };
     }
 }
 
