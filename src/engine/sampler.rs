@@ -206,14 +206,22 @@ impl Sampler {
 }
 
 /// Index of the largest value (the first on ties).
+/// The first position of the largest value (NaNs ignored; 0 if there is none).
+///
+/// Two passes that vectorize (lane-wise maxima, then a search for the first
+/// match) instead of one loop in which each step waits for the previous: the
+/// greedy path runs this over the whole vocabulary for every sequence, every step.
 pub fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, x) in v.iter().enumerate() {
-        if *x > v[best] {
-            best = i;
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let chunks = v.chunks_exact(16);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (l, x) in lanes.iter_mut().zip(c) {
+            *l = l.max(*x);
         }
     }
-    best as u32
+    let max = lanes.iter().chain(tail).copied().fold(f32::NEG_INFINITY, f32::max);
+    v.iter().position(|&x| x == max).unwrap_or(0) as u32
 }
 
 /// `token`'s log-softmax value in `logits`, with the `k` most likely tokens.
@@ -252,6 +260,20 @@ mod tests {
         let mut p = SamplingParams::default();
         f(&mut p);
         p
+    }
+
+    #[test]
+    fn argmax_takes_the_first_largest_and_skips_nans() {
+        let mut v: Vec<f32> = (0..100).map(|i| ((i * 37) % 101) as f32).collect();
+        let want = v.iter().enumerate().fold(0, |b, (i, x)| if *x > v[b] { i } else { b });
+        assert_eq!(argmax(&v) as usize, want);
+        v[99] = 1000.0; // in the tail after whole chunks of 16
+        v[3] = 1000.0;
+        assert_eq!(argmax(&v), 3);
+        v[0] = f32::NAN;
+        assert_eq!(argmax(&v), 3);
+        assert_eq!(argmax(&[f32::NEG_INFINITY; 40]), 0);
+        assert_eq!(argmax(&[]), 0);
     }
 
     #[test]
