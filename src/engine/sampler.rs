@@ -220,7 +220,11 @@ pub fn argmax(v: &[f32]) -> u32 {
             *l = l.max(*x);
         }
     }
-    let max = lanes.iter().chain(tail).copied().fold(f32::NEG_INFINITY, f32::max);
+    let max = lanes
+        .iter()
+        .chain(tail)
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
     v.iter().position(|&x| x == max).unwrap_or(0) as u32
 }
 
@@ -265,7 +269,10 @@ mod tests {
     #[test]
     fn argmax_takes_the_first_largest_and_skips_nans() {
         let mut v: Vec<f32> = (0..100).map(|i| ((i * 37) % 101) as f32).collect();
-        let want = v.iter().enumerate().fold(0, |b, (i, x)| if *x > v[b] { i } else { b });
+        let want = v
+            .iter()
+            .enumerate()
+            .fold(0, |b, (i, x)| if *x > v[b] { i } else { b });
         assert_eq!(argmax(&v) as usize, want);
         v[99] = 1000.0; // in the tail after whole chunks of 16
         v[3] = 1000.0;
