@@ -12,7 +12,7 @@ use super::batch::ForwardBatch;
 use super::config::DecoderConfig;
 use super::elementwise;
 use super::linear::{fused_linear, linear, Linear, Quantization};
-use super::rope::{split_rotate_qkv, Rope};
+use super::rope::Rope;
 use super::{CacheSpec, CausalLm};
 use crate::kv_cache::KvStorage;
 
@@ -89,12 +89,7 @@ impl Attention {
         cache: &mut KvStorage,
         layer: usize,
     ) -> Result<Tensor> {
-        let qkv = self.qkv_proj.forward(x)?;
-        let (q, k, v) = if self.q_norm.is_none() && qkv.dtype() == DType::F32 {
-            split_rotate_qkv(&qkv, cos, sin, self.num_heads, self.num_kv_heads)?
-        } else {
-            self.split_rotate_generic(&qkv, cos, sin)?
-        };
+        let (q, k, v) = self.split_rotate(&self.qkv_proj.forward(x)?, cos, sin)?;
         let layout = *cache.layout();
         write_kv(&k, &v, cache.layer_mut(layer), &layout, batch)?;
         let params = AttnParams {
@@ -106,8 +101,9 @@ impl Attention {
         self.o_proj.forward(&y)
     }
 
-    /// Any dtype, with per-head q/k norms (applied before the rotation).
-    fn split_rotate_generic(
+    /// q, k and v from the fused projection; q and k normed per head where the
+    /// model has q/k norms, then rotated.
+    fn split_rotate(
         &self,
         qkv: &Tensor,
         cos: &Tensor,
