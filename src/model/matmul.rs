@@ -120,6 +120,9 @@ pub(super) fn par_tiles(
     mr: usize,
     f: impl Fn(std::ops::Range<usize>, usize) + Sync,
 ) {
+    if m == 0 || tiles_n == 0 {
+        return; // e.g. the output head of a step in which no sequence samples
+    }
     let row_blocks = m.div_ceil(MC);
     let rows_tiles = m.min(MC).div_ceil(mr);
     let want = rayon::current_num_threads() * 4;
