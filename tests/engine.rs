@@ -228,7 +228,8 @@ fn n_samples_share_the_prompt_blocks() {
     let m = load(&repo_path(MODEL), DType::F32);
     let s = sizing(&m, 16, 64);
     let tok = m.tokenizer.clone();
-    let mut core = EngineCore::new(m.model, tok, s, cfg(256), Default::default()).unwrap();
+    let stats = std::sync::Arc::new(EngineStats::default());
+    let mut core = EngineCore::new(m.model, tok, s, cfg(256), stats.clone()).unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let mut req = GenerateRequest::new(
         random_prompts(1, 5)[0]
@@ -242,7 +243,7 @@ fn n_samples_share_the_prompt_blocks() {
     req.n = 4;
     req.sampling.seed = Some(3);
     req.stop.ignore_eos = true;
-    core.add_request(0, req, tx, Instant::now());
+    core.add_request(0, req, tx, stats.try_enqueue(1).unwrap());
     assert!(core.step().unwrap());
     // 40 prompt tokens = 2 full blocks + 1 partial, shared by the 4 samples.
     assert_eq!(core.scheduler().kv().pool().num_used(), 3);
@@ -280,10 +281,12 @@ fn long_prompt_is_chunked_while_others_keep_decoding() {
     let tok = m.tokenizer.clone();
     let mut c = cfg(256);
     c.max_num_batched_tokens = 16;
-    let mut core = EngineCore::new(m.model, tok, s, c, Default::default()).unwrap();
+    let stats = std::sync::Arc::new(EngineStats::default());
+    let mut core = EngineCore::new(m.model, tok, s, c, stats.clone()).unwrap();
     let (ta, mut ra) = tokio::sync::mpsc::unbounded_channel();
     let (tb, mut rb) = tokio::sync::mpsc::unbounded_channel();
-    core.add_request(0, greedy_req(vec![1, 5, 6], 20), ta, Instant::now());
+    let slot = || stats.try_enqueue(8).unwrap();
+    core.add_request(0, greedy_req(vec![1, 5, 6], 20), ta, slot());
     core.step().unwrap();
     assert!(matches!(ra.try_recv(), Ok(EngineEvent::Output(_))));
     core.add_request(
@@ -298,7 +301,7 @@ fn long_prompt_is_chunked_while_others_keep_decoding() {
             4,
         ),
         tb,
-        Instant::now(),
+        slot(),
     );
     // Budget 16: A decodes 1 token per step, B prefills 15 per step: 70 tokens take 5 steps.
     for step in 0..5 {
@@ -486,9 +489,55 @@ fn admission_rejects_what_can_never_run() {
         matches!(e.submit(bad).err().unwrap(), EngineError::InvalidParam { param, .. } if param == "top_p")
     );
     // The waiting queue is bounded.
-    let stats = EngineStats::default();
+    let stats = std::sync::Arc::new(EngineStats::default());
+    let held = stats.try_enqueue(1).unwrap();
+    assert_eq!(stats.try_enqueue(1).unwrap_err(), 1);
+    drop(held);
     assert!(stats.try_enqueue(1).is_ok());
-    assert_eq!(stats.try_enqueue(1), Err(1));
+}
+
+#[test]
+fn a_panicking_engine_fails_everything_and_keeps_counts_exact() {
+    let e = engine(MODEL, 16, 64, cfg(256));
+    let running = e.submit(greedy_req(vec![1, 2, 3], 200)).unwrap();
+    e.inject_panic_for_tests();
+    let mut running = running;
+    let mut last = None;
+    while let Some(ev) = running.blocking_next() {
+        last = Some(ev);
+    }
+    assert!(matches!(
+        last,
+        Some(EngineEvent::Error(EngineError::EngineDead))
+    ));
+    wait_until("the engine is marked dead", || !e.is_alive());
+    // Refusals never take a place in the queue: still EngineDead, never Overloaded.
+    for _ in 0..1100 {
+        assert_eq!(
+            e.submit(greedy_req(vec![1, 2], 1)).err(),
+            Some(EngineError::EngineDead)
+        );
+    }
+    wait_until("the queue count drops to zero", || {
+        e.stats().queued_requests == 0
+    });
+}
+
+#[test]
+fn a_prompt_longer_than_the_step_budget_is_prefilled_alone() {
+    // Its first chunks sample nothing: the model's output head gets no rows.
+    let mut c = cfg(256);
+    c.max_num_batched_tokens = 16;
+    let e = engine(MODEL, 16, 64, c);
+    let prompt = random_prompts(1, 9)[0]
+        .iter()
+        .copied()
+        .cycle()
+        .take(100)
+        .collect();
+    let want = alone(MODEL, std::slice::from_ref(&prompt), 8);
+    let got = collect(e.submit(greedy_req(prompt, 8)).unwrap());
+    assert_eq!(got.tokens[0], want[0]);
 }
 
 #[test]

@@ -18,6 +18,15 @@ pub enum ApiError {
     },
     #[error("{0}")]
     Unauthorized(String),
+    /// 403: a browser request from an origin that is not allowed.
+    #[error("{0}")]
+    Forbidden(String),
+    /// 405: the route exists, the method does not.
+    #[error("{0}")]
+    MethodNotAllowed(String),
+    /// 408: the body did not arrive in time.
+    #[error("{0}")]
+    RequestTimeout(String),
     #[error("The model `{0}` does not exist.")]
     ModelNotFound(String),
     #[error("{0}")]
@@ -46,6 +55,9 @@ impl ApiError {
         match self {
             Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::ModelNotFound(_) | Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
@@ -58,6 +70,9 @@ impl ApiError {
         match self {
             Self::BadRequest { .. } => ("invalid_request_error", None),
             Self::Unauthorized(_) => ("invalid_request_error", Some("invalid_api_key")),
+            Self::Forbidden(_) => ("invalid_request_error", Some("origin_not_allowed")),
+            Self::MethodNotAllowed(_) => ("invalid_request_error", Some("method_not_allowed")),
+            Self::RequestTimeout(_) => ("invalid_request_error", Some("request_timeout")),
             Self::ModelNotFound(_) => ("invalid_request_error", Some("model_not_found")),
             Self::NotFound(_) => ("invalid_request_error", Some("not_found")),
             Self::PayloadTooLarge(_) => ("invalid_request_error", Some("request_too_large")),
@@ -102,7 +117,7 @@ impl From<EngineError> for ApiError {
                 }
             }
             EngineError::Overloaded { .. } => Self::Overloaded(e.to_string()),
-            EngineError::EngineDead => Self::Unavailable(e.to_string()),
+            EngineError::EngineDead | EngineError::ShuttingDown => Self::Unavailable(e.to_string()),
             EngineError::Internal(m) => Self::Internal(m),
         }
     }

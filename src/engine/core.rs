@@ -14,7 +14,7 @@ use super::request::{
 };
 use super::sampler::{token_logprob, Sampler};
 use super::scheduler::{Scheduler, SchedulerConfig, StepPlan};
-use super::stats::EngineStats;
+use super::stats::{EngineStats, QueueSlot};
 use crate::kv_cache::{KvCacheManager, KvCacheSizing, KvStorage, SeqId};
 use crate::model::{CausalLm, ForwardBatch, Logits};
 use crate::tokenizer::Tokenizer;
@@ -49,6 +49,9 @@ struct RequestState {
     prompt_logprobs: Vec<Option<TokenLogprob>>,
     timings: Timings,
     completion_tokens: usize,
+    /// The request's place in the admission queue, given back (dropped) when
+    /// it is first scheduled.
+    slot: Option<QueueSlot>,
 }
 
 pub struct EngineCore {
@@ -62,6 +65,12 @@ pub struct EngineCore {
     owners: HashMap<SeqId, (RequestId, usize)>,
     next_seq: SeqId,
     next_arrival: u64,
+    /// Requests whose client went away during the step (a send failed): they
+    /// are aborted once the step is over, never while it still walks their
+    /// sequences.
+    disconnected: Vec<RequestId>,
+    /// The requests of the step being run, for the log if it panics.
+    in_step: Vec<RequestId>,
     stats: std::sync::Arc<EngineStats>,
     /// The threads that run the forward pass. Entering the pool once per step
     /// makes the kernels' hundreds of parallel loops fork from a worker of the
@@ -97,6 +106,8 @@ impl EngineCore {
             owners: HashMap::new(),
             next_seq: 0,
             next_arrival: 0,
+            disconnected: Vec::new(),
+            in_step: Vec::new(),
             stats,
             compute: rayon::ThreadPoolBuilder::new()
                 .num_threads(rayon::current_num_threads())
@@ -118,14 +129,17 @@ impl EngineCore {
     }
 
     /// Admits a checked request (see [`super::EngineHandle::submit`] for the
-    /// checks); its events go to `tx`.
+    /// checks) holding its place in the queue; its events go to `tx`.
     pub fn add_request(
         &mut self,
         id: RequestId,
         req: GenerateRequest,
         tx: UnboundedSender<EngineEvent>,
-        arrived: Instant,
+        slot: QueueSlot,
     ) {
+        let arrived = slot.arrived();
+        let mut req = req;
+        req.normalize();
         let seq = self.new_seq(id, 0);
         let arrival = self.next_arrival;
         self.next_arrival += 1;
@@ -145,6 +159,7 @@ impl EngineCore {
                     finished: arrived,
                 },
                 completion_tokens: 0,
+                slot: Some(slot),
                 req,
             },
         );
@@ -171,7 +186,7 @@ impl EngineCore {
     /// Removes a request wherever it is, freeing every block it holds.
     pub fn abort(&mut self, id: RequestId) {
         if let Some(r) = self.requests.remove(&id) {
-            self.release(&r);
+            self.release(r);
             self.stats.record_abort();
         }
     }
@@ -194,18 +209,40 @@ impl EngineCore {
         let all: Vec<RequestState> = self.requests.drain().map(|(_, r)| r).collect();
         for r in all {
             let _ = r.tx.send(EngineEvent::Error(err.clone()));
-            self.release(&r);
+            self.release(r);
         }
     }
 
-    /// Frees a removed request's sequences and its place in the queue count.
-    fn release(&mut self, r: &RequestState) {
+    /// Ends every request with `err`, counted as aborted (the server is
+    /// shutting down and its deadline has passed).
+    pub fn abort_all(&mut self, err: &EngineError) {
+        let n = self.requests.len();
+        self.fail_all(err);
+        for _ in 0..n {
+            self.stats.record_abort();
+        }
+    }
+
+    /// After a panic in the step: the scheduler and cache may be half
+    /// updated, so nothing of them is touched. Every request gets `err` and
+    /// its state (queue slot included) is dropped.
+    pub fn fail_all_after_panic(&mut self, err: &EngineError) {
+        for (_, r) in self.requests.drain() {
+            let _ = r.tx.send(EngineEvent::Error(err.clone()));
+        }
+        self.owners.clear();
+    }
+
+    /// The requests of the step that was running (for the log of a panic).
+    pub fn requests_in_step(&self) -> &[RequestId] {
+        &self.in_step
+    }
+
+    /// Frees a removed request's sequences (its queue slot goes with it).
+    fn release(&mut self, r: RequestState) {
         for s in &r.seqs {
             self.sched.remove(s.seq);
             self.owners.remove(&s.seq);
-        }
-        if r.timings.scheduled.is_none() {
-            self.stats.left_queue();
         }
     }
 
@@ -218,15 +255,20 @@ impl EngineCore {
             return Ok(false);
         }
         let now = Instant::now();
+        self.in_step.clear();
         for s in &plan.scheduled {
-            let stats = self.stats.clone();
+            if let Some(&(rid, _)) = self.owners.get(&s.seq) {
+                self.in_step.push(rid);
+            }
             if let Some(r) = self.owner_mut(s.seq) {
                 if r.timings.scheduled.is_none() {
                     r.timings.scheduled = Some(now);
-                    stats.left_queue();
+                    r.slot = None; // out of the admission queue
                 }
             }
         }
+        self.in_step.sort_unstable();
+        self.in_step.dedup();
         let (batch, kinds) = self.build_batch(&plan);
         for &(src, dst) in &plan.copies {
             self.storage.copy_block(src, dst);
@@ -259,6 +301,9 @@ impl EngineCore {
                 let last = seq_rows.last().expect("a sampling sequence has logits");
                 self.sample_and_emit(s.seq, last);
             }
+        }
+        for rid in std::mem::take(&mut self.disconnected) {
+            self.abort(rid);
         }
         self.publish_stats();
         tracing::debug!(
@@ -339,29 +384,38 @@ impl EngineCore {
         let Some(&(rid, _)) = self.owners.get(&seq) else {
             return;
         };
+        let Some(r) = self.requests.get_mut(&rid) else {
+            return;
+        };
+        if r.tx.is_closed() {
+            // Nobody is listening: no sampling, no forking; aborted after the step.
+            self.disconnected.push(rid);
+            return;
+        }
         // The first sample of an n > 1 request: the prompt is in the cache, so
         // the other samples start now, sharing its blocks.
-        let r = self.requests.get_mut(&rid).expect("owner exists");
         if !r.forked {
             r.forked = true;
             let n = r.req.n;
+            let mut children = Vec::with_capacity(n.saturating_sub(1));
             for index in 1..n {
                 let child = self.next_seq;
                 self.next_seq += 1;
                 self.owners.insert(child, (rid, index));
                 self.sched.fork(seq, child);
-                let r = &self.requests[&rid];
-                let state = self.seq_state(&r.req, child, index);
-                self.requests
-                    .get_mut(&rid)
-                    .expect("exists")
-                    .seqs
-                    .push(state);
+                children.push(child);
             }
-            let children: Vec<SeqId> = self.requests[&rid].seqs[1..]
+            let r = &self.requests[&rid];
+            let states: Vec<SeqState> = children
                 .iter()
-                .map(|s| s.seq)
+                .enumerate()
+                .map(|(i, &child)| self.seq_state(&r.req, child, i + 1))
                 .collect();
+            self.requests
+                .get_mut(&rid)
+                .expect("checked above")
+                .seqs
+                .extend(states);
             for child in children {
                 self.sample_one(rid, child, logits);
             }
@@ -369,10 +423,18 @@ impl EngineCore {
         self.sample_one(rid, seq, logits);
     }
 
+    /// Samples one token of one of `rid`'s sequences. A request that finishes
+    /// or whose client is gone is never removed from under a caller that
+    /// still iterates over its sequences: a finished request is removed only
+    /// once all its samples are done, and a disconnected one after the step.
     fn sample_one(&mut self, rid: RequestId, seq: SeqId, logits: &[f32]) {
-        let index = self.owners[&seq].1;
+        let Some(&(_, index)) = self.owners.get(&seq) else {
+            return;
+        };
         let total_len = self.sched.seq(seq).map_or(0, |s| s.tokens.len());
-        let r = self.requests.get_mut(&rid).expect("owner exists");
+        let Some(r) = self.requests.get_mut(&rid) else {
+            return;
+        };
         let st = &mut r.seqs[index];
         let stop = &r.req.stop;
         let eos = &self.tokenizer.eos_token_ids;
@@ -394,7 +456,9 @@ impl EngineCore {
 
         let mut finish = None;
         let mut text;
-        if (!stop.ignore_eos && eos.contains(&token)) || stop.stop_token_ids.contains(&token) {
+        if (!stop.ignore_eos && eos.contains(&token))
+            || stop.stop_token_ids.binary_search(&token).is_ok()
+        {
             // The stop token itself has no text; release anything held back.
             finish = Some(FinishReason::Stop);
             text = flush_text(st, &self.tokenizer);
@@ -417,20 +481,17 @@ impl EngineCore {
             finish_reason: finish,
             time: Instant::now(),
         };
-        let send_ok = r.tx.send(EngineEvent::Output(out)).is_ok();
-        if finish.is_some() {
+        if r.tx.send(EngineEvent::Output(out)).is_err() {
+            self.disconnected.push(rid);
+        }
+        if let Some(f) = finish {
             st.finished = true;
             self.sched.remove(seq);
             self.owners.remove(&seq);
-            if let Some(f) = finish {
-                self.stats.record_finished_seq(f);
-            }
+            self.stats.record_finished_seq(f);
             self.finish_request_if_done(rid);
         } else {
             self.sched.append_token(seq, token);
-        }
-        if !send_ok {
-            self.abort(rid);
         }
     }
 
@@ -454,6 +515,76 @@ impl EngineCore {
             usage,
             timings: r.timings,
         });
+    }
+
+    /// Checks that the request table, the scheduler and the cache agree, for
+    /// tests that drive the engine through random operations. Returns what
+    /// is wrong. Cost: a walk over every sequence and block.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        self.sched.check_invariants()?;
+        for (&seq, &(rid, index)) in &self.owners {
+            let r = self
+                .requests
+                .get(&rid)
+                .ok_or_else(|| format!("sequence {seq} belongs to missing request {rid}"))?;
+            let st = r
+                .seqs
+                .get(index)
+                .ok_or_else(|| format!("request {rid} has no sample {index}"))?;
+            if st.seq != seq || st.finished {
+                return Err(format!(
+                    "owner of sequence {seq} is sample {index} of request {rid}, which is \
+                     sequence {} (finished: {})",
+                    st.seq, st.finished
+                ));
+            }
+        }
+        for (&rid, r) in &self.requests {
+            let expected = if r.forked { r.req.n } else { 1 };
+            if r.seqs.len() != expected {
+                return Err(format!(
+                    "request {rid} has {} samples, expected {expected}",
+                    r.seqs.len()
+                ));
+            }
+            if r.slot.is_some() != r.timings.scheduled.is_none() {
+                return Err(format!(
+                    "request {rid}: queue slot held {} but scheduled {}",
+                    r.slot.is_some(),
+                    r.timings.scheduled.is_some()
+                ));
+            }
+            for (i, st) in r.seqs.iter().enumerate() {
+                let owned = self.owners.get(&st.seq) == Some(&(rid, i));
+                let scheduled = self.sched.seq(st.seq).is_some();
+                if st.finished == owned || st.finished == scheduled {
+                    return Err(format!(
+                        "request {rid} sample {i} (sequence {}): finished {}, owned {owned}, \
+                         in the scheduler {scheduled}",
+                        st.seq, st.finished
+                    ));
+                }
+            }
+            if r.seqs.iter().all(|s| s.finished) && r.forked {
+                return Err(format!("request {rid} is done but still listed"));
+            }
+        }
+        if self.owners.len() != self.sched.num_seqs() {
+            return Err(format!(
+                "{} owned sequences but the scheduler has {}",
+                self.owners.len(),
+                self.sched.num_seqs()
+            ));
+        }
+        Ok(())
+    }
+
+    /// True when no request, sequence or block is left (every block free).
+    pub fn is_drained(&self) -> bool {
+        self.requests.is_empty()
+            && self.owners.is_empty()
+            && self.sched.num_seqs() == 0
+            && self.sched.kv().num_free_blocks() == self.sched.kv().pool().num_blocks()
     }
 
     fn publish_stats(&self) {

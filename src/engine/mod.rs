@@ -15,16 +15,16 @@ pub mod stats;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
-use std::time::Instant;
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+use tokio::sync::watch;
 
 pub use self::core::{EngineConfig, EngineCore, RequestId};
 pub use request::{
     EngineError, EngineEvent, FinishReason, GenerateRequest, SamplingParams, SeqOutput, StopParams,
     Timings, TokenLogprob, Usage, MAX_LOGPROBS, MAX_N,
 };
-pub use stats::{EngineStats, StatsSnapshot};
+pub use stats::{EngineStats, QueueSlot, StatsSnapshot};
 
 use crate::kv_cache::KvCacheSizing;
 use crate::model::LoadedModel;
@@ -35,14 +35,21 @@ enum Command {
         id: RequestId,
         req: Box<GenerateRequest>,
         tx: UnboundedSender<EngineEvent>,
-        arrived: Instant,
+        /// Dropped with the command if the engine never takes it.
+        slot: QueueSlot,
     },
     Abort(RequestId),
+    /// End every request with this error (shutdown deadline).
+    AbortAll(EngineError),
+    /// Panic on the engine thread (tests of the supervisor).
+    Panic,
 }
 
 struct Shared {
     stats: Arc<EngineStats>,
     alive: AtomicBool,
+    /// Cleared when the server stops taking requests (shutdown deadline).
+    accepting: AtomicBool,
     next_id: AtomicU64,
     cfg: EngineConfig,
     /// Tokens the whole KV pool holds.
@@ -56,10 +63,18 @@ pub struct EngineHandle {
     tx: mpsc::Sender<Command>,
     shared: Arc<Shared>,
     tokenizer: Arc<Tokenizer>,
+    /// Becomes true when the engine thread has ended, for whatever reason.
+    stopped: watch::Receiver<bool>,
 }
 
 impl EngineHandle {
     /// Starts the engine thread, which owns the model from now on.
+    ///
+    /// The thread is supervised: if the engine panics, the panic is logged
+    /// with the requests of the step it was running, the engine is marked
+    /// dead at once (`/health` answers 503, new requests are refused), every
+    /// request in flight ends with [`EngineError::EngineDead`], and
+    /// [`EngineHandle::stopped`] resolves so that the server can exit.
     pub fn spawn(
         loaded: LoadedModel,
         sizing: KvCacheSizing,
@@ -72,25 +87,47 @@ impl EngineHandle {
         let shared = Arc::new(Shared {
             stats,
             alive: AtomicBool::new(true),
+            accepting: AtomicBool::new(true),
             next_id: AtomicU64::new(0),
             cfg,
             cache_tokens: sizing.max_tokens(),
             vocab_size,
         });
         let (tx, rx) = mpsc::channel();
+        let (stopped_tx, stopped) = watch::channel(false);
         let thread_shared = shared.clone();
         std::thread::Builder::new()
             .name("candela-engine".into())
             .spawn(move || {
-                run_loop(&mut core, &rx);
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    run_loop(&mut core, &rx)
+                }));
                 thread_shared.alive.store(false, Ordering::SeqCst);
-                // Whatever is still in flight learns the engine is gone.
-                core.fail_all(&EngineError::EngineDead);
+                match outcome {
+                    // Every handle is gone: whatever is still in flight learns it.
+                    Ok(()) => core.fail_all(&EngineError::EngineDead),
+                    Err(panic) => {
+                        tracing::error!(
+                            engine_ids = ?core.requests_in_step(),
+                            "the engine thread panicked while running the requests with these \
+                             engine ids (each HTTP request's log line names its engine_ids): {}; \
+                             failing every request in flight",
+                            panic_message(&*panic)
+                        );
+                        core.fail_all_after_panic(&EngineError::EngineDead);
+                    }
+                }
+                // Commands still queued (and their queue slots) go with the
+                // receiver; their streams then end with EngineDead.
+                drop(rx);
+                drop(core);
+                let _ = stopped_tx.send(true);
             })?;
         Ok(Self {
             tx,
             shared,
             tokenizer,
+            stopped,
         })
     }
 
@@ -102,12 +139,24 @@ impl EngineHandle {
         &self.tokenizer
     }
 
+    /// The shared tokenizer, for work moved off the async threads.
+    pub fn tokenizer_arc(&self) -> Arc<Tokenizer> {
+        self.tokenizer.clone()
+    }
+
     pub fn stats(&self) -> StatsSnapshot {
         self.shared.stats.snapshot()
     }
 
     pub fn is_alive(&self) -> bool {
         self.shared.alive.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once the engine thread has ended (it panicked, or every
+    /// handle was dropped) and every request it held has been told.
+    pub async fn stopped(&self) {
+        let mut rx = self.stopped.clone();
+        let _ = rx.wait_for(|&s| s).await;
     }
 
     /// Checks a request against the engine's limits; the same checks
@@ -149,40 +198,99 @@ impl EngineHandle {
     /// Queues a request. Errors come back at once for invalid or oversized
     /// requests and when the queue is full; otherwise events follow on the stream.
     pub fn submit(&self, req: GenerateRequest) -> Result<RequestStream, EngineError> {
+        Ok(self
+            .submit_many(vec![req])?
+            .pop()
+            .expect("one stream per request"))
+    }
+
+    /// Queues several requests (the prompts of one API call) all or none:
+    /// each is checked first, then they take their places in the queue
+    /// together, so a call is never half admitted.
+    pub fn submit_many(
+        &self,
+        reqs: Vec<GenerateRequest>,
+    ) -> Result<Vec<RequestStream>, EngineError> {
         if !self.is_alive() {
             return Err(EngineError::EngineDead);
         }
-        self.check(&req)?;
-        self.shared
-            .stats
-            .try_enqueue(self.shared.cfg.max_waiting_requests)
-            .map_err(|waiting| EngineError::Overloaded { waiting })?;
-        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = unbounded_channel();
-        let cmd = Command::Add {
-            id,
-            req: Box::new(req),
-            tx,
-            arrived: Instant::now(),
-        };
-        if self.tx.send(cmd).is_err() {
-            return Err(EngineError::EngineDead);
+        if !self.shared.accepting.load(Ordering::SeqCst) {
+            return Err(EngineError::ShuttingDown);
         }
-        Ok(RequestStream {
-            id,
-            rx,
-            engine: self.tx.clone(),
-            done: false,
-        })
+        for r in &reqs {
+            self.check(r)?;
+        }
+        let limit = self.shared.cfg.max_waiting_requests;
+        if reqs.len() > limit {
+            return Err(EngineError::InvalidParam {
+                param: "prompt".into(),
+                message: format!(
+                    "{} prompts in one request, but at most {limit} requests may wait \
+                     (--max-waiting-requests)",
+                    reqs.len()
+                ),
+            });
+        }
+        let slots = self
+            .shared
+            .stats
+            .try_enqueue_many(reqs.len(), limit)
+            .map_err(|waiting| EngineError::Overloaded { waiting })?;
+        let mut streams = Vec::with_capacity(reqs.len());
+        for (req, slot) in reqs.into_iter().zip(slots) {
+            let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+            let (tx, rx) = unbounded_channel();
+            let cmd = Command::Add {
+                id,
+                req: Box::new(req),
+                tx,
+                slot,
+            };
+            // A failed send drops the command, its slot with it; the streams
+            // already made abort their requests when dropped.
+            if self.tx.send(cmd).is_err() {
+                return Err(EngineError::EngineDead);
+            }
+            streams.push(RequestStream {
+                id,
+                rx,
+                engine: self.tx.clone(),
+                done: false,
+            });
+        }
+        Ok(streams)
     }
 
     pub fn abort(&self, id: RequestId) {
         let _ = self.tx.send(Command::Abort(id));
     }
+
+    /// Refuses every later request with [`EngineError::ShuttingDown`] and
+    /// ends every request in flight with it (each stream gets it as its last
+    /// event): the shutdown deadline has passed.
+    pub fn shut_down_now(&self) {
+        self.shared.accepting.store(false, Ordering::SeqCst);
+        let _ = self.tx.send(Command::AbortAll(EngineError::ShuttingDown));
+    }
+
+    /// Makes the engine thread panic, to test the supervisor.
+    #[doc(hidden)]
+    pub fn inject_panic_for_tests(&self) {
+        let _ = self.tx.send(Command::Panic);
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
 }
 
 /// The events of one request. Dropping it before the end aborts the request
-/// and frees its blocks.
+/// and frees its blocks. If the engine goes away without a last event, the
+/// stream ends with [`EngineError::EngineDead`], never silently.
 pub struct RequestStream {
     id: RequestId,
     rx: UnboundedReceiver<EngineEvent>,
@@ -198,23 +306,31 @@ impl RequestStream {
     /// The next event; `None` after `Done` or `Error`.
     pub async fn next(&mut self) -> Option<EngineEvent> {
         let ev = self.rx.recv().await;
-        self.note(ev.as_ref());
-        ev
+        self.note(ev)
     }
 
     /// Blocking variant for non-async callers (benchmarks, tests).
     pub fn blocking_next(&mut self) -> Option<EngineEvent> {
         let ev = self.rx.blocking_recv();
-        self.note(ev.as_ref());
-        ev
+        self.note(ev)
     }
 
-    fn note(&mut self, ev: Option<&EngineEvent>) {
-        if matches!(
-            ev,
-            None | Some(EngineEvent::Done { .. }) | Some(EngineEvent::Error(_))
-        ) {
-            self.done = true;
+    /// Marks the end of the stream; a channel closed before the last event
+    /// means the engine died.
+    fn note(&mut self, ev: Option<EngineEvent>) -> Option<EngineEvent> {
+        if self.done {
+            return None;
+        }
+        match ev {
+            None => {
+                self.done = true;
+                Some(EngineEvent::Error(EngineError::EngineDead))
+            }
+            Some(ev @ (EngineEvent::Done { .. } | EngineEvent::Error(_))) => {
+                self.done = true;
+                Some(ev)
+            }
+            Some(ev) => Some(ev),
         }
     }
 }
@@ -226,11 +342,11 @@ impl futures_util::Stream for RequestStream {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<EngineEvent>> {
-        let poll = self.rx.poll_recv(cx);
-        if let std::task::Poll::Ready(ev) = &poll {
-            self.note(ev.as_ref());
+        if self.done {
+            return std::task::Poll::Ready(None);
         }
-        poll
+        let ev = std::task::ready!(self.rx.poll_recv(cx));
+        std::task::Poll::Ready(self.note(ev))
     }
 }
 
@@ -244,13 +360,10 @@ impl Drop for RequestStream {
 
 fn apply(core: &mut EngineCore, cmd: Command) {
     match cmd {
-        Command::Add {
-            id,
-            req,
-            tx,
-            arrived,
-        } => core.add_request(id, *req, tx, arrived),
+        Command::Add { id, req, tx, slot } => core.add_request(id, *req, tx, slot),
         Command::Abort(id) => core.abort(id),
+        Command::AbortAll(err) => core.abort_all(&err),
+        Command::Panic => panic!("panic injected by a test"),
     }
 }
 

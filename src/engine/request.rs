@@ -7,11 +7,19 @@ use std::time::Instant;
 pub const MAX_LOGPROBS: usize = 20;
 /// Most samples per request.
 pub const MAX_N: usize = 128;
+/// Most stop strings per request, and the longest one in bytes. Matching
+/// costs O(new text x number of strings) per token whatever their lengths,
+/// but each string is held in memory and its prefixes hold text back.
+pub const MAX_STOP_STRINGS: usize = 16;
+pub const MAX_STOP_STRING_BYTES: usize = 1024;
+/// Temperatures below this sample greedily, as in vLLM: `1/T` overflows
+/// (or nearly so) and the distribution is a one-hot anyway.
+pub const GREEDY_TEMPERATURE: f32 = 1e-5;
 
 /// How to pick each next token.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
-    /// 0 means greedy.
+    /// 0 (or anything below [`GREEDY_TEMPERATURE`]) means greedy.
     pub temperature: f32,
     /// Nucleus sampling: keep the smallest set of tokens whose probability reaches this (1 = off).
     pub top_p: f32,
@@ -54,7 +62,7 @@ impl SamplingParams {
     }
 
     pub fn is_greedy(&self) -> bool {
-        self.temperature == 0.0 || self.top_k == 1
+        self.temperature < GREEDY_TEMPERATURE || self.top_k == 1
     }
 }
 
@@ -182,7 +190,49 @@ impl GenerateRequest {
         if self.stop.stop.iter().any(String::is_empty) {
             return bad("stop", "stop strings must not be empty".into());
         }
+        if self.stop.stop.len() > MAX_STOP_STRINGS {
+            return bad(
+                "stop",
+                format!(
+                    "at most {MAX_STOP_STRINGS} stop strings, got {}",
+                    self.stop.stop.len()
+                ),
+            );
+        }
+        if let Some(long) = self
+            .stop
+            .stop
+            .iter()
+            .find(|s| s.len() > MAX_STOP_STRING_BYTES)
+        {
+            return bad(
+                "stop",
+                format!(
+                    "stop strings may be at most {MAX_STOP_STRING_BYTES} bytes long, got one of {}",
+                    long.len()
+                ),
+            );
+        }
         Ok(())
+    }
+
+    /// Puts the token lists in the form the engine looks them up in: stop
+    /// token ids sorted and unique, one logit bias per token (the last one
+    /// given wins). Their cost per token is then bounded by the vocabulary,
+    /// whatever the request repeats.
+    pub fn normalize(&mut self) {
+        self.stop.stop_token_ids.sort_unstable();
+        self.stop.stop_token_ids.dedup();
+        let bias = &mut self.sampling.logit_bias;
+        let mut seen = std::collections::HashSet::new();
+        let mut kept: Vec<(u32, f32)> = bias
+            .iter()
+            .rev()
+            .filter(|(t, _)| seen.insert(*t))
+            .copied()
+            .collect();
+        kept.reverse();
+        *bias = kept;
     }
 }
 
@@ -294,6 +344,9 @@ pub enum EngineError {
     Overloaded { waiting: usize },
     #[error("the engine has stopped")]
     EngineDead,
+    /// The server is shutting down and its deadline for in-flight requests passed.
+    #[error("the server is shutting down")]
+    ShuttingDown,
     #[error("internal error: {0}")]
     Internal(String),
 }

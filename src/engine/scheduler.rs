@@ -266,6 +266,59 @@ impl Scheduler {
         self.num_preemptions += 1;
     }
 
+    pub fn num_seqs(&self) -> usize {
+        self.seqs.len()
+    }
+
+    /// Checks that the queues, the sequences and the cache agree: every
+    /// sequence is either waiting or running (once), running ones hold blocks
+    /// for what they computed, waiting ones computed nothing, and the pool's
+    /// reference counts match the block tables.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let mut seen = std::collections::HashSet::new();
+        for &id in self.waiting.iter().chain(&self.running) {
+            if !seen.insert(id) {
+                return Err(format!("sequence {id} is queued twice"));
+            }
+            if !self.seqs.contains_key(&id) {
+                return Err(format!("queued sequence {id} is unknown"));
+            }
+        }
+        if seen.len() != self.seqs.len() {
+            return Err(format!(
+                "{} sequences but {} waiting or running",
+                self.seqs.len(),
+                seen.len()
+            ));
+        }
+        for (&id, s) in &self.seqs {
+            if s.num_computed > s.tokens.len() || s.num_prompt > s.tokens.len() {
+                return Err(format!(
+                    "sequence {id}: {} computed, {} prompt, {} tokens",
+                    s.num_computed,
+                    s.num_prompt,
+                    s.tokens.len()
+                ));
+            }
+            let blocks = self.kv.block_table(id).len();
+            if blocks < self.kv.blocks_for(s.num_computed) {
+                return Err(format!(
+                    "sequence {id} computed {} tokens but holds {blocks} blocks",
+                    s.num_computed
+                ));
+            }
+        }
+        for &id in &self.waiting {
+            if self.kv.contains(id) || self.seqs[&id].num_computed != 0 {
+                return Err(format!("waiting sequence {id} holds cache state"));
+            }
+        }
+        if let Some(id) = self.kv.seq_ids().find(|id| !self.seqs.contains_key(id)) {
+            return Err(format!("the cache holds blocks of unknown sequence {id}"));
+        }
+        self.kv.check_invariants()
+    }
+
     /// Records that the plan ran: its tokens are now in the cache.
     pub fn advance(&mut self, plan: &StepPlan) {
         for s in &plan.scheduled {

@@ -2,6 +2,8 @@
 //! (for `/metrics`). Plain atomics: written by one thread, read by any.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Instant;
 
 use super::request::FinishReason;
 
@@ -59,19 +61,33 @@ impl EngineStats {
     }
 
     /// Takes a place in the admission queue unless `limit` are already queued.
-    pub fn try_enqueue(&self, limit: usize) -> Result<(), usize> {
-        let before = self.queued_requests.fetch_add(1, Relaxed);
-        if before >= limit {
-            self.queued_requests.fetch_sub(1, Relaxed);
-            return Err(before);
-        }
-        Ok(())
+    /// The place is given back when the slot is dropped: when its request is
+    /// first scheduled, or whenever the request goes away before that
+    /// (aborted, refused, or lost with a dead engine).
+    pub fn try_enqueue(self: &Arc<Self>, limit: usize) -> Result<QueueSlot, usize> {
+        Ok(self
+            .try_enqueue_many(1, limit)?
+            .pop()
+            .expect("one slot asked for"))
     }
 
-    pub(super) fn left_queue(&self) {
-        let _ = self
-            .queued_requests
-            .fetch_update(Relaxed, Relaxed, |v| v.checked_sub(1));
+    /// Takes `n` places at once, or none: a request with several prompts is
+    /// admitted whole or refused whole.
+    pub fn try_enqueue_many(
+        self: &Arc<Self>,
+        n: usize,
+        limit: usize,
+    ) -> Result<Vec<QueueSlot>, usize> {
+        self.queued_requests.fetch_update(Relaxed, Relaxed, |q| {
+            q.checked_add(n).filter(|&after| after <= limit)
+        })?;
+        let arrived = Instant::now();
+        Ok((0..n)
+            .map(|_| QueueSlot {
+                stats: self.clone(),
+                arrived,
+            })
+            .collect())
     }
 
     pub(super) fn set_gauges(
@@ -111,5 +127,49 @@ impl EngineStats {
 
     pub(super) fn record_abort(&self) {
         self.aborted.fetch_add(1, Relaxed);
+    }
+}
+
+/// One request's place in the admission queue (counted in
+/// `queued_requests`). Dropping it gives the place back, so the count stays
+/// exact however the request ends, even if the engine thread dies.
+#[derive(Debug)]
+pub struct QueueSlot {
+    stats: Arc<EngineStats>,
+    arrived: Instant,
+}
+
+impl QueueSlot {
+    /// When the request was admitted.
+    pub fn arrived(&self) -> Instant {
+        self.arrived
+    }
+}
+
+impl Drop for QueueSlot {
+    fn drop(&mut self) {
+        self.stats.queued_requests.fetch_sub(1, Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_slots_are_counted_until_dropped() {
+        let stats = Arc::new(EngineStats::default());
+        let a = stats.try_enqueue(2).unwrap();
+        let many = stats.try_enqueue_many(2, 2);
+        assert_eq!(many.unwrap_err(), 1, "all or nothing");
+        let b = stats.try_enqueue(2).unwrap();
+        assert_eq!(stats.try_enqueue(2).unwrap_err(), 2);
+        drop(a);
+        assert_eq!(stats.snapshot().queued_requests, 1);
+        drop(b);
+        let four = stats.try_enqueue_many(4, 4).unwrap();
+        assert_eq!(stats.snapshot().queued_requests, 4);
+        drop(four);
+        assert_eq!(stats.snapshot().queued_requests, 0);
     }
 }

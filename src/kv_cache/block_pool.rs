@@ -71,6 +71,38 @@ impl BlockPool {
         *rc += 1;
     }
 
+    /// Checks the counts against `expected` (holders per block, counted from
+    /// the block tables) and that the free list holds each unreferenced block
+    /// exactly once.
+    pub fn check_invariants(&self, expected: &[u32]) -> Result<(), String> {
+        if expected != self.ref_counts.as_slice() {
+            let b = (0..expected.len())
+                .find(|&b| expected.get(b) != self.ref_counts.get(b))
+                .unwrap_or(0);
+            return Err(format!(
+                "block {b}: reference count {:?}, but {:?} tables hold it",
+                self.ref_counts.get(b),
+                expected.get(b)
+            ));
+        }
+        let mut free = vec![false; self.ref_counts.len()];
+        for &b in &self.free {
+            let slot = free
+                .get_mut(b as usize)
+                .ok_or_else(|| format!("free block {b} is out of range"))?;
+            if std::mem::replace(slot, true) {
+                return Err(format!("block {b} is on the free list twice"));
+            }
+        }
+        match (0..free.len()).find(|&b| free[b] != (self.ref_counts[b] == 0)) {
+            Some(b) => Err(format!(
+                "block {b}: reference count {} but on the free list: {}",
+                self.ref_counts[b], free[b]
+            )),
+            None => Ok(()),
+        }
+    }
+
     /// Drops one holder; the block is free again when none is left.
     pub fn release(&mut self, block: BlockId) {
         let rc = &mut self.ref_counts[block as usize];

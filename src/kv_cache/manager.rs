@@ -129,6 +129,25 @@ impl KvCacheManager {
     pub fn num_seqs(&self) -> usize {
         self.tables.len()
     }
+
+    pub fn seq_ids(&self) -> impl Iterator<Item = SeqId> + '_ {
+        self.tables.keys().copied()
+    }
+
+    /// Checks that every block's reference count is the number of tables
+    /// holding it and that the free list is exactly the unreferenced blocks.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let mut refs = vec![0u32; self.pool.num_blocks()];
+        for (seq, table) in &self.tables {
+            for &b in table {
+                let r = refs
+                    .get_mut(b as usize)
+                    .ok_or_else(|| format!("sequence {seq} holds block {b}, out of range"))?;
+                *r += 1;
+            }
+        }
+        self.pool.check_invariants(&refs)
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,271 @@
+//! Chaos test of the engine (no HTTP): thousands of random operations against
+//! the real engine on the embedded model, with tiny KV pools that force
+//! preemption. Submits with random `n`, prompts, stops, seeds and lengths;
+//! aborts at random points (waiting, mid-prompt, between the prompt's last
+//! chunk and the first token, while forking, while preempted); clients that
+//! vanish during a step. After every operation the request table, the
+//! scheduler and the cache must agree (`check_invariants`), every stream
+//! must follow the event protocol, and at the end every block is free.
+//!
+//! Seeded and reproducible: a failure prints its seed. `CANDELA_CHAOS_SEED=N`
+//! reruns one seed; `CANDELA_CHAOS_SEEDS=N` runs more of them.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use candela::engine::{
+    EngineConfig, EngineCore, EngineEvent, EngineStats, FinishReason, GenerateRequest,
+};
+use candela::kv_cache::KvCacheSizing;
+use candela::model::{load_model, LoadOptions};
+use candle_core::DType;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+/// What the test knows of one submitted request.
+struct Live {
+    rx: Option<UnboundedReceiver<EngineEvent>>,
+    n: usize,
+    max_tokens: usize,
+    /// Tokens received per sample, and which samples finished.
+    tokens: Vec<usize>,
+    finished: Vec<bool>,
+    done: bool,
+    /// Aborted or disconnected by the test: no more events are owed.
+    gone: bool,
+}
+
+impl Live {
+    /// Reads every event that arrived, checking the protocol.
+    fn drain(&mut self, id: u64, seed: u64) {
+        let Some(rx) = self.rx.as_mut() else { return };
+        while let Ok(ev) = rx.try_recv() {
+            assert!(
+                !self.done,
+                "seed {seed}: request {id} got an event after Done"
+            );
+            match ev {
+                EngineEvent::Output(o) => {
+                    assert!(
+                        o.index < self.n,
+                        "seed {seed}: request {id} sample {}",
+                        o.index
+                    );
+                    assert!(
+                        !self.finished[o.index],
+                        "seed {seed}: request {id} sample {} output after finishing",
+                        o.index
+                    );
+                    self.tokens[o.index] += o.token_ids.len();
+                    assert!(
+                        self.tokens[o.index] <= self.max_tokens,
+                        "seed {seed}: request {id} sample {} exceeded max_tokens",
+                        o.index
+                    );
+                    if let Some(f) = o.finish_reason {
+                        assert_ne!(f, FinishReason::Abort);
+                        self.finished[o.index] = true;
+                    }
+                }
+                EngineEvent::Done { usage, .. } => {
+                    assert!(
+                        self.finished.iter().all(|&f| f),
+                        "seed {seed}: request {id} done with unfinished samples"
+                    );
+                    assert_eq!(usage.completion_tokens, self.tokens.iter().sum::<usize>());
+                    self.done = true;
+                }
+                EngineEvent::Error(e) => panic!("seed {seed}: request {id} failed: {e}"),
+                EngineEvent::PromptLogprobs(_) => {}
+            }
+        }
+    }
+}
+
+fn random_request(rng: &mut StdRng, vocab: u32, room: usize) -> GenerateRequest {
+    let prompt_len = rng.random_range(1..=room.saturating_sub(1).clamp(1, 80));
+    let max_tokens = rng.random_range(1..=(room - prompt_len).clamp(1, 24));
+    let prompt: Vec<u32> = (0..prompt_len)
+        .map(|i| {
+            if i == 0 {
+                1
+            } else {
+                rng.random_range(3..vocab)
+            }
+        })
+        .collect();
+    let mut r = GenerateRequest::new(prompt, max_tokens);
+    r.n = *[1, 1, 2, 3, 4].get(rng.random_range(0..5)).unwrap();
+    r.sampling.temperature = if rng.random_bool(0.5) { 0.0 } else { 0.9 };
+    r.sampling.seed = rng.random_bool(0.7).then(|| rng.random());
+    r.stop.ignore_eos = rng.random_bool(0.5);
+    if rng.random_bool(0.3) {
+        r.stop.stop = vec![[" the", "a", "ly", ".", " was"][rng.random_range(0..5)].to_string()];
+    }
+    if rng.random_bool(0.2) {
+        r.stop.stop_token_ids = vec![rng.random_range(3..vocab), rng.random_range(3..vocab)];
+    }
+    if rng.random_bool(0.2) {
+        r.stop.min_tokens = rng.random_range(0..=max_tokens);
+    }
+    if rng.random_bool(0.2) {
+        r.logprobs = Some(rng.random_range(0..3));
+    }
+    if rng.random_bool(0.1) {
+        r.prompt_logprobs = Some(1);
+    }
+    r
+}
+
+fn run_seed(seed: u64, ops: usize) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let loaded = load_model(&LoadOptions {
+        model: None,
+        dtype: DType::F32,
+        quantization: Default::default(),
+    })
+    .unwrap();
+    let vocab = loaded.model.vocab_size() as u32;
+    let block_size = [1, 4, 16][rng.random_range(0..3)];
+    let num_blocks = rng.random_range(4..=40) * 16 / block_size;
+    let capacity = num_blocks * block_size;
+    let cfg = EngineConfig {
+        max_model_len: 512,
+        max_num_seqs: [1, 2, 8, 256][rng.random_range(0..4)],
+        max_num_batched_tokens: [4, 16, 64, 512][rng.random_range(0..4)],
+        max_waiting_requests: 1024,
+    };
+    let bpt = loaded.model.cache_spec().bytes_per_token(DType::F32);
+    let sizing = KvCacheSizing::new(block_size, bpt, Some(num_blocks), None, 0).unwrap();
+    let stats = Arc::new(EngineStats::default());
+    let mut core =
+        EngineCore::new(loaded.model, loaded.tokenizer, sizing, cfg, stats.clone()).unwrap();
+    let room = capacity.min(cfg.max_model_len);
+    let mut live: HashMap<u64, Live> = HashMap::new();
+    let mut next_id = 0u64;
+    let check = |core: &EngineCore, what: &str| {
+        if let Err(e) = core.check_invariants() {
+            panic!("seed {seed}: invariant broken after {what}: {e}");
+        }
+    };
+
+    for op in 0..ops {
+        let ids: Vec<u64> = live
+            .iter()
+            .filter(|(_, l)| !l.gone && !l.done)
+            .map(|(&id, _)| id)
+            .collect();
+        let pick = |rng: &mut StdRng| ids[rng.random_range(0..ids.len())];
+        match rng.random_range(0..100) {
+            0..=19 => {
+                let req = random_request(&mut rng, vocab, room);
+                let (tx, rx) = unbounded_channel();
+                let n = req.n;
+                let max_tokens = req.stop.max_tokens;
+                let slot = stats.try_enqueue(cfg.max_waiting_requests).unwrap();
+                core.add_request(next_id, req, tx, slot);
+                live.insert(
+                    next_id,
+                    Live {
+                        rx: Some(rx),
+                        n,
+                        max_tokens,
+                        tokens: vec![0; n],
+                        finished: vec![false; n],
+                        done: false,
+                        gone: false,
+                    },
+                );
+                next_id += 1;
+                check(&core, "submit");
+            }
+            20..=26 if !ids.is_empty() => {
+                let id = pick(&mut rng);
+                core.abort(id);
+                live.get_mut(&id).unwrap().gone = true;
+                check(&core, "abort");
+            }
+            27..=33 if !ids.is_empty() => {
+                // The client vanishes; the engine notices during its next step
+                // (a send fails, possibly while it forks the samples) or
+                // before it.
+                let id = pick(&mut rng);
+                let l = live.get_mut(&id).unwrap();
+                l.rx = None;
+                l.gone = true;
+            }
+            _ => {
+                if rng.random_bool(0.5) {
+                    core.drop_disconnected();
+                    check(&core, "dropping disconnected requests");
+                }
+                core.step()
+                    .unwrap_or_else(|e| panic!("seed {seed}: step {op} failed: {e:#}"));
+                check(&core, "a step");
+            }
+        }
+        for (&id, l) in live.iter_mut() {
+            l.drain(id, seed);
+        }
+        live.retain(|_, l| !(l.done || l.gone && l.rx.is_none()));
+        // The engine holds a queue place exactly for each request it has not
+        // scheduled yet.
+        let queued = stats.snapshot().queued_requests;
+        assert!(
+            queued <= core.num_requests(),
+            "seed {seed}: {queued} queued but {} requests",
+            core.num_requests()
+        );
+    }
+
+    // Everything still running must finish on its own.
+    let mut steps = 0;
+    while core.has_work() {
+        core.drop_disconnected();
+        core.step()
+            .unwrap_or_else(|e| panic!("seed {seed}: final step failed: {e:#}"));
+        check(&core, "a final step");
+        for (&id, l) in live.iter_mut() {
+            l.drain(id, seed);
+        }
+        steps += 1;
+        assert!(
+            steps < 100_000,
+            "seed {seed}: the engine does not finish its work"
+        );
+    }
+    for (id, l) in &live {
+        assert!(
+            l.done || l.gone,
+            "seed {seed}: request {id} was never finished"
+        );
+    }
+    assert!(
+        core.is_drained(),
+        "seed {seed}: blocks or sequences left behind"
+    );
+    assert_eq!(stats.snapshot().queued_requests, 0, "seed {seed}");
+}
+
+#[test]
+fn random_operations_keep_the_engine_consistent() {
+    let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
+    let seeds: Vec<u64> = match env("CANDELA_CHAOS_SEED") {
+        Some(s) => vec![s],
+        None => (0..env("CANDELA_CHAOS_SEEDS").unwrap_or(24)).collect(),
+    };
+    let ops = env("CANDELA_CHAOS_OPS").unwrap_or(600) as usize;
+    for seed in seeds {
+        let result = std::panic::catch_unwind(|| run_seed(seed, ops));
+        if let Err(e) = result {
+            eprintln!(
+                "engine chaos failed at seed {seed}; rerun it with \
+                 CANDELA_CHAOS_SEED={seed} cargo test --release --test engine_chaos"
+            );
+            std::panic::resume_unwind(e);
+        }
+    }
+}
