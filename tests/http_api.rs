@@ -8,130 +8,8 @@ use std::time::{Duration, Instant};
 use candela::cli::{Cli, Command};
 use clap::Parser;
 use common::repo_path;
+use common::server::*;
 use serde_json::{json, Value};
-
-struct Server {
-    base: String,
-}
-
-/// Starts `candela serve` in-process with extra flags; returns its base URL.
-fn start(extra: &[&str]) -> Server {
-    let model = repo_path("models/stories260K");
-    let template = repo_path("tests/fixtures/chatml.jinja");
-    let mut argv = vec![
-        "candela".to_string(),
-        "serve".into(),
-        "--model".into(),
-        model.to_str().unwrap().into(),
-        "--served-model-name".into(),
-        "stories".into(),
-        "--kv-cache-memory".into(),
-        "32MiB".into(),
-        "--chat-template".into(),
-        template.to_str().unwrap().into(),
-    ];
-    argv.extend(extra.iter().map(|s| s.to_string()));
-    let Command::Serve(args) = Cli::parse_from(argv).command else {
-        unreachable!()
-    };
-    let (app, _state) = candela::cli::serve::build_app(&args).unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            tx.send(listener.local_addr().unwrap()).unwrap();
-            axum::serve(listener, app).await.unwrap();
-        });
-    });
-    let addr = rx.recv().unwrap();
-    Server {
-        base: format!("http://{addr}"),
-    }
-}
-
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into()
-}
-
-impl Server {
-    fn post_raw(&self, path: &str, body: &str, key: Option<&str>) -> (u16, String) {
-        let mut req = agent()
-            .post(format!("{}{path}", self.base))
-            .header("content-type", "application/json");
-        if let Some(k) = key {
-            req = req.header("authorization", format!("Bearer {k}"));
-        }
-        let mut resp = req.send(body).unwrap();
-        (
-            resp.status().as_u16(),
-            resp.body_mut().read_to_string().unwrap(),
-        )
-    }
-
-    fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        let (status, text) = self.post_raw(path, &body.to_string(), None);
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
-    }
-
-    fn get(&self, path: &str) -> (u16, String) {
-        let mut resp = agent().get(format!("{}{path}", self.base)).call().unwrap();
-        (
-            resp.status().as_u16(),
-            resp.body_mut().read_to_string().unwrap(),
-        )
-    }
-}
-
-fn server() -> &'static Server {
-    static S: std::sync::OnceLock<Server> = std::sync::OnceLock::new();
-    S.get_or_init(|| start(&[]))
-}
-
-fn assert_error(status: u16, body: &Value, want_status: u16, param: Option<&str>) {
-    assert_eq!(status, want_status, "{body}");
-    let e = &body["error"];
-    assert!(
-        e["message"].as_str().is_some_and(|m| !m.is_empty()),
-        "{body}"
-    );
-    assert!(e["type"].is_string(), "{body}");
-    assert!(
-        e.get("code").is_some() && e.get("param").is_some(),
-        "{body}"
-    );
-    if let Some(p) = param {
-        assert_eq!(e["param"], p, "{body}");
-    }
-}
-
-/// Parses an SSE body at the byte level: every event is exactly `data: <payload>\n\n`.
-fn sse_payloads(body: &str) -> Vec<String> {
-    assert!(
-        body.ends_with("data: [DONE]\n\n"),
-        "stream must end with [DONE]: {body:?}"
-    );
-    let events: Vec<&str> = body.split_terminator("\n\n").collect();
-    events
-        .iter()
-        .map(|e| {
-            e.strip_prefix("data: ")
-                .unwrap_or_else(|| panic!("bad SSE event {e:?}"))
-                .to_string()
-        })
-        .inspect(|p| assert!(!p.contains('\n'), "one line per event"))
-        .collect()
-}
 
 const STORY: &str = ", there was a little girl named Lily.";
 
@@ -447,20 +325,38 @@ fn api_keys_guard_the_api_but_not_health_or_metrics() {
 
 #[test]
 fn oversized_bodies_and_full_queues() {
-    let s = start(&[
+    let s = std::sync::Arc::new(start(&[
         "--max-request-body-bytes",
         "1000",
         "--max-waiting-requests",
-        "0",
-    ]);
+        "2",
+        "--max-num-seqs",
+        "1",
+    ]));
     let big = json!({"prompt": "x".repeat(5000)}).to_string();
     let (st, text) = s.post_raw("/v1/completions", &big, None);
     assert_error(st, &serde_json::from_str(&text).unwrap(), 413, None);
+    // One request runs (one sequence at a time) and two wait: the queue is full.
+    let long = json!({"prompt": "Once upon a time", "max_tokens": 500, "ignore_eos": true});
+    let busy: Vec<_> = (0..3)
+        .map(|_| {
+            let (s, body) = (s.clone(), long.clone());
+            std::thread::spawn(move || s.post("/v1/completions", body).0)
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while s.metric("candela:num_requests_waiting") < 2.0 {
+        assert!(Instant::now() < deadline, "requests did not queue");
+        std::thread::sleep(Duration::from_millis(2));
+    }
     let (st, v) = s.post(
         "/v1/completions",
         json!({"prompt": "Once", "max_tokens": 2}),
     );
     assert_error(st, &v, 429, None);
+    for b in busy {
+        assert_eq!(b.join().unwrap(), 200);
+    }
 }
 
 #[test]
@@ -557,6 +453,7 @@ fn a_disconnected_stream_is_aborted_and_its_blocks_freed() {
                 .unwrap_or(-1.0)
         };
         if value("candela:client_disconnects_total") >= 1.0
+            && value("candela:request_success_total{finished_reason=\"abort\"") >= 1.0
             && value("candela:num_requests_running") == 0.0
             && value("candela:kv_cache_usage_perc") == 0.0
         {

@@ -3,14 +3,13 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
-use super::completions::{read_body, submit_all};
+use super::completions::{check_text_fits, submit_all};
 use super::error::ApiError;
+use super::guard::ReadBody;
 use super::logprobs::chat_entry;
 use super::protocol::chat::{
     AssistantMessage, ChatChoice, ChatChunk, ChatLogprobs, ChatMessage, ChatRequest, ChatResponse,
@@ -19,7 +18,7 @@ use super::protocol::chat::{
 use super::protocol::{random_id, unix_now, UsageJson};
 use super::sse::{self, ChunkWriter};
 use super::tracker::Tracker;
-use super::validate::{engine_params, generate_request, parse_json};
+use super::validate::{check_num_seqs, engine_params, generate_request, parse_json};
 use super::AppState;
 use crate::engine::{EngineEvent, FinishReason, GenerateRequest, Usage};
 
@@ -138,6 +137,11 @@ fn prepare(st: &AppState, body: &[u8]) -> Result<Prepared, ApiError> {
     for (k, v) in req.chat_template_kwargs.iter().flatten() {
         extra.insert(k.clone(), v.clone());
     }
+    check_num_seqs(
+        1,
+        req.common.n.unwrap_or(1) as usize,
+        st.max_seqs_per_request,
+    )?;
     let text = render_prompt(
         st,
         messages,
@@ -145,6 +149,7 @@ fn prepare(st: &AppState, body: &[u8]) -> Result<Prepared, ApiError> {
         req.continue_final_message.unwrap_or(false),
         Value::Object(extra),
     )?;
+    check_text_fits(st.engine.tokenizer(), &text, st.max_model_len, "messages")?;
     let ids = st
         .engine
         .tokenizer()
@@ -197,21 +202,20 @@ fn prepare(st: &AppState, body: &[u8]) -> Result<Prepared, ApiError> {
     })
 }
 
-pub async fn handle(
-    State(st): State<Arc<AppState>>,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
+pub async fn handle(State(st): State<Arc<AppState>>, ReadBody(body): ReadBody) -> Response {
     match run(st, body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
 }
 
-async fn run(st: Arc<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
-    let body = read_body(body)?;
-    let p = prepare(&st, &body)?;
+async fn run(st: Arc<AppState>, body: axum::body::Bytes) -> Result<Response, ApiError> {
+    let p = st
+        .offload(super::Lane::Generate, move |st| prepare(st, &body))
+        .await?;
     let n = p.req.n;
     let streams = submit_all(&st, vec![p.req])?;
+    super::tracker::note_engine_ids(&streams);
     let mut w = Writer {
         id: random_id("chatcmpl-"),
         created: unix_now(),
@@ -263,7 +267,7 @@ async fn run(st: Arc<AppState>, body: Result<Bytes, BytesRejection>) -> Result<R
                 w.usage = usage;
             }
             EngineEvent::Error(e) => {
-                w.tracker.end();
+                w.tracker.fail();
                 return Err(e.into());
             }
             EngineEvent::PromptLogprobs(_) => {}
@@ -354,7 +358,7 @@ impl ChunkWriter for Writer {
                 self.usage = usage;
             }
             EngineEvent::Error(e) => {
-                self.tracker.end();
+                self.tracker.fail();
                 return Err(e.into());
             }
             EngineEvent::PromptLogprobs(_) => {}

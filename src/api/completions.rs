@@ -3,59 +3,76 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 
 use super::error::ApiError;
-use super::logprobs::push_completion;
+use super::guard::ReadBody;
+use super::logprobs::{push_completion, TextOffsets};
 use super::protocol::completions::{
     CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Prompt,
 };
 use super::protocol::{random_id, unix_now, UsageJson};
 use super::sse::{self, ChunkWriter};
 use super::tracker::Tracker;
-use super::validate::{engine_params, generate_request, parse_json};
+use super::validate::{check_num_seqs, engine_params, generate_request, parse_json};
 use super::AppState;
 use crate::engine::{
     EngineEvent, FinishReason, GenerateRequest, RequestStream, TokenLogprob, Usage,
 };
+use crate::tokenizer::Tokenizer;
 
-/// The body, or the right error for a body that could not be read (413 when too large).
-pub fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
-    body.map_err(|r| {
-        if r.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PayloadTooLarge(format!("request body too large: {}", r.body_text()))
-        } else {
-            ApiError::BadRequest {
-                message: r.body_text(),
-                param: None,
-            }
-        }
-    })
-}
-
-/// Submits every request; dropping the returned streams aborts them.
+/// Submits every request, all or none; dropping the returned streams aborts them.
 pub fn submit_all(
     st: &AppState,
     reqs: Vec<GenerateRequest>,
 ) -> Result<Vec<RequestStream>, ApiError> {
-    reqs.into_iter()
-        .map(|r| st.engine.submit(r).map_err(ApiError::from))
-        .collect()
+    st.engine.submit_many(reqs).map_err(ApiError::from)
+}
+
+/// A prompt as it will be echoed: its text, and where each of its tokens
+/// starts in that text (characters), when logprobs are echoed too.
+struct EchoedPrompt {
+    text: String,
+    offsets: Vec<usize>,
 }
 
 struct Prepared {
     reqs: Vec<GenerateRequest>,
-    prompt_texts: Vec<String>,
+    prompts: Vec<EchoedPrompt>,
     n: usize,
     echo: bool,
     logprobs: Option<usize>,
+    skip_special_tokens: bool,
     stream: bool,
     include_usage: bool,
 }
 
+/// Refuses a text prompt that can never fit the context before the
+/// tokenizer spends time on it (see [`Tokenizer::min_tokens_for`]).
+pub fn check_text_fits(
+    tok: &Tokenizer,
+    text: &str,
+    max_model_len: usize,
+    param: &str,
+) -> Result<(), ApiError> {
+    let at_least = tok.min_tokens_for(text);
+    if at_least > max_model_len {
+        return Err(ApiError::bad_request(
+            param,
+            format!(
+                "This model's maximum context length is {max_model_len} tokens. However, your \
+                 prompt ({} bytes) is at least {at_least} tokens long. Please reduce the length of \
+                 the prompt.",
+                text.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Parses, validates and tokenizes a request (CPU work: run it through
+/// [`AppState::offload`]).
 fn prepare(st: &AppState, body: &[u8]) -> Result<Prepared, ApiError> {
     let req: CompletionRequest = parse_json(body)?;
     st.check_model(req.common.model.as_deref())?;
@@ -69,44 +86,70 @@ fn prepare(st: &AppState, body: &[u8]) -> Result<Prepared, ApiError> {
             "best_of greater than n is not supported",
         ));
     }
-    let tok = st.engine.tokenizer();
-    let empty = || ApiError::bad_request("prompt", "the prompt must not be empty");
-    let empty_text = match &req.prompt {
-        Some(Prompt::Text(t)) => t.is_empty(),
-        Some(Prompt::Texts(ts)) => ts.iter().any(String::is_empty),
-        _ => false,
-    };
-    if empty_text {
-        return Err(empty());
-    }
-    let prompts: Vec<(Vec<u32>, String)> = match req
+    let prompt = req
         .prompt
         .clone()
-        .ok_or_else(|| ApiError::bad_request("prompt", "prompt is required"))?
-    {
-        Prompt::Text(t) => vec![(encode(st, &t)?, t)],
-        Prompt::Texts(ts) => ts
-            .into_iter()
-            .map(|t| Ok((encode(st, &t)?, t)))
-            .collect::<Result<_, ApiError>>()?,
-        Prompt::Tokens(ids) => vec![(ids.clone(), tok.decode(&ids, false).unwrap_or_default())],
-        Prompt::TokenLists(ls) => ls
-            .into_iter()
-            .map(|ids| {
-                let t = tok.decode(&ids, false).unwrap_or_default();
-                (ids, t)
-            })
-            .collect(),
+        .ok_or_else(|| ApiError::bad_request("prompt", "prompt is required"))?;
+    let num_prompts = match &prompt {
+        Prompt::Text(_) | Prompt::Tokens(_) => 1,
+        Prompt::Texts(ts) => ts.len(),
+        Prompt::TokenLists(ls) => ls.len(),
     };
-    if prompts.is_empty() || prompts.iter().any(|(ids, _)| ids.is_empty()) {
-        return Err(empty());
-    }
+    check_num_seqs(num_prompts, n as usize, st.max_seqs_per_request)?;
     let logprobs = req.logprobs.map(|l| l as usize);
     if logprobs.is_some_and(|l| l > crate::engine::MAX_LOGPROBS) {
         return Err(ApiError::bad_request(
             "logprobs",
             "logprobs must be between 0 and 20",
         ));
+    }
+    let echo = req.echo.unwrap_or(false);
+    let offsets_needed = echo && logprobs.is_some();
+    let tok = st.engine.tokenizer();
+    let empty = || ApiError::bad_request("prompt", "the prompt must not be empty");
+    let from_text = |t: String| -> Result<(Vec<u32>, EchoedPrompt), ApiError> {
+        if t.is_empty() {
+            return Err(empty());
+        }
+        check_text_fits(tok, &t, st.max_model_len, "prompt")?;
+        let (ids, offsets) = if offsets_needed {
+            tok.encode_with_offsets(&t, true)
+        } else {
+            tok.encode(&t, true).map(|ids| (ids, Vec::new()))
+        }
+        .map_err(|e| ApiError::bad_request("prompt", e.to_string()))?;
+        Ok((ids, EchoedPrompt { text: t, offsets }))
+    };
+    let from_ids = |ids: Vec<u32>| -> (Vec<u32>, EchoedPrompt) {
+        // The echo of token ids is their text with special tokens shown.
+        if !echo || ids.iter().any(|&t| t as usize >= st.vocab_size) {
+            // Out-of-vocabulary ids are refused later, by the engine's check.
+            let text = String::new();
+            return (
+                ids,
+                EchoedPrompt {
+                    text,
+                    offsets: Vec::new(),
+                },
+            );
+        }
+        let text = tok.decode(&ids, false).unwrap_or_default();
+        let offsets = if offsets_needed {
+            let mut o = TextOffsets::new(&[], false, 0);
+            ids.iter().map(|&t| o.next(tok, t)).collect()
+        } else {
+            Vec::new()
+        };
+        (ids, EchoedPrompt { text, offsets })
+    };
+    let prompts: Vec<(Vec<u32>, EchoedPrompt)> = match prompt {
+        Prompt::Text(t) => vec![from_text(t)?],
+        Prompt::Texts(ts) => ts.into_iter().map(from_text).collect::<Result<_, _>>()?,
+        Prompt::Tokens(ids) => vec![from_ids(ids)],
+        Prompt::TokenLists(ls) => ls.into_iter().map(from_ids).collect(),
+    };
+    if prompts.is_empty() || prompts.iter().any(|(ids, _)| ids.is_empty()) {
+        return Err(empty());
     }
     let max_tokens = match req.max_tokens {
         Some(0) => {
@@ -119,22 +162,23 @@ fn prepare(st: &AppState, body: &[u8]) -> Result<Prepared, ApiError> {
         None => 16,
     };
     let (sampling, stop, n) = engine_params(&req.common, max_tokens, st.vocab_size)?;
-    let echo = req.echo.unwrap_or(false);
+    let skip_special_tokens = stop.skip_special_tokens;
     let mut reqs = Vec::with_capacity(prompts.len());
-    let mut prompt_texts = Vec::with_capacity(prompts.len());
+    let mut echoed = Vec::with_capacity(prompts.len());
     for (ids, text) in prompts {
         let prompt_lp = if echo { logprobs } else { None };
         let r = generate_request(ids, sampling.clone(), stop.clone(), n, logprobs, prompt_lp)?;
         st.engine.check(&r)?;
         reqs.push(r);
-        prompt_texts.push(text);
+        echoed.push(text);
     }
     Ok(Prepared {
         reqs,
-        prompt_texts,
+        prompts: echoed,
         n,
         echo,
         logprobs,
+        skip_special_tokens,
         stream: req.common.stream.unwrap_or(false),
         include_usage: req
             .common
@@ -144,17 +188,7 @@ fn prepare(st: &AppState, body: &[u8]) -> Result<Prepared, ApiError> {
     })
 }
 
-fn encode(st: &AppState, text: &str) -> Result<Vec<u32>, ApiError> {
-    st.engine
-        .tokenizer()
-        .encode(text, true)
-        .map_err(|e| ApiError::bad_request("prompt", e.to_string()))
-}
-
-pub async fn handle(
-    State(st): State<Arc<AppState>>,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
+pub async fn handle(State(st): State<Arc<AppState>>, ReadBody(body): ReadBody) -> Response {
     match run(st, body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
@@ -165,18 +199,31 @@ pub async fn handle(
 #[derive(Default)]
 struct Choice {
     text: String,
-    tokens: Vec<(u32, Option<TokenLogprob>)>,
+    tokens: Vec<(u32, Option<TokenLogprob>, usize)>,
     prompt_lps: Option<Vec<Option<TokenLogprob>>>,
     finish: Option<FinishReason>,
 }
 
-async fn run(st: Arc<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
-    let body = read_body(body)?;
-    let p = prepare(&st, &body)?;
+async fn run(st: Arc<AppState>, body: axum::body::Bytes) -> Result<Response, ApiError> {
+    let p = st
+        .offload(super::Lane::Generate, move |st| prepare(st, &body))
+        .await?;
     let num_choices = p.reqs.len() * p.n;
     let prompt_ids: Vec<Vec<u32>> = p.reqs.iter().map(|r| r.prompt_ids.clone()).collect();
     let streams = submit_all(&st, p.reqs)?;
+    super::tracker::note_engine_ids(&streams);
     let tracker = Tracker::new(st.metrics.clone(), num_choices);
+    let offsets = (0..num_choices)
+        .map(|i| {
+            let prompt = i / p.n;
+            let base = if p.echo {
+                p.prompts[prompt].text.chars().count()
+            } else {
+                0
+            };
+            TextOffsets::new(&prompt_ids[prompt], p.skip_special_tokens, base)
+        })
+        .collect();
     let writer = Writer {
         st: st.clone(),
         id: random_id("cmpl-"),
@@ -184,12 +231,12 @@ async fn run(st: Arc<AppState>, body: Result<Bytes, BytesRejection>) -> Result<R
         n: p.n,
         echo: p.echo,
         logprobs: p.logprobs.is_some(),
-        prompt_texts: p.prompt_texts,
+        prompts: p.prompts,
         prompt_ids,
         include_usage: p.include_usage,
         usage: Usage::default(),
         echoed: vec![false; num_choices],
-        offsets: vec![0; num_choices],
+        offsets,
         tracker,
     };
     let events = sse::merge(streams);
@@ -213,11 +260,18 @@ async fn collect(mut events: sse::Merged, mut w: Writer) -> Result<CompletionRes
                 }
             }
             EngineEvent::Output(o) => {
-                let c = &mut choices[p * w.n + o.index];
-                w.tracker.on_output(p * w.n + o.index, &o);
+                let i = p * w.n + o.index;
+                w.tracker.on_output(i, &o);
+                let tok = w.st.engine.tokenizer();
+                let c = &mut choices[i];
                 c.text.push_str(&o.text);
-                for (i, &t) in o.token_ids.iter().enumerate() {
-                    c.tokens.push((t, o.logprobs.get(i).cloned()));
+                for (k, &t) in o.token_ids.iter().enumerate() {
+                    let at = if w.logprobs {
+                        w.offsets[i].next(tok, t)
+                    } else {
+                        0
+                    };
+                    c.tokens.push((t, o.logprobs.get(k).cloned(), at));
                 }
                 c.finish = o.finish_reason.or(c.finish);
             }
@@ -226,7 +280,7 @@ async fn collect(mut events: sse::Merged, mut w: Writer) -> Result<CompletionRes
                 w.usage.add(&usage);
             }
             EngineEvent::Error(e) => {
-                w.tracker.end();
+                w.tracker.fail();
                 return Err(e.into());
             }
         }
@@ -240,27 +294,22 @@ async fn collect(mut events: sse::Merged, mut w: Writer) -> Result<CompletionRes
             let p = i / w.n;
             let mut text = String::new();
             let mut lps = CompletionLogprobs::default();
-            let mut offset = 0;
             if w.echo {
-                text.push_str(&w.prompt_texts[p]);
+                text.push_str(&w.prompts[p].text);
                 if w.logprobs {
                     let plp = c.prompt_lps.clone().unwrap_or_default();
                     for (k, &t) in w.prompt_ids[p].iter().enumerate() {
-                        push_completion(
-                            &mut lps,
-                            tok,
-                            plp.get(k).and_then(Option::as_ref),
-                            t,
-                            &mut offset,
-                        );
+                        let at = w.prompts[p].offsets.get(k).copied().unwrap_or(0);
+                        push_completion(&mut lps, tok, plp.get(k).and_then(Option::as_ref), t, at);
                     }
                 }
-                offset = text.len();
             }
             text.push_str(&c.text);
             if w.logprobs {
-                for (t, lp) in &c.tokens {
-                    push_completion(&mut lps, tok, lp.as_ref(), *t, &mut offset);
+                // A stop string cut from the text takes its tokens' text with it.
+                let len = text.chars().count();
+                for (t, lp, at) in &c.tokens {
+                    push_completion(&mut lps, tok, lp.as_ref(), *t, (*at).min(len));
                 }
             }
             CompletionChoice {
@@ -290,12 +339,13 @@ struct Writer {
     n: usize,
     echo: bool,
     logprobs: bool,
-    prompt_texts: Vec<String>,
+    prompts: Vec<EchoedPrompt>,
     prompt_ids: Vec<Vec<u32>>,
     include_usage: bool,
     usage: Usage,
     echoed: Vec<bool>,
-    offsets: Vec<usize>,
+    /// Where the next generated token of each choice starts in its text.
+    offsets: Vec<TextOffsets>,
     tracker: Tracker,
 }
 
@@ -329,15 +379,14 @@ impl Writer {
             if self.logprobs {
                 let tok = self.st.engine.tokenizer();
                 let mut l = CompletionLogprobs::default();
-                let mut off = 0;
                 for (k, &t) in self.prompt_ids[prompt].iter().enumerate() {
                     let lp = lps.and_then(|v| v.get(k)).and_then(Option::as_ref);
-                    push_completion(&mut l, tok, lp, t, &mut off);
+                    let at = self.prompts[prompt].offsets.get(k).copied().unwrap_or(0);
+                    push_completion(&mut l, tok, lp, t, at);
                 }
                 logprobs = Some(l);
             }
-            self.offsets[i] = self.prompt_texts[prompt].len();
-            let text = self.prompt_texts[prompt].clone();
+            let text = self.prompts[prompt].text.clone();
             out.push_back(self.chunk(
                 vec![CompletionChoice {
                     index: i,
@@ -368,7 +417,8 @@ impl ChunkWriter for Writer {
                     let tok = self.st.engine.tokenizer();
                     let mut l = CompletionLogprobs::default();
                     for (k, &t) in o.token_ids.iter().enumerate() {
-                        push_completion(&mut l, tok, o.logprobs.get(k), t, &mut self.offsets[i]);
+                        let at = self.offsets[i].next(tok, t);
+                        push_completion(&mut l, tok, o.logprobs.get(k), t, at);
                     }
                     l
                 });
@@ -387,7 +437,7 @@ impl ChunkWriter for Writer {
                 self.usage.add(&usage);
             }
             EngineEvent::Error(e) => {
-                self.tracker.end();
+                self.tracker.fail();
                 return Err(e.into());
             }
         }

@@ -4,6 +4,7 @@ use serde_json::{Map, Value};
 
 use super::protocol::chat::{ChatTokenLogprob, TopLogprob};
 use super::protocol::completions::CompletionLogprobs;
+use crate::engine::detokenizer::Detokenizer;
 use crate::engine::TokenLogprob;
 use crate::tokenizer::Tokenizer;
 
@@ -31,19 +32,17 @@ pub fn token_bytes(tok: &Tokenizer, id: u32) -> Vec<u8> {
     token_text(tok, id).into_bytes()
 }
 
-/// Appends tokens to completions-format logprobs; `offset` is the text offset
-/// of the next token within the choice's text.
+/// Appends a token to completions-format logprobs; `offset` is where its
+/// text starts in the choice's text (in characters, as OpenAI counts).
 pub fn push_completion(
     out: &mut CompletionLogprobs,
     tok: &Tokenizer,
     lp: Option<&TokenLogprob>,
     token_id: u32,
-    offset: &mut usize,
+    offset: usize,
 ) {
-    let text = token_text(tok, token_id);
-    out.tokens.push(text.clone());
-    out.text_offset.push(*offset);
-    *offset += text.len();
+    out.tokens.push(token_text(tok, token_id));
+    out.text_offset.push(offset);
     match lp {
         Some(lp) => {
             out.token_logprobs.push(Some(lp.logprob));
@@ -57,6 +56,34 @@ pub fn push_completion(
             out.token_logprobs.push(None);
             out.top_logprobs.push(None);
         }
+    }
+}
+
+/// Where each token of a sequence starts in its decoded text: the tokens are
+/// decoded one by one as the engine decodes them, and each token's offset is
+/// the length (in characters) of the text before it. A token that only
+/// completes a character started by the tokens before it shares their
+/// offset, and a token with no text (a skipped special token) has the
+/// offset of the next text.
+pub struct TextOffsets {
+    detok: Detokenizer,
+    at: usize,
+}
+
+impl TextOffsets {
+    /// Offsets counted from `base`, for tokens that follow `context`.
+    pub fn new(context: &[u32], skip_special_tokens: bool, base: usize) -> Self {
+        Self {
+            detok: Detokenizer::new(context, skip_special_tokens),
+            at: base,
+        }
+    }
+
+    /// The offset of `token`'s text; moves past it.
+    pub fn next(&mut self, tok: &Tokenizer, token: u32) -> usize {
+        let at = self.at;
+        self.at += self.detok.push(tok, token).chars().count();
+        at
     }
 }
 

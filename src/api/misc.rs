@@ -2,17 +2,15 @@
 
 use std::sync::Arc;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
-use axum::http::{header, StatusCode, Uri};
+use axum::http::{header, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::chat::render_prompt;
-use super::completions::read_body;
 use super::error::ApiError;
+use super::guard::ReadBody;
 use super::logprobs::token_text;
 use super::protocol::chat::ChatMessage;
 use super::validate::parse_json;
@@ -46,12 +44,9 @@ struct TokenizeRequest {
     chat_template_kwargs: Option<serde_json::Map<String, Value>>,
 }
 
-pub async fn tokenize(
-    State(st): State<Arc<AppState>>,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    let run = || -> Result<Value, ApiError> {
-        let req: TokenizeRequest = parse_json(&read_body(body)?)?;
+pub async fn tokenize(State(st): State<Arc<AppState>>, ReadBody(body): ReadBody) -> Response {
+    let run = move |st: &AppState| -> Result<Value, ApiError> {
+        let req: TokenizeRequest = parse_json(&body)?;
         st.check_model(req.model.as_deref())?;
         let tok = st.engine.tokenizer();
         let ids = match (&req.prompt, &req.messages) {
@@ -59,7 +54,7 @@ pub async fn tokenize(
             (None, Some(m)) => {
                 let extra = Value::Object(req.chat_template_kwargs.clone().unwrap_or_default());
                 let text = render_prompt(
-                    &st,
+                    st,
                     m,
                     req.add_generation_prompt.unwrap_or(true),
                     req.continue_final_message.unwrap_or(false),
@@ -83,7 +78,7 @@ pub async fn tokenize(
             json!({"count": ids.len(), "max_model_len": st.max_model_len, "tokens": ids, "token_strs": strs}),
         )
     };
-    match run() {
+    match st.offload(super::Lane::Utility, run).await {
         Ok(v) => axum::Json(v).into_response(),
         Err(e) => e.into_response(),
     }
@@ -95,12 +90,9 @@ struct DetokenizeRequest {
     tokens: Vec<u32>,
 }
 
-pub async fn detokenize(
-    State(st): State<Arc<AppState>>,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    let run = || -> Result<Value, ApiError> {
-        let req: DetokenizeRequest = parse_json(&read_body(body)?)?;
+pub async fn detokenize(State(st): State<Arc<AppState>>, ReadBody(body): ReadBody) -> Response {
+    let run = move |st: &AppState| -> Result<Value, ApiError> {
+        let req: DetokenizeRequest = parse_json(&body)?;
         st.check_model(req.model.as_deref())?;
         if let Some(&bad) = req.tokens.iter().find(|&&t| t as usize >= st.vocab_size) {
             return Err(ApiError::bad_request(
@@ -115,7 +107,7 @@ pub async fn detokenize(
             .map_err(|e| ApiError::bad_request("tokens", e.to_string()))?;
         Ok(json!({"prompt": text}))
     };
-    match run() {
+    match st.offload(super::Lane::Utility, run).await {
         Ok(v) => axum::Json(v).into_response(),
         Err(e) => e.into_response(),
     }
@@ -148,4 +140,8 @@ pub async fn metrics(State(st): State<Arc<AppState>>) -> Response {
 
 pub async fn not_found(uri: Uri) -> Response {
     ApiError::NotFound(format!("no route for {}", uri.path())).into_response()
+}
+
+pub async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+    ApiError::MethodNotAllowed(format!("{method} is not allowed on {}", uri.path())).into_response()
 }

@@ -4,9 +4,11 @@ mod auth;
 mod chat;
 mod completions;
 pub mod error;
+pub mod guard;
 mod logprobs;
 mod misc;
 pub mod protocol;
+pub mod server;
 mod sse;
 mod tracker;
 pub mod validate;
@@ -18,6 +20,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::http::{HeaderName, HeaderValue, Method};
 use axum::routing::{get, post};
 use axum::Router;
+use tokio::sync::Semaphore;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{
     MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
@@ -45,9 +48,58 @@ pub struct AppState {
     pub created: u64,
     /// Accepted API keys; empty means no authentication.
     pub api_keys: Vec<String>,
+    pub body_limits: guard::BodyLimits,
+    /// Most sequences (prompts x `n`) one request may ask for.
+    pub max_seqs_per_request: usize,
+    /// Bounds how many requests tokenize or render templates at once, on
+    /// tokio's blocking threads (see [`AppState::offload`]).
+    pub preprocess: Semaphore,
+    /// The same for `/tokenize` and `/detokenize`, whose input is only bounded
+    /// by the body limit: a few huge ones queue among themselves instead of
+    /// holding up generation requests.
+    pub utility: Semaphore,
+}
+
+/// Which permits a job of [`AppState::offload`] takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    /// Preparing a generation request: its text is bounded by the context
+    /// length before it is tokenized, so a job is short.
+    Generate,
+    /// `/tokenize` and `/detokenize`.
+    Utility,
 }
 
 impl AppState {
+    /// Runs CPU work of a request (tokenizing, rendering a chat template,
+    /// detokenizing) on tokio's blocking threads, never on the async ones
+    /// that serve every connection: a 10 MB prompt must not stall `/health`.
+    /// At most one such job per core runs at a time in each lane; the others
+    /// wait here without holding a thread.
+    pub async fn offload<T, F>(self: &Arc<Self>, lane: Lane, f: F) -> Result<T, ApiError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&AppState) -> Result<T, ApiError> + Send + 'static,
+    {
+        let permits = match lane {
+            Lane::Generate => &self.preprocess,
+            Lane::Utility => &self.utility,
+        };
+        let _permit = permits
+            .acquire()
+            .await
+            .map_err(|_| ApiError::Unavailable("the server is shutting down".into()))?;
+        let st = self.clone();
+        tokio::task::spawn_blocking(move || f(&st))
+            .await
+            .map_err(|e| ApiError::Internal(format!("preparing the request failed: {e}")))?
+    }
+
+    /// Permits for [`AppState::offload`]: one per core.
+    pub fn preprocess_permits() -> Semaphore {
+        Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get()))
+    }
+
     /// The requested model must be the one served (if named at all).
     pub fn check_model(&self, requested: Option<&str>) -> Result<(), ApiError> {
         match requested {
@@ -61,7 +113,8 @@ impl AppState {
 /// HTTP-level settings.
 #[derive(Debug, Clone)]
 pub struct HttpConfig {
-    /// Origins allowed by CORS; `*` allows any; empty disables CORS headers.
+    /// Origins allowed by CORS; `*` allows any; empty disables CORS headers
+    /// and refuses every cross-origin browser request.
     pub allowed_origins: Vec<String>,
     pub max_body_bytes: usize,
 }
@@ -96,15 +149,9 @@ pub fn router(state: Arc<AppState>, http: &HttpConfig) -> Router {
     let mut app = protected
         .merge(open)
         .fallback(misc::not_found)
+        .method_not_allowed_fallback(misc::method_not_allowed)
         .with_state(state)
-        .layer(DefaultBodyLimit::max(http.max_body_bytes))
-        .layer(PropagateRequestIdLayer::new(request_id.clone()))
-        .layer(
-            TraceLayer::new_for_http()
-                .make_span_with(tracker::span)
-                .on_response(tracker::on_response),
-        )
-        .layer(SetRequestIdLayer::new(request_id, MakeId));
+        .layer(DefaultBodyLimit::max(http.max_body_bytes));
     if !http.allowed_origins.is_empty() {
         let origins = if http.allowed_origins.iter().any(|o| o == "*") {
             AllowOrigin::any()
@@ -123,5 +170,16 @@ pub fn router(state: Arc<AppState>, http: &HttpConfig) -> Router {
                 .max_age(Duration::from_secs(3600)),
         );
     }
-    app
+    // Layers run outside in: request id, trace, origin check, CORS, routes.
+    app.layer(axum::middleware::from_fn_with_state(
+        Arc::new(guard::Origins::new(&http.allowed_origins)),
+        guard::check_origin,
+    ))
+    .layer(PropagateRequestIdLayer::new(request_id.clone()))
+    .layer(
+        TraceLayer::new_for_http()
+            .make_span_with(tracker::span)
+            .on_response(tracker::on_response),
+    )
+    .layer(SetRequestIdLayer::new(request_id, MakeId))
 }

@@ -8,12 +8,14 @@ use std::time::{Duration, Instant};
 use axum::http::{Request, Response};
 use tracing::Span;
 
-use crate::engine::{SeqOutput, Timings, Usage};
+use crate::engine::{FinishReason, SeqOutput, Timings, Usage};
 use crate::metrics::Metrics;
 
 pub struct Tracker {
     metrics: Arc<Metrics>,
     last: Vec<Option<Instant>>,
+    /// Which choices have a finish reason.
+    finished: Vec<bool>,
     ended: bool,
 }
 
@@ -22,6 +24,7 @@ impl Tracker {
         Self {
             metrics,
             last: vec![None; choices],
+            finished: vec![false; choices],
             ended: false,
         }
     }
@@ -39,6 +42,9 @@ impl Tracker {
         }
         if let Some(r) = o.finish_reason {
             self.metrics.record_finish(r);
+            if let Some(f) = self.finished.get_mut(choice) {
+                *f = true;
+            }
         }
     }
 
@@ -59,9 +65,25 @@ impl Tracker {
         );
     }
 
-    /// The request ended (normally or with an error): not a disconnect.
+    /// The request ended normally.
     pub fn end(&mut self) {
         self.ended = true;
+    }
+
+    /// The request ended with an error (the engine died, the shutdown
+    /// deadline passed): its unfinished choices count as aborted.
+    pub fn fail(&mut self) {
+        self.ended = true;
+        self.count_aborted();
+    }
+
+    fn count_aborted(&mut self) {
+        for f in &mut self.finished {
+            if !*f {
+                *f = true;
+                self.metrics.record_finish(FinishReason::Abort);
+            }
+        }
     }
 }
 
@@ -69,6 +91,7 @@ impl Drop for Tracker {
     fn drop(&mut self) {
         if !self.ended {
             self.metrics.record_disconnect();
+            self.count_aborted();
             tracing::info!("client disconnected; request aborted");
         }
     }
@@ -81,7 +104,13 @@ pub fn span<B>(req: &Request<B>) -> Span {
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("-");
-    tracing::info_span!("request", id = %id, method = %req.method(), path = %req.uri().path())
+    tracing::info_span!(
+        "request",
+        id = %id,
+        method = %req.method(),
+        path = %req.uri().path(),
+        engine_ids = tracing::field::Empty,
+    )
 }
 
 /// One log line per request with its status and time.
@@ -91,4 +120,12 @@ pub fn on_response<B>(res: &Response<B>, latency: Duration, _span: &Span) {
         latency_ms = latency.as_millis() as u64,
         "request done"
     );
+}
+
+/// Notes the engine's ids of a request's prompts in its log span, so that
+/// the engine's own logs (a panic names the requests of its step) can be
+/// matched with HTTP requests.
+pub fn note_engine_ids(streams: &[crate::engine::RequestStream]) {
+    let ids: Vec<u64> = streams.iter().map(|s| s.id()).collect();
+    Span::current().record("engine_ids", tracing::field::debug(&ids));
 }

@@ -38,6 +38,32 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiE
     })
 }
 
+/// A request may ask for at most `max` sequences (prompts x `n`,
+/// `--max-seqs-per-request`): each is a request in the engine's queue, and
+/// one call must not fill the queue or the batch on its own.
+pub fn check_num_seqs(prompts: usize, n: usize, max: usize) -> Result<(), ApiError> {
+    if prompts > max {
+        return Err(bad(
+            "prompt",
+            format!(
+                "{prompts} prompts in one request; at most {max} sequences (prompts x n) are \
+                 allowed per request"
+            ),
+        ));
+    }
+    if prompts.saturating_mul(n) > max {
+        return Err(bad(
+            "n",
+            format!(
+                "{prompts} prompts x n = {n} asks for {} sequences; at most {max} are allowed per \
+                 request",
+                prompts.saturating_mul(n)
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Sampling and stopping parameters shared by completions and chat.
 pub fn engine_params(
     c: &CommonParams,
@@ -85,9 +111,6 @@ pub fn engine_params(
         ));
     }
     let stop = c.stop.clone().map(|s| s.into_vec()).unwrap_or_default();
-    if stop.len() > 16 {
-        return Err(bad("stop", "at most 16 stop sequences"));
-    }
     let sampling = SamplingParams {
         temperature: c.temperature.unwrap_or(1.0),
         top_p: c.top_p.unwrap_or(1.0),

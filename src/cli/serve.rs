@@ -1,5 +1,13 @@
 //! `candela serve`: load the model, start the engine, serve the HTTP API
 //! until SIGTERM/SIGINT, then drain in-flight requests (up to a timeout).
+//!
+//! Exit codes: 0 after a signal once every in-flight request finished; 3
+//! after a signal when the shutdown timeout ended requests still in flight
+//! (each got an error: an SSE error event and `[DONE]`, or a 503); 70 when
+//! the engine thread failed (a bug: every in-flight request got an error,
+//! and exiting lets Kubernetes or the container runtime restart the
+//! server); 1 for errors at start (bad flags, a model that does not load);
+//! 2 for command-line usage errors.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,6 +16,8 @@ use anyhow::Context;
 use clap::Args;
 use serde::{Deserialize, Serialize};
 
+use crate::api::guard::BodyLimits;
+use crate::api::server::{self, ServerConfig};
 use crate::api::{router, AppState, HttpConfig};
 use crate::config::{CacheArgs, EngineArgs, ModelArgs};
 use crate::engine::EngineHandle;
@@ -47,12 +57,51 @@ pub struct ServeArgs {
     /// Origins allowed by CORS (repeat or comma-separate; `*` for any). Default: none.
     #[arg(long, value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
-    /// Largest request body accepted, in bytes.
+    /// Largest request body accepted, in bytes (a larger declared Content-Length
+    /// is refused with 413 before anything is read).
     #[arg(long, default_value_t = 32 << 20)]
     pub max_request_body_bytes: usize,
-    /// Seconds to let in-flight requests finish after SIGTERM/SIGINT.
+    /// Seconds a client has to send a request's headers, and again its body; also
+    /// how long an idle kept-alive connection stays open.
+    #[arg(long, default_value_t = 30)]
+    pub http_read_timeout: u64,
+    /// Connections served at once; more are answered at once with 503 and closed.
+    #[arg(long, default_value_t = 4096)]
+    pub max_connections: usize,
+    /// Seconds to let in-flight requests finish after SIGTERM/SIGINT; then they are
+    /// ended with an error and the server exits with code 3.
     #[arg(long, default_value_t = 30)]
     pub shutdown_timeout: u64,
+}
+
+/// How the server ended; the process exits with its code (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Stopped by a signal; every in-flight request finished.
+    Drained = 0,
+    /// Stopped by a signal; the shutdown timeout ended requests in flight.
+    Aborted = 3,
+    /// The engine thread failed.
+    EngineFailed = 70,
+}
+
+/// Time for the last responses (errors) to go out once the engine has ended
+/// or the shutdown deadline has passed; a client that does not read them
+/// does not hold the process any longer.
+const FINAL_FLUSH: Duration = Duration::from_secs(5);
+
+/// How long a server whose engine has died keeps answering (`/health` and
+/// every request with 503) before it exits, so that probes and load
+/// balancers see why it goes away rather than only a refused connection.
+const DEAD_ENGINE_LINGER: Duration = Duration::from_secs(2);
+
+impl ServeArgs {
+    fn server_config(&self) -> ServerConfig {
+        ServerConfig {
+            max_connections: self.max_connections,
+            read_timeout: Duration::from_secs(self.http_read_timeout.max(1)),
+        }
+    }
 }
 
 /// Loads the model, starts the engine and builds the router.
@@ -92,6 +141,13 @@ pub fn build_app(args: &ServeArgs) -> anyhow::Result<(axum::Router, Arc<AppState
         max_model_len,
         vocab_size,
         created: crate::api::protocol::unix_now(),
+        body_limits: BodyLimits {
+            max_bytes: args.max_request_body_bytes,
+            read_timeout: Duration::from_secs(args.http_read_timeout.max(1)),
+        },
+        max_seqs_per_request: args.engine.max_seqs_per_request,
+        preprocess: AppState::preprocess_permits(),
+        utility: AppState::preprocess_permits(),
         api_keys: args
             .api_key
             .iter()
@@ -111,13 +167,15 @@ pub fn build_app(args: &ServeArgs) -> anyhow::Result<(axum::Router, Arc<AppState
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
-    let (app, _state) = build_app(&args)?;
-    // Compute runs on the engine thread; the async side only moves bytes.
+    raise_fd_limit(args.max_connections);
+    let (app, state) = build_app(&args)?;
+    // Compute runs on the engine thread and tokenization on the blocking
+    // pool; the async side only moves bytes.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(async move {
+    let exit = rt.block_on(async move {
         let addr = format!("{}:{}", args.host, args.port);
         let listener = tokio::net::TcpListener::bind(&addr)
             .await
@@ -127,21 +185,83 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             listener.local_addr()?,
             started.elapsed()
         );
-        let timeout = Duration::from_secs(args.shutdown_timeout);
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                shutdown_signal().await;
-                tracing::info!("shutting down: finishing in-flight requests (up to {timeout:?})");
-                tokio::spawn(async move {
-                    tokio::time::sleep(timeout).await;
-                    tracing::warn!("shutdown timeout reached; exiting with requests in flight");
-                    std::process::exit(0);
-                });
-            })
-            .await?;
-        tracing::info!("stopped");
-        anyhow::Ok(())
-    })
+        anyhow::Ok(serve_until_stopped(listener, app, &state, &args, shutdown_signal()).await)
+    })?;
+    // Handlers still waiting on the blocking pool must not hold the exit.
+    rt.shutdown_timeout(Duration::from_millis(100));
+    tracing::info!("stopped ({exit:?}, exit code {})", exit as i32);
+    if exit != Exit::Drained {
+        std::process::exit(exit as i32);
+    }
+    Ok(())
+}
+
+/// Serves `app` until `signal` resolves or the engine ends, then drains:
+/// after a signal, in-flight requests get `--shutdown-timeout` to finish and
+/// are then ended with an error; after the engine's end, every request has
+/// its error already and only the responses are let out.
+pub async fn serve_until_stopped(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    state: &AppState,
+    args: &ServeArgs,
+    signal: impl std::future::Future<Output = ()>,
+) -> Exit {
+    enum Why {
+        Signal,
+        EngineEnded,
+    }
+    let engine = state.engine.clone();
+    let stop = async {
+        tokio::select! {
+            () = signal => Why::Signal,
+            () = async {
+                engine.stopped().await;
+                tokio::time::sleep(DEAD_ENGINE_LINGER).await;
+            } => Why::EngineEnded,
+        }
+    };
+    let (connections, why) = server::serve(listener, app, args.server_config(), stop).await;
+    let drained = connections.shutdown();
+    let mut drained = std::pin::pin!(drained);
+    let exit = match why {
+        Why::Signal => {
+            let timeout = Duration::from_secs(args.shutdown_timeout);
+            tracing::info!("shutting down: finishing in-flight requests (up to {timeout:?})");
+            if tokio::time::timeout(timeout, &mut drained).await.is_ok() {
+                Exit::Drained
+            } else {
+                tracing::warn!("shutdown timeout reached: ending the requests still in flight");
+                state.engine.shut_down_now();
+                let _ = tokio::time::timeout(FINAL_FLUSH, &mut drained).await;
+                Exit::Aborted
+            }
+        }
+        Why::EngineEnded => {
+            tracing::error!("the engine has stopped; exiting so that the server is restarted");
+            let _ = tokio::time::timeout(FINAL_FLUSH, &mut drained).await;
+            Exit::EngineFailed
+        }
+    };
+    if state.engine.is_alive() {
+        exit
+    } else {
+        Exit::EngineFailed
+    }
+}
+
+/// Raises the soft limit on open files to the hard one, so that
+/// `--max-connections` connections (plus the model's files and the like) fit;
+/// warns when they still do not.
+fn raise_fd_limit(max_connections: usize) {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) if (limit as usize) < max_connections.saturating_add(64) => tracing::warn!(
+            "the open-file limit is {limit}: fewer than --max-connections {max_connections} \
+             connections can be served; raise it (ulimit -n) or lower --max-connections"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!("could not raise the open-file limit: {e}"),
+    }
 }
 
 async fn shutdown_signal() {

@@ -146,6 +146,10 @@ pub struct EngineArgs {
     /// Requests allowed to wait for their first step; more are refused as overload.
     #[arg(long, default_value_t = 1024)]
     pub max_waiting_requests: usize,
+
+    /// Most sequences (prompts x n) one API request may ask for; more get a 400.
+    #[arg(long, default_value_t = 1024)]
+    pub max_seqs_per_request: usize,
 }
 
 impl EngineArgs {
@@ -153,8 +157,15 @@ impl EngineArgs {
         &self,
         max_model_len: usize,
     ) -> anyhow::Result<crate::engine::EngineConfig> {
-        if self.max_num_seqs == 0 || self.max_num_batched_tokens == 0 {
-            anyhow::bail!("--max-num-seqs and --max-num-batched-tokens must be at least 1");
+        if self.max_num_seqs == 0
+            || self.max_num_batched_tokens == 0
+            || self.max_seqs_per_request == 0
+            || self.max_waiting_requests == 0
+        {
+            anyhow::bail!(
+                "--max-num-seqs, --max-num-batched-tokens, --max-seqs-per-request and \
+                 --max-waiting-requests must be at least 1"
+            );
         }
         Ok(crate::engine::EngineConfig {
             max_model_len,

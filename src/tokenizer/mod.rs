@@ -27,6 +27,9 @@ pub struct Tokenizer {
     add_bos: bool,
     /// Jinja source of the chat template, if the model has one.
     pub chat_template: Option<String>,
+    /// The most bytes of input text one token can stand for, when the
+    /// tokenizer never drops input (see [`input_bytes_per_token`]).
+    max_input_bytes_per_token: Option<usize>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -166,6 +169,7 @@ impl Tokenizer {
         let eos_token =
             eos_token.or_else(|| eos_token_ids.first().and_then(|&id| inner.id_to_token(id)));
         Self {
+            max_input_bytes_per_token: input_bytes_per_token(&inner),
             inner,
             eos_token_ids,
             bos_token_id,
@@ -174,6 +178,40 @@ impl Tokenizer {
             add_bos,
             chat_template,
         }
+    }
+
+    /// The fewest tokens `text` can possibly encode to (without special
+    /// tokens), found without tokenizing: its length over the most bytes one
+    /// token can cover. 0 when the tokenizer can drop input text, so no bound
+    /// holds. Lets a prompt that can never fit the context be refused before
+    /// the tokenizer spends seconds on it.
+    pub fn min_tokens_for(&self, text: &str) -> usize {
+        self.max_input_bytes_per_token
+            .map_or(0, |per_token| text.len() / per_token)
+    }
+
+    /// Token ids of `text` with each token's span in `text` (char offsets;
+    /// special tokens added by the tokenizer have an empty span at 0).
+    pub fn encode_with_offsets(
+        &self,
+        text: &str,
+        add_special_tokens: bool,
+    ) -> anyhow::Result<(Vec<u32>, Vec<usize>)> {
+        let enc = self
+            .inner
+            .encode_char_offsets(text, add_special_tokens)
+            .map_err(|e| anyhow!("tokenizing: {e}"))?;
+        let mut ids = enc.get_ids().to_vec();
+        let mut starts: Vec<usize> = enc.get_offsets().iter().map(|o| o.0).collect();
+        if add_special_tokens && self.add_bos {
+            if let Some(bos) = self.bos_token_id {
+                if ids.first() != Some(&bos) {
+                    ids.insert(0, bos);
+                    starts.insert(0, 0);
+                }
+            }
+        }
+        Ok((ids, starts))
     }
 
     /// Token ids of `text`. With `add_special_tokens`, BOS is added as the
@@ -228,4 +266,74 @@ impl Tokenizer {
         };
         ChatTemplate::new(src, self.bos_token.clone(), self.eos_token.clone()).map(Some)
     }
+}
+
+/// Input bytes one token can stand for at most, or `None` when no bound
+/// holds: a normalizer or pre-tokenizer that deletes text (BERT's cleaning,
+/// whitespace splitting, stripping) or a model that folds any run of unknown
+/// characters into one token. A vocabulary entry is never shorter in bytes
+/// than the text it covers (byte-level BPE spells each byte with one or two
+/// bytes, SentencePiece's `▁` takes three for a space); Unicode normalization
+/// can shrink text, so it gets a factor of four.
+fn input_bytes_per_token(tok: &tokenizers::Tokenizer) -> Option<usize> {
+    fn types(v: &Value, out: &mut Vec<Value>) {
+        match v {
+            Value::Object(o) => {
+                if o.contains_key("type") {
+                    out.push(v.clone());
+                }
+                o.values().for_each(|x| types(x, out));
+            }
+            Value::Array(a) => a.iter().for_each(|x| types(x, out)),
+            _ => {}
+        }
+    }
+    let mut parts = Vec::new();
+    if let Some(n) = tok.get_normalizer() {
+        types(&serde_json::to_value(n).ok()?, &mut parts);
+    }
+    if let Some(p) = tok.get_pre_tokenizer() {
+        types(&serde_json::to_value(p).ok()?, &mut parts);
+    }
+    let mut factor = 1;
+    for part in &parts {
+        match part["type"].as_str()? {
+            "Sequence" | "Prepend" | "Lowercase" | "ByteLevel" | "Metaspace" | "Digits"
+            | "UnicodeScripts" | "Split" | "Punctuation" => {
+                if part["behavior"].as_str() == Some("Removed") {
+                    return None;
+                }
+            }
+            "NFC" | "NFD" | "NFKC" | "NFKD" => factor = 4,
+            "Replace" => {
+                let pattern = part["pattern"]["String"].as_str()?;
+                if part["content"].as_str()?.len() < pattern.len() {
+                    return None;
+                }
+            }
+            _ => return None,
+        }
+    }
+    let model = serde_json::to_value(tok.get_model()).ok()?;
+    let byte_fallback = model["byte_fallback"].as_bool().unwrap_or(false);
+    let longest_input_per_unknown = match model["type"].as_str()? {
+        "BPE" if !model["unk_token"].is_null() && !byte_fallback => {
+            if model["fuse_unk"].as_bool().unwrap_or(false) {
+                return None;
+            }
+            4 // one character
+        }
+        "BPE" => 0,
+        "Unigram" if !byte_fallback => return None,
+        "Unigram" => 0,
+        "WordPiece" => model["max_input_chars_per_word"].as_u64()? as usize * 4,
+        _ => return None,
+    };
+    let longest_token = tok
+        .get_vocab(true)
+        .keys()
+        .map(String::len)
+        .max()
+        .unwrap_or(1);
+    Some(longest_token.max(longest_input_per_unknown).max(1) * factor)
 }

@@ -187,3 +187,43 @@ def test_sigterm_finishes_in_flight_requests_then_exits():
     assert s.proc.wait(timeout=30) == 0
     with pytest.raises(openai.APIConnectionError):
         c.models.list()
+
+
+def test_shutdown_timeout_ends_open_streams_with_an_error_then_exits_3():
+    """At the shutdown deadline every open stream gets an error event and
+    [DONE]; nothing is cut mid-chunk; the exit code says requests were ended."""
+    import signal
+    import threading
+
+    s = Server("--model", "models/stories260K", "--kv-cache-memory", "16MiB",
+               "--shutdown-timeout", "1", "--max-num-seqs", "4")
+    c = openai.OpenAI(base_url=s.base + "/v1", api_key="none", max_retries=0)
+    results = [None] * 32
+
+    def stream(i):
+        chunks, error = [], None
+        try:
+            for chunk in c.completions.create(
+                    model="models/stories260K", prompt=PROMPT, max_tokens=500, temperature=0.7,
+                    stream=True, extra_body={"ignore_eos": True}):
+                chunks.append(chunk)
+        except openai.APIError as e:  # the SDK raises the error event it reads
+            error = e
+        results[i] = (chunks, error)
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    s.proc.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join(timeout=60)
+    assert s.proc.wait(timeout=30) == 3
+    ended = [r for r in results if r is not None and r[1] is not None]
+    finished = [r for r in results if r is not None and r[1] is None]
+    assert len(ended) + len(finished) == 32
+    assert ended, "some streams were still running at the deadline"
+    for _, error in ended:
+        assert "shutting down" in str(error)
+    for chunks, _ in finished:
+        assert chunks[-1].choices[0].finish_reason == "length"
