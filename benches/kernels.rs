@@ -4,8 +4,8 @@
 
 use std::time::{Duration, Instant};
 
-use candela::model::matmul::PackedMatrix;
-use candela::model::matmul_q8::Q8Matrix;
+use candela::kernels::cpu::matmul::PackedMatrix;
+use candela::kernels::cpu::matmul_q8::Q8Matrix;
 use candle_core::{Device, Tensor};
 
 fn time(mut f: impl FnMut()) -> Duration {

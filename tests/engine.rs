@@ -10,7 +10,7 @@ use candela::engine::{
     GenerateRequest, RequestStream, Usage,
 };
 use candela::kv_cache::KvCacheSizing;
-use candela::model::LoadedModel;
+use candela::models::LoadedModel;
 use candle_core::DType;
 use common::*;
 use rand::{Rng, SeedableRng};
@@ -25,7 +25,7 @@ fn cfg(max_model_len: usize) -> EngineConfig {
 }
 
 fn sizing(m: &LoadedModel, block_size: usize, num_blocks: usize) -> KvCacheSizing {
-    let bpt = m.model.cache_spec().bytes_per_token(m.model.dtype());
+    let bpt = m.model.spec().cache.bytes_per_token(m.model.spec().dtype);
     KvCacheSizing::new(block_size, bpt, Some(num_blocks), None, 0).unwrap()
 }
 

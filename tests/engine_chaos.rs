@@ -19,7 +19,7 @@ use candela::engine::{
     EngineConfig, EngineCore, EngineEvent, EngineStats, FinishReason, GenerateRequest,
 };
 use candela::kv_cache::KvCacheSizing;
-use candela::model::{load_model, LoadOptions};
+use candela::models::{load_model, LoadOptions};
 use candle_core::DType;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -126,9 +126,10 @@ fn run_seed(seed: u64, ops: usize) {
         model: None,
         dtype: DType::F32,
         quantization: Default::default(),
+        ..Default::default()
     })
     .unwrap();
-    let vocab = loaded.model.vocab_size() as u32;
+    let vocab = loaded.model.spec().vocab_size as u32;
     let block_size = [1, 4, 16][rng.random_range(0..3)];
     let num_blocks = rng.random_range(4..=40) * 16 / block_size;
     let capacity = num_blocks * block_size;
@@ -138,7 +139,7 @@ fn run_seed(seed: u64, ops: usize) {
         max_num_batched_tokens: [4, 16, 64, 512][rng.random_range(0..4)],
         max_waiting_requests: 1024,
     };
-    let bpt = loaded.model.cache_spec().bytes_per_token(DType::F32);
+    let bpt = loaded.model.spec().cache.bytes_per_token(DType::F32);
     let sizing = KvCacheSizing::new(block_size, bpt, Some(num_blocks), None, 0).unwrap();
     let stats = Arc::new(EngineStats::default());
     let mut core =

@@ -3,7 +3,7 @@
 
 mod common;
 
-use candela::model::Logits;
+use candela::layers::Logits;
 use candela::runner::{SeqWork, StepRunner};
 use candle_core::DType;
 use common::*;
@@ -12,7 +12,7 @@ const TOL: f32 = 1e-4;
 
 fn prefill_logits(
     runner: &mut StepRunner,
-    m: &candela::model::LoadedModel,
+    m: &candela::models::LoadedModel,
     seq: u64,
     prompt: &[u32],
 ) -> Vec<f32> {
@@ -78,7 +78,7 @@ fn greedy_continuations_match_transformers() {
 /// Logits of `prompt` computed token by token after a prefill of its first
 /// `split` tokens, sequence alone in the batch.
 fn solo_decode_logits(
-    m: &candela::model::LoadedModel,
+    m: &candela::models::LoadedModel,
     prompt: &[u32],
     split: usize,
 ) -> Vec<Vec<f32>> {

@@ -4,7 +4,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use candela::model::{load_model, LoadOptions};
+use candela::models::{load_model, LoadOptions};
 use candle_core::DType;
 use common::*;
 
@@ -25,6 +25,7 @@ fn load_err(path: &Path) -> String {
         model: Some(path.to_str().unwrap().to_string()),
         dtype: DType::F32,
         quantization: Default::default(),
+        ..Default::default()
     })
     .expect_err("loading should fail");
     format!("{err:#}")

@@ -2,7 +2,8 @@
 
 mod common;
 
-use candela::model::{LoadedModel, ModelSource};
+use candela::models::LoadedModel;
+use candela::weights::ModelSource;
 use candle_core::DType;
 use common::*;
 use serde_json::json;
@@ -13,7 +14,7 @@ fn stories_golden() -> serde_json::Value {
 }
 
 fn greedy(m: &LoadedModel, prompt: &[u32], n: usize, stop_at_eos: bool) -> Vec<u32> {
-    greedy_with_cache(m, prompt, n, stop_at_eos, m.model.dtype())
+    greedy_with_cache(m, prompt, n, stop_at_eos, m.model.spec().dtype)
 }
 
 fn greedy_with_cache(
@@ -57,8 +58,8 @@ fn stories260k_gguf_is_the_same_model() {
     ));
     let gguf = load(&path, DType::F32);
     let hf = load(&repo_path("models/stories260K"), DType::F32);
-    assert_eq!(gguf.config.num_layers, 5);
-    assert_eq!(gguf.config.num_kv_heads, 4);
+    assert_eq!(gguf.model.spec().cache.layers.len(), 5);
+    assert_eq!(gguf.model.spec().cache.num_kv_heads, 4);
     assert_eq!(gguf.tokenizer.eos_token_ids, vec![2]);
     assert_eq!(gguf.tokenizer.bos_token_id, Some(1));
     // The tokenizer rebuilt from GGUF metadata tokenizes and decodes like tokenizer.json.
@@ -91,9 +92,9 @@ fn smollm2_gguf_answers_the_capital_of_france() {
         return;
     };
     let m = load(&path, DType::F32);
-    assert_eq!(m.config.num_layers, 30);
-    assert_eq!((m.config.num_heads, m.config.num_kv_heads), (9, 3));
-    assert!(m.config.tie_word_embeddings);
+    let spec = m.model.spec();
+    assert_eq!(spec.architecture, "LlamaForCausalLM");
+    assert_eq!((spec.cache.layers.len(), spec.cache.num_kv_heads), (30, 3));
     let template = m
         .tokenizer
         .compile_chat_template(None)
@@ -115,17 +116,18 @@ fn smollm2_gguf_answers_the_capital_of_france() {
     assert_eq!(greedy_with_cache(&m, &prompt, 32, true, DType::F16), out);
     // 8-bit weights and activations (--quantization q8_0) stay close to f32. Not
     // the same greedy answer: the first answer token wins by 0.09 logits in f32.
-    let q8 = candela::model::load_model(&candela::model::LoadOptions {
+    let q8 = candela::models::load_model(&candela::models::LoadOptions {
         model: Some(path.to_str().unwrap().to_string()),
         dtype: DType::F32,
-        quantization: candela::model::Quantization::Q8_0,
+        quantization: candela::layers::Quantization::Q8_0,
+        ..Default::default()
     })
     .unwrap();
     let all_logits = |m: &LoadedModel| {
         let work = candela::runner::SeqWork {
             seq: 0,
             tokens: prompt.clone(),
-            logits: candela::model::Logits::All,
+            logits: candela::layers::Logits::All,
         };
         let mut out = runner(m, 16, 64).step(m.model.as_ref(), &[work]).unwrap();
         out.remove(0)

@@ -9,7 +9,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::config::{CacheArgs, EngineArgs, ModelArgs};
 use crate::engine::{EngineEvent, EngineHandle, GenerateRequest};
-use crate::model::load_model;
+use crate::models::load_model;
 
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
@@ -32,8 +32,8 @@ pub struct BenchArgs {
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let loaded = load_model(&args.model.load_options()?)?;
-    let vocab = loaded.model.vocab_size() as u32;
-    let max_len = args.model.max_model_len(loaded.model.as_ref());
+    let vocab = loaded.model.spec().vocab_size as u32;
+    let max_len = args.model.max_model_len(loaded.model.as_ref())?;
     let sizing = args
         .cache
         .sizing(loaded.model.as_ref(), max_len, args.engine.max_num_seqs)?;

@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::Args;
 
 use crate::config::{CacheArgs, ModelArgs};
-use crate::model::load_model;
+use crate::models::load_model;
 use crate::runner::StepRunner;
 
 #[derive(Debug, Clone, Args)]
@@ -37,7 +37,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         args.model.display_name(),
         started.elapsed()
     );
-    let max_len = args.model.max_model_len(loaded.model.as_ref());
+    let max_len = args.model.max_model_len(loaded.model.as_ref())?;
     let sizing = args.cache.sizing(loaded.model.as_ref(), max_len, 1)?;
     let tok = &loaded.tokenizer;
     let ids = if args.chat {

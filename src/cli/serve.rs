@@ -22,7 +22,7 @@ use crate::api::{router, AppState, HttpConfig};
 use crate::config::{CacheArgs, EngineArgs, ModelArgs};
 use crate::engine::EngineHandle;
 use crate::metrics::Metrics;
-use crate::model::load_model;
+use crate::models::load_model;
 
 #[derive(Debug, Clone, Args, Serialize, Deserialize)]
 pub struct ServeArgs {
@@ -107,7 +107,7 @@ impl ServeArgs {
 /// Loads the model, starts the engine and builds the router.
 pub fn build_app(args: &ServeArgs) -> anyhow::Result<(axum::Router, Arc<AppState>)> {
     let loaded = load_model(&args.model.load_options()?)?;
-    let max_model_len = args.model.max_model_len(loaded.model.as_ref());
+    let max_model_len = args.model.max_model_len(loaded.model.as_ref())?;
     let sizing = args.cache.sizing(
         loaded.model.as_ref(),
         max_model_len,
@@ -126,7 +126,7 @@ pub fn build_app(args: &ServeArgs) -> anyhow::Result<(axum::Router, Arc<AppState
     if chat_template.is_none() {
         tracing::warn!("the model has no chat template: /v1/chat/completions will answer 400 (see --chat-template)");
     }
-    let vocab_size = loaded.model.vocab_size();
+    let vocab_size = loaded.model.spec().vocab_size;
     let model_name = args
         .served_model_name
         .clone()

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 pub use file::apply_config_file;
 
 use crate::kv_cache::{parse_memory_size, KvCacheSizing};
-use crate::model::{parse_dtype, CausalLm, LoadOptions};
+use crate::models::{parse_dtype, LoadOptions, Model};
 
 /// KV cache budget when neither `--num-kv-blocks` nor `--kv-cache-memory` is given.
 pub const DEFAULT_KV_CACHE_MEMORY: u64 = 2 << 30;
@@ -43,7 +43,8 @@ impl ModelArgs {
         Ok(LoadOptions {
             model: self.model.clone().filter(|m| !m.is_empty()),
             dtype: parse_dtype(&self.dtype)?,
-            quantization: crate::model::Quantization::parse(&self.quantization)?,
+            quantization: crate::layers::Quantization::parse(&self.quantization)?,
+            device: candle_core::Device::Cpu,
         })
     }
 
@@ -51,13 +52,26 @@ impl ModelArgs {
     pub fn display_name(&self) -> String {
         match self.model.as_deref() {
             Some(m) if !m.is_empty() => m.to_string(),
-            _ => crate::model::embedded::NAME.to_string(),
+            _ => crate::weights::embedded::NAME.to_string(),
         }
     }
 
-    pub fn max_model_len(&self, model: &dyn CausalLm) -> usize {
-        self.max_model_len
-            .unwrap_or(model.max_position_embeddings())
+    /// `--max-model-len`, or the model's context. A model with a learned
+    /// position table cannot go past it at all.
+    pub fn max_model_len(&self, model: &dyn Model) -> anyhow::Result<usize> {
+        let spec = model.spec();
+        match self.max_model_len {
+            Some(n) if spec.positions_are_learned && n > spec.max_position_embeddings => {
+                anyhow::bail!(
+                    "--max-model-len {n} is longer than {}'s position table ({} positions)",
+                    spec.architecture,
+                    spec.max_position_embeddings
+                )
+            }
+            Some(0) => anyhow::bail!("--max-model-len must be at least 1"),
+            Some(n) => Ok(n),
+            None => Ok(spec.max_position_embeddings),
+        }
     }
 }
 
@@ -88,7 +102,7 @@ impl CacheArgs {
     /// caps the default budget: memory no batch could use is not allocated.
     pub fn sizing(
         &self,
-        model: &dyn CausalLm,
+        model: &dyn Model,
         max_model_len: usize,
         max_seqs: usize,
     ) -> anyhow::Result<KvCacheSizing> {
@@ -98,14 +112,14 @@ impl CacheArgs {
             .map(parse_memory_size)
             .transpose()?;
         let dtype = match self.kv_cache_dtype.to_ascii_lowercase().as_str() {
-            "auto" => model.dtype(),
+            "auto" => model.spec().dtype,
             other => parse_dtype(other).map_err(|_| {
                 anyhow::anyhow!(
                     "invalid --kv-cache-dtype {other:?}: choose auto, float32, bfloat16 or float16"
                 )
             })?,
         };
-        let bytes_per_token = model.cache_spec().bytes_per_token(dtype);
+        let bytes_per_token = model.spec().cache.bytes_per_token(dtype);
         let useful = (max_seqs.saturating_mul(max_model_len) + self.block_size) as u64
             * bytes_per_token as u64;
         let sizing = KvCacheSizing::new(

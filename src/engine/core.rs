@@ -8,6 +8,7 @@ use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::detokenizer::{Detokenizer, StopStrings};
+use super::model_runner::{ModelRunner, SeqStep};
 use super::request::{
     EngineError, EngineEvent, FinishReason, GenerateRequest, SeqOutput, Timings, TokenLogprob,
     Usage,
@@ -15,8 +16,9 @@ use super::request::{
 use super::sampler::{token_logprob, Sampler};
 use super::scheduler::{Scheduler, SchedulerConfig, StepPlan};
 use super::stats::{EngineStats, QueueSlot};
-use crate::kv_cache::{KvCacheManager, KvCacheSizing, KvStorage, SeqId};
-use crate::model::{CausalLm, ForwardBatch, Logits};
+use crate::kv_cache::{KvCacheManager, KvCacheSizing, SeqId};
+use crate::layers::Logits;
+use crate::models::Model;
 use crate::tokenizer::Tokenizer;
 
 pub type RequestId = u64;
@@ -55,8 +57,8 @@ struct RequestState {
 }
 
 pub struct EngineCore {
-    model: Box<dyn CausalLm>,
-    storage: KvStorage,
+    model: Box<dyn Model>,
+    runner: ModelRunner,
     tokenizer: Tokenizer,
     sched: Scheduler,
     cfg: EngineConfig,
@@ -72,23 +74,17 @@ pub struct EngineCore {
     /// The requests of the step being run, for the log if it panics.
     in_step: Vec<RequestId>,
     stats: std::sync::Arc<EngineStats>,
-    /// The threads that run the forward pass. Entering the pool once per step
-    /// makes the kernels' hundreds of parallel loops fork from a worker of the
-    /// pool (work stealing) instead of each waking the pool from outside and
-    /// putting this thread to sleep until it is done.
-    compute: rayon::ThreadPool,
 }
 
 impl EngineCore {
     pub fn new(
-        model: Box<dyn CausalLm>,
+        model: Box<dyn Model>,
         tokenizer: Tokenizer,
         sizing: KvCacheSizing,
         cfg: EngineConfig,
         stats: std::sync::Arc<EngineStats>,
     ) -> anyhow::Result<Self> {
-        let layout = model.cache_spec().layout(&sizing);
-        let storage = KvStorage::new(layout, sizing.dtype.unwrap_or(model.dtype()))?;
+        let runner = ModelRunner::new(model.as_ref(), &sizing)?;
         let sched = Scheduler::new(
             SchedulerConfig {
                 max_num_batched_tokens: cfg.max_num_batched_tokens,
@@ -98,7 +94,7 @@ impl EngineCore {
         );
         Ok(Self {
             model,
-            storage,
+            runner,
             tokenizer,
             sched,
             cfg,
@@ -109,10 +105,6 @@ impl EngineCore {
             disconnected: Vec::new(),
             in_step: Vec::new(),
             stats,
-            compute: rayon::ThreadPoolBuilder::new()
-                .num_threads(rayon::current_num_threads())
-                .thread_name(|i| format!("candela-compute-{i}"))
-                .build()?,
         })
     }
 
@@ -269,19 +261,28 @@ impl EngineCore {
         }
         self.in_step.sort_unstable();
         self.in_step.dedup();
-        let (batch, kinds) = self.build_batch(&plan);
-        for &(src, dst) in &plan.copies {
-            self.storage.copy_block(src, dst);
-        }
+        let kinds = self.logits_kinds(&plan);
         let forward_start = Instant::now();
-        let (model, storage) = (&self.model, &mut self.storage);
-        let logits = self.compute.install(|| model.forward(&batch, storage))?;
+        let steps: Vec<SeqStep> = plan
+            .scheduled
+            .iter()
+            .zip(&kinds)
+            .map(|(s, &logits)| SeqStep {
+                tokens: &self
+                    .sched
+                    .seq(s.seq)
+                    .expect("scheduled sequence exists")
+                    .tokens[s.start..s.start + s.len],
+                num_cached: s.start,
+                block_table: self.sched.block_table(s.seq),
+                logits,
+            })
+            .collect();
+        let rows = self
+            .runner
+            .execute(self.model.as_ref(), &plan.copies, &steps)?;
+        drop(steps);
         let forward_time = forward_start.elapsed();
-        let rows: Vec<Vec<f32>> = if batch.logits_indices.is_empty() {
-            Vec::new()
-        } else {
-            logits.to_vec2::<f32>()?
-        };
         self.sched.advance(&plan);
         self.stats.record_step(plan.num_tokens());
 
@@ -332,29 +333,20 @@ impl EngineCore {
         index == 0 && r.req.prompt_logprobs.is_some() && start < r.req.prompt_ids.len()
     }
 
-    fn build_batch(&self, plan: &StepPlan) -> (ForwardBatch, Vec<Logits>) {
-        let bs = self.sched.kv().block_size();
-        let mut batch = ForwardBatch::new();
-        let mut kinds = Vec::with_capacity(plan.scheduled.len());
-        for s in &plan.scheduled {
-            let seq = self.sched.seq(s.seq).expect("scheduled sequence exists");
-            let kind = if self.wants_prompt_logprobs(s.seq, s.start) {
-                Logits::All
-            } else if s.sample {
-                Logits::Last
-            } else {
-                Logits::None
-            };
-            batch.push_seq(
-                &seq.tokens[s.start..s.start + s.len],
-                s.start,
-                self.sched.block_table(s.seq),
-                bs,
-                kind,
-            );
-            kinds.push(kind);
-        }
-        (batch, kinds)
+    /// Which logits each scheduled sequence needs.
+    fn logits_kinds(&self, plan: &StepPlan) -> Vec<Logits> {
+        plan.scheduled
+            .iter()
+            .map(|s| {
+                if self.wants_prompt_logprobs(s.seq, s.start) {
+                    Logits::All
+                } else if s.sample {
+                    Logits::Last
+                } else {
+                    Logits::None
+                }
+            })
+            .collect()
     }
 
     fn collect_prompt_logprobs(&mut self, seq: SeqId, start: usize, rows: &[Vec<f32>]) {
@@ -591,7 +583,7 @@ impl EngineCore {
         self.stats.set_gauges(
             self.sched.num_running(),
             self.sched.num_waiting(),
-            self.sched.kv().pool().usage(),
+            self.sched.kv().usage(),
             self.sched.num_preemptions(),
         );
     }

@@ -8,6 +8,7 @@
 
 mod core;
 pub mod detokenizer;
+pub mod model_runner;
 pub mod request;
 pub mod sampler;
 pub mod scheduler;
@@ -27,7 +28,7 @@ pub use request::{
 pub use stats::{EngineStats, QueueSlot, StatsSnapshot};
 
 use crate::kv_cache::KvCacheSizing;
-use crate::model::LoadedModel;
+use crate::models::LoadedModel;
 use crate::tokenizer::Tokenizer;
 
 enum Command {
@@ -82,7 +83,7 @@ impl EngineHandle {
     ) -> anyhow::Result<Self> {
         let stats = Arc::new(EngineStats::default());
         let tokenizer = Arc::new(loaded.tokenizer.clone());
-        let vocab_size = loaded.model.vocab_size();
+        let vocab_size = loaded.model.spec().vocab_size;
         let mut core = EngineCore::new(loaded.model, loaded.tokenizer, sizing, cfg, stats.clone())?;
         let shared = Arc::new(Shared {
             stats,

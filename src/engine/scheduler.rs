@@ -226,33 +226,16 @@ impl Scheduler {
         plan
     }
 
+    /// Asks the cache for room for the tokens; a copy-on-write copy it needs
+    /// goes into the plan.
     fn try_allocate(&mut self, id: SeqId, start: usize, len: usize, plan: &mut StepPlan) -> bool {
-        // Room for the new tokens, plus one block in case the first one written
-        // is shared and must be copied.
-        let have = self.kv.block_table(id).len();
-        let need = self.kv.blocks_for(start + len).saturating_sub(have)
-            + usize::from(self.shared_at(id, start));
-        if need > self.kv.num_free_blocks() {
-            return false;
+        match self.kv.allocate(id, start, len) {
+            Ok(copy) => {
+                plan.copies.extend(copy);
+                true
+            }
+            Err(_) => false,
         }
-        if let Some(copy) = self
-            .kv
-            .make_writable(id, start)
-            .expect("checked free blocks")
-        {
-            plan.copies.push(copy);
-        }
-        self.kv
-            .allocate_slots(id, start + len)
-            .expect("checked free blocks");
-        true
-    }
-
-    fn shared_at(&self, id: SeqId, pos: usize) -> bool {
-        self.kv
-            .block_table(id)
-            .get(pos / self.kv.block_size())
-            .is_some_and(|&b| self.kv.pool().ref_count(b) > 1)
     }
 
     fn preempt(&mut self, id: SeqId, plan: &mut StepPlan) {

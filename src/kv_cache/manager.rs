@@ -117,6 +117,39 @@ impl KvCacheManager {
         Ok(Some((old, new)))
     }
 
+    /// Makes room for tokens `start..start + len` of `seq`: blocks to hold
+    /// them, and a private copy of the block token `start` lands in if that
+    /// one is shared (copy on write; the caller copies the returned
+    /// `(source, destination)` in the cache memory). All or nothing: when the
+    /// pool cannot give every block needed, nothing changes.
+    pub fn allocate(
+        &mut self,
+        seq: SeqId,
+        start: usize,
+        len: usize,
+    ) -> Result<Option<(BlockId, BlockId)>, NoFreeBlocks> {
+        let have = self.block_table(seq).len();
+        let shared = self
+            .block_table(seq)
+            .get(start / self.block_size)
+            .is_some_and(|&b| self.pool.ref_count(b) > 1);
+        let needed = self.blocks_for(start + len).saturating_sub(have) + usize::from(shared);
+        if needed > self.pool.num_free() {
+            return Err(NoFreeBlocks {
+                needed,
+                free: self.pool.num_free(),
+            });
+        }
+        let copy = self.make_writable(seq, start)?;
+        self.allocate_slots(seq, start + len)?;
+        Ok(copy)
+    }
+
+    /// Fraction of the pool in use, 0 to 1.
+    pub fn usage(&self) -> f64 {
+        self.pool.usage()
+    }
+
     /// Returns every block of `seq` to the pool (shared ones only lose a holder).
     pub fn free(&mut self, seq: SeqId) {
         if let Some(blocks) = self.tables.remove(&seq) {

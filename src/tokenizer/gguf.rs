@@ -11,9 +11,9 @@ use anyhow::{anyhow, bail, Context};
 use candle_core::quantized::gguf_file::Value;
 use serde_json::{json, Value as Json};
 
+use super::SpecialTokens;
 use super::Tokenizer;
-use crate::model::gguf::Meta;
-use crate::model::DecoderConfig;
+use crate::weights::gguf::Meta;
 
 // llama.cpp token types.
 const TYPE_UNKNOWN: i64 = 2;
@@ -112,7 +112,7 @@ fn spm_merges(tokens: &[String], scores: &[f32]) -> Vec<(String, String)> {
 }
 
 impl Tokenizer {
-    pub fn from_gguf(meta: &Meta, config: &DecoderConfig) -> anyhow::Result<Self> {
+    pub fn from_gguf(meta: &Meta, special: &SpecialTokens) -> anyhow::Result<Self> {
         let kind = meta
             .str("tokenizer.ggml.model")?
             .context("GGUF metadata lacks tokenizer.ggml.model")?;
@@ -220,7 +220,7 @@ impl Tokenizer {
             .map_err(|e| anyhow!("building the tokenizer: {e}"))?;
         let mut eos_ids: Vec<u32> = eos.into_iter().collect();
         eos_ids.extend(meta.u64("tokenizer.ggml.eot_token_id")?.map(|v| v as u32));
-        eos_ids.extend(&config.eos_token_ids);
+        eos_ids.extend(&special.eos);
         let chat_template = meta.str("tokenizer.chat_template")?.map(str::to_string);
         Ok(Self::assemble(
             inner,

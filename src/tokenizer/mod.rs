@@ -10,7 +10,13 @@ use serde_json::Value;
 
 pub use chat_template::ChatTemplate;
 
-use crate::model::DecoderConfig;
+/// Special-token ids the model's own config declares (`config.json`, or
+/// GGUF metadata). The tokenizer merges them with its files' own.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SpecialTokens {
+    pub bos: Option<u32>,
+    pub eos: Vec<u32>,
+}
 
 /// A model's tokenizer with what the engine needs to know about it.
 #[derive(Clone)]
@@ -78,7 +84,7 @@ fn ids_of(v: Option<&Value>) -> Vec<u32> {
 impl Tokenizer {
     /// From a Hugging Face folder: `tokenizer.json` plus, when present,
     /// `tokenizer_config.json`, `generation_config.json` and `chat_template.jinja`.
-    pub fn from_dir(dir: &Path, config: &DecoderConfig) -> anyhow::Result<Self> {
+    pub fn from_dir(dir: &Path, special: &SpecialTokens) -> anyhow::Result<Self> {
         let path = dir.join("tokenizer.json");
         if !path.is_file() {
             anyhow::bail!("{}: missing tokenizer.json", dir.display());
@@ -95,7 +101,7 @@ impl Tokenizer {
             read_json(&dir.join("tokenizer_config.json"))?,
             read_json(&dir.join("generation_config.json"))?,
             template,
-            config,
+            special,
         )
         .with_context(|| format!("loading the tokenizer in {}", dir.display()))
     }
@@ -106,7 +112,7 @@ impl Tokenizer {
         tokenizer_config: Option<Value>,
         generation_config: Option<Value>,
         chat_template_file: Option<String>,
-        config: &DecoderConfig,
+        special: &SpecialTokens,
     ) -> anyhow::Result<Self> {
         let inner = tokenizers::Tokenizer::from_bytes(tokenizer_json)
             .map_err(|e| anyhow!("tokenizer.json: {e}"))?;
@@ -116,12 +122,12 @@ impl Tokenizer {
         let bos_token = token_text(tok_cfg.get("bos_token"));
         let eos_token = token_text(tok_cfg.get("eos_token"));
         let mut eos = ids_of(gen_cfg.get("eos_token_id"));
-        eos.extend(&config.eos_token_ids);
+        eos.extend(&special.eos);
         eos.extend(eos_token.as_deref().and_then(|t| inner.token_to_id(t)));
         let bos_token_id = ids_of(gen_cfg.get("bos_token_id"))
             .first()
             .copied()
-            .or(config.bos_token_id)
+            .or(special.bos)
             .or_else(|| bos_token.as_deref().and_then(|t| inner.token_to_id(t)));
 
         let chat_template = chat_template_file.or_else(|| match tok_cfg.get("chat_template") {

@@ -6,7 +6,7 @@ pub mod server;
 use std::path::{Path, PathBuf};
 
 use candela::kv_cache::KvCacheSizing;
-use candela::model::{load_model, LoadOptions, LoadedModel};
+use candela::models::{load_model, LoadOptions, LoadedModel};
 use candela::runner::StepRunner;
 use candle_core::DType;
 
@@ -34,12 +34,13 @@ pub fn load(path: &Path, dtype: DType) -> LoadedModel {
         model: Some(path.to_str().unwrap().to_string()),
         dtype,
         quantization: Default::default(),
+        ..Default::default()
     })
     .unwrap_or_else(|e| panic!("loading {}: {e:#}", path.display()))
 }
 
 pub fn runner(m: &LoadedModel, block_size: usize, num_blocks: usize) -> StepRunner {
-    runner_with_cache_dtype(m, block_size, num_blocks, m.model.dtype())
+    runner_with_cache_dtype(m, block_size, num_blocks, m.model.spec().dtype)
 }
 
 #[allow(dead_code)] // not every test binary uses every helper
@@ -49,7 +50,7 @@ pub fn runner_with_cache_dtype(
     num_blocks: usize,
     dtype: DType,
 ) -> StepRunner {
-    let bpt = m.model.cache_spec().bytes_per_token(dtype);
+    let bpt = m.model.spec().cache.bytes_per_token(dtype);
     let sizing = KvCacheSizing::new(block_size, bpt, Some(num_blocks), None, 0)
         .unwrap()
         .with_dtype(dtype);

@@ -15,7 +15,7 @@
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::{filled_vec, with_slice};
+use super::{filled_vec, with_slice};
 // Panels of LANES columns, NR per micro-tile, as the f32 kernel: the tile
 // helpers are shared.
 use super::matmul::{

@@ -8,7 +8,7 @@ use std::mem::MaybeUninit;
 use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::{filled_vec, with_slice};
+use super::{filled_vec, with_slice};
 
 /// Elements per rayon task: below this a split costs more than it saves.
 const MIN_PER_TASK: usize = 32 * 1024;

@@ -2,13 +2,19 @@
 //! then let every query token attend to its sequence's cached keys/values by
 //! walking the block table. No sequence's cache is ever gathered into a
 //! contiguous tensor.
+//!
+//! Both entry points check the batch against the cache layout first (every
+//! block id in range, every table long enough, every slot inside the pool,
+//! the token counts consistent): the kernels then index without further
+//! checks (the AVX-512 one through raw pointers), so a bad block table from
+//! safe code is an error here, never undefined behaviour.
 
 use candle_core::{DType, Device, Result, Tensor, WithDType};
 use rayon::prelude::*;
 
-use super::batch::ForwardBatch;
-use super::cpu::with_slice;
+use super::with_slice;
 use crate::kv_cache::{KvLayout, LayerKv};
+use crate::layers::batch::ForwardBatch;
 
 /// Writes `k`, `v` (`[tokens, num_kv_heads, head_dim]`) into `cache` at the
 /// batch's slots.
@@ -19,6 +25,7 @@ pub fn write_kv(
     layout: &KvLayout,
     batch: &ForwardBatch,
 ) -> Result<()> {
+    check_batch(batch, layout, k.dim(0)?)?;
     // The cache may be narrower than the activations (`--kv-cache-dtype`).
     let dt = cache.k.dtype();
     let (k, v) = (&k.to_dtype(dt)?, &v.to_dtype(dt)?);
@@ -64,6 +71,46 @@ pub struct AttnParams {
     /// Keys further back than this many positions (counting the query's own)
     /// are masked out, as Mistral's sliding window does.
     pub sliding_window: Option<usize>,
+    /// Gemma 2's attention logit soft-capping: scores become
+    /// `cap * tanh(score / cap)` before the softmax.
+    pub softcap: Option<f32>,
+}
+
+/// Checks a batch against the cache layout before any kernel reads or writes
+/// the cache through it; `n_tokens` is the rows of the step's activations.
+pub fn check_batch(batch: &ForwardBatch, layout: &KvLayout, n_tokens: usize) -> Result<()> {
+    let (nb, bs) = (layout.num_blocks, layout.block_size);
+    if batch.slot_mapping.len() != n_tokens || batch.positions.len() != n_tokens {
+        candle_core::bail!(
+            "batch of {n_tokens} tokens has {} slots and {} positions",
+            batch.slot_mapping.len(),
+            batch.positions.len()
+        );
+    }
+    if let Some(&slot) = batch.slot_mapping.iter().find(|&&s| s as usize >= nb * bs) {
+        candle_core::bail!("KV slot {slot} is outside the pool of {nb} blocks of {bs}");
+    }
+    let mut next = 0;
+    for (i, seq) in batch.seqs.iter().enumerate() {
+        if seq.query_start != next || seq.query_len == 0 || seq.query_len > seq.context_len {
+            candle_core::bail!("sequence {i} of the batch: inconsistent token ranges {seq:?}");
+        }
+        next += seq.query_len;
+        if let Some(&b) = seq.block_table.iter().find(|&&b| b as usize >= nb) {
+            candle_core::bail!("sequence {i}: block id {b} is outside the pool of {nb} blocks");
+        }
+        if seq.block_table.len() * bs < seq.context_len {
+            candle_core::bail!(
+                "sequence {i}: its block table covers {} tokens, it has {}",
+                seq.block_table.len() * bs,
+                seq.context_len
+            );
+        }
+    }
+    if next != n_tokens {
+        candle_core::bail!("the batch's sequences hold {next} tokens, not {n_tokens}");
+    }
+    Ok(())
 }
 
 /// `q`: `[tokens, num_heads, head_dim]`. Returns `[tokens, num_heads * head_dim]`.
@@ -80,22 +127,41 @@ pub fn paged_attention(
     let dtype = q.dtype();
     // Queries and outputs are f32 whatever the cache holds.
     let q = q.to_dtype(DType::F32)?.contiguous()?;
-    let hd = layout.head_dim;
+    check_batch(batch, layout, q.dim(0)?)?;
+    let (hd, cap) = (layout.head_dim, params.softcap);
     let out = match cache.k.dtype() {
-        DType::F32 => attend_typed(&q, cache, layout, batch, params, kernel::<f32>(hd))?,
-        DType::F16 => attend_typed(&q, cache, layout, batch, params, kernel::<half::f16>(hd))?,
-        DType::BF16 => attend_typed(&q, cache, layout, batch, params, kernel::<half::bf16>(hd))?,
+        DType::F32 => attend_typed(&q, cache, layout, batch, params, kernel::<f32>(hd, cap))?,
+        DType::F16 => attend_typed(
+            &q,
+            cache,
+            layout,
+            batch,
+            params,
+            kernel::<half::f16>(hd, cap),
+        )?,
+        DType::BF16 => attend_typed(
+            &q,
+            cache,
+            layout,
+            batch,
+            params,
+            kernel::<half::bf16>(hd, cap),
+        )?,
         dt => candle_core::bail!("unsupported KV cache dtype {dt:?}"),
     };
     out.to_dtype(dtype)
 }
 
-/// The fastest kernel this CPU runs for cache elements `T` and this head size.
+/// The fastest kernel this CPU runs for cache elements `T` and this head size
+/// (soft-capped scores take the portable loops, vectorized with AVX2).
 #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
-fn kernel<T: KvElem>(head_dim: usize) -> impl Fn(&Item<T>, &mut Scratch, &mut [f32]) + Sync {
+fn kernel<T: KvElem>(
+    head_dim: usize,
+    softcap: Option<f32>,
+) -> impl Fn(&Item<T>, &mut Scratch, &mut [f32]) + Sync {
     #[cfg(target_arch = "x86_64")]
     let (avx512, avx2) = (
-        super::attention_avx512::supported(head_dim),
+        softcap.is_none() && super::attention_avx512::supported(head_dim),
         is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
     );
     move |it, s, o| {
@@ -162,6 +228,7 @@ pub(super) struct Item<'a, T> {
     pub(super) lo: usize,
     pub(super) pos: usize,
     pub(super) scale: f32,
+    pub(super) softcap: Option<f32>,
 }
 
 /// Scratch space reused across the work items of one rayon split.
@@ -193,7 +260,10 @@ fn attend_group<T: KvElem>(it: &Item<'_, T>, s: &mut Scratch, out: &mut [f32]) {
         let base = it.layout.index(block * bs + off, it.kv_head);
         let k = &it.kc[base..base + hd];
         for j in 0..g {
-            let v = dot(&s.q[j * hd..(j + 1) * hd], k);
+            let mut v = dot(&s.q[j * hd..(j + 1) * hd], k);
+            if let Some(cap) = it.softcap {
+                v = cap * (v / cap).tanh();
+            }
             s.max[j] = s.max[j].max(v);
             s.scores.push(v);
         }
@@ -280,6 +350,7 @@ fn attend_typed<T: KvElem>(
                     lo: p.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w)),
                     pos,
                     scale: p.scale,
+                    softcap: p.softcap,
                 };
                 kernel(&item, scratch, o);
             },
@@ -330,7 +401,7 @@ fn axpy<T: KvElem>(w: f32, v: &[T], acc: &mut [f32]) {
 mod tests {
     use super::*;
     use crate::kv_cache::{KvStorage, LayerKv};
-    use crate::model::batch::Logits;
+    use crate::layers::batch::Logits;
 
     /// Reference: plain causal attention over contiguous keys/values.
     #[allow(clippy::too_many_arguments)]
@@ -343,6 +414,7 @@ mod tests {
         nkv: usize,
         hd: usize,
         window: Option<usize>,
+        softcap: Option<f32>,
     ) -> Vec<f32> {
         let scale = 1.0 / (hd as f32).sqrt();
         let mut out = vec![0.0; n * nh * hd];
@@ -359,6 +431,7 @@ mod tests {
                             .sum::<f32>()
                             * scale
                     })
+                    .map(|s| softcap.map_or(s, |c| c * (s / c).tanh()))
                     .collect();
                 let m = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
                 let e: Vec<f32> = scores.iter().map(|s| (s - m).exp()).collect();
@@ -409,8 +482,18 @@ mod tests {
                 .and_then(|t| t.to_dtype(cache_dtype)?.to_dtype(DType::F32)?.to_vec1())
                 .unwrap()
         };
-        for window in [None, Some(3)] {
-            let want = reference(&q, &stored(&k), &stored(&v), n, nh, nkv, hd, window);
+        for (window, softcap) in [(None, None), (Some(3), None), (None, Some(0.5))] {
+            let want = reference(
+                &q,
+                &stored(&k),
+                &stored(&v),
+                n,
+                nh,
+                nkv,
+                hd,
+                window,
+                softcap,
+            );
             let layout = KvLayout {
                 num_layers: 1,
                 num_kv_heads: nkv,
@@ -439,6 +522,7 @@ mod tests {
                     num_heads: nh,
                     scale: 1.0 / (hd as f32).sqrt(),
                     sliding_window: window,
+                    softcap,
                 };
                 let o = paged_attention(&t(&q, nh), storage.layer(0), &layout, &b, params).unwrap();
                 got.extend(o.flatten_all().unwrap().to_vec1::<f32>().unwrap());
@@ -450,8 +534,39 @@ mod tests {
                 .fold(0f32, f32::max);
             assert!(
                 max_diff < 1e-5,
-                "hd {hd}, {cache_dtype:?} cache, window {window:?}: max diff {max_diff}"
+                "hd {hd}, {cache_dtype:?} cache, window {window:?}, softcap {softcap:?}: \
+                 max diff {max_diff}"
             );
+        }
+    }
+
+    #[test]
+    fn bad_block_tables_are_errors_not_undefined_behaviour() {
+        let (nkv, hd, bs) = (1, 64, 4);
+        let layout = KvLayout {
+            num_layers: 1,
+            num_kv_heads: nkv,
+            head_dim: hd,
+            block_size: bs,
+            num_blocks: 2,
+        };
+        let mut storage = KvStorage::new(layout, DType::F32).unwrap();
+        let q = Tensor::zeros((1, 4, hd), DType::F32, &Device::Cpu).unwrap();
+        let kv = Tensor::zeros((1, nkv, hd), DType::F32, &Device::Cpu).unwrap();
+        let params = AttnParams {
+            num_heads: 4,
+            scale: 1.0,
+            sliding_window: None,
+            softcap: None,
+        };
+        let mut out_of_pool = ForwardBatch::new();
+        out_of_pool.push_seq(&[0], 0, &[7], bs, Logits::Last);
+        let mut too_short = ForwardBatch::new();
+        too_short.push_seq(&[0], 0, &[1], bs, Logits::Last);
+        too_short.seqs[0].context_len = 9; // claims 9 cached tokens in one block
+        for b in [&out_of_pool, &too_short] {
+            assert!(write_kv(&kv, &kv, storage.layer_mut(0), &layout, b).is_err());
+            assert!(paged_attention(&q, storage.layer(0), &layout, b, params).is_err());
         }
     }
 }

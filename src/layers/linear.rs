@@ -5,8 +5,8 @@
 use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::matmul::PackedMatrix;
-use super::matmul_q8::Q8Matrix;
+use crate::kernels::cpu::matmul::PackedMatrix;
+use crate::kernels::cpu::matmul_q8::Q8Matrix;
 
 /// How linear layers store their weights (`--quantization`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -1,4 +1,17 @@
-//! Raw access to CPU tensors for the kernels written in Rust.
+//! The hand-written CPU kernels: packed f32 and Q8_0 matrix multiplies,
+//! paged attention (portable, AVX2 and AVX-512), fused element-wise ops and
+//! vector math. Each is behind a safe function that checks its inputs (shapes,
+//! block tables, slots) before any `unsafe` code runs, and is tested against
+//! a plain reference.
+
+pub mod attention;
+#[cfg(target_arch = "x86_64")]
+mod attention_avx512;
+pub mod elementwise;
+pub mod matmul;
+pub mod matmul_q8;
+#[cfg(target_arch = "x86_64")]
+mod vmath;
 
 use std::mem::MaybeUninit;
 
@@ -8,10 +21,10 @@ use candle_core::{Result, Tensor, WithDType};
 pub fn with_slice<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> Result<R> {
     let (storage, layout) = t.storage_and_layout();
     let candle_core::Storage::Cpu(cpu) = &*storage else {
-        candle_core::bail!("paged attention runs on the CPU only");
+        candle_core::bail!("the CPU kernels need CPU tensors");
     };
     let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("paged attention needs contiguous inputs");
+        candle_core::bail!("the CPU kernels need contiguous tensors");
     };
     Ok(f(&cpu.as_slice::<T>()?[start..end]))
 }

@@ -15,7 +15,7 @@
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::{filled_vec, with_slice};
+use super::{filled_vec, with_slice};
 
 /// f32 lanes in a panel: one AVX-512 register.
 pub(super) const LANES: usize = 16;

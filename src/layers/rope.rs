@@ -1,17 +1,72 @@
-//! Rotary position embeddings (half-split layout, as Hugging Face's Llama).
+//! Rotary position embeddings (half-split layout, as Hugging Face's Llama),
+//! with the frequency adjustments of the checkpoints we serve: linear,
+//! Llama 3 and YaRN scaling. A model whose layers use different bases
+//! (Gemma 3's local and global layers) holds one [`Rope`] per base.
 
 use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::with_slice;
+use crate::kernels::cpu::with_slice;
 
-use super::config::RopeScaling;
+/// How RoPE frequencies are adjusted for long contexts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RopeScaling {
+    None,
+    /// Positions divided by `factor`.
+    Linear {
+        factor: f32,
+    },
+    /// Llama 3's frequency-dependent scaling.
+    Llama3 {
+        factor: f32,
+        low_freq_factor: f32,
+        high_freq_factor: f32,
+        original_max_position_embeddings: usize,
+    },
+    /// YaRN: high frequencies kept, low ones interpolated by `factor`, a
+    /// linear ramp between (in rotations over the original context, from
+    /// `beta_fast` down to `beta_slow`), and cos/sin scaled by
+    /// `attention_factor`.
+    Yarn {
+        factor: f32,
+        original_max_position_embeddings: usize,
+        beta_fast: f32,
+        beta_slow: f32,
+        attention_factor: f32,
+        /// Round the ramp's ends to whole dimensions (transformers' default).
+        truncate: bool,
+    },
+}
+
+impl RopeScaling {
+    /// YaRN's default attention factor (`0.1 ln(s) + 1`, or the ratio of two
+    /// such terms when the checkpoint gives `mscale` and `mscale_all_dim`).
+    pub fn yarn_attention_factor(
+        factor: f32,
+        mscale: Option<f32>,
+        mscale_all_dim: Option<f32>,
+    ) -> f32 {
+        let get = |scale: f32, m: f32| {
+            if scale <= 1.0 {
+                1.0
+            } else {
+                0.1 * m * scale.ln() + 1.0
+            }
+        };
+        match (mscale, mscale_all_dim) {
+            (Some(m), Some(all)) if m != 0.0 && all != 0.0 => get(factor, m) / get(factor, all),
+            _ => get(factor, 1.0),
+        }
+    }
+}
 
 /// Inverse frequencies for each rotated pair, computed in f32 exactly as
 /// transformers does so logits match to float precision.
 #[derive(Debug, Clone)]
 pub struct Rope {
     inv_freq: Vec<f32>,
+    /// Multiplies cos and sin (YaRN's attention scaling; 1 otherwise).
+    attention_factor: f32,
 }
 
 impl Rope {
@@ -21,12 +76,46 @@ impl Rope {
         scaling: RopeScaling,
         freq_factors: Option<&[f32]>,
     ) -> Self {
-        let mut inv_freq: Vec<f32> = (0..head_dim)
+        let pos_freqs: Vec<f32> = (0..head_dim)
             .step_by(2)
-            .map(|i| 1.0 / theta.powf(i as f32 / head_dim as f32))
+            .map(|i| theta.powf(i as f32 / head_dim as f32))
             .collect();
+        let mut inv_freq: Vec<f32> = pos_freqs.iter().map(|p| 1.0 / p).collect();
+        let mut attention_factor = 1.0;
         match scaling {
             RopeScaling::None => {}
+            RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings,
+                beta_fast,
+                beta_slow,
+                attention_factor: af,
+                truncate,
+            } => {
+                attention_factor = af;
+                let dim = head_dim as f64;
+                let correction = |rotations: f64| {
+                    dim * (original_max_position_embeddings as f64
+                        / (rotations * 2.0 * std::f64::consts::PI))
+                        .ln()
+                        / (2.0 * (theta as f64).ln())
+                };
+                let (mut low, mut high) =
+                    (correction(beta_fast as f64), correction(beta_slow as f64));
+                if truncate {
+                    (low, high) = (low.floor(), high.ceil());
+                }
+                let (low, mut high) = (low.max(0.0) as f32, high.min(dim - 1.0) as f32);
+                if low == high {
+                    high += 0.001;
+                }
+                for (i, (f, p)) in inv_freq.iter_mut().zip(&pos_freqs).enumerate() {
+                    let ramp = ((i as f32 - low) / (high - low)).clamp(0.0, 1.0);
+                    let extrapolation = 1.0 - ramp;
+                    let interpolated = 1.0 / (factor * p);
+                    *f = interpolated * (1.0 - extrapolation) + *f * extrapolation;
+                }
+            }
             RopeScaling::Linear { factor } => inv_freq.iter_mut().for_each(|f| *f /= factor),
             RopeScaling::Llama3 {
                 factor,
@@ -55,7 +144,10 @@ impl Rope {
                 *f /= d;
             }
         }
-        Self { inv_freq }
+        Self {
+            inv_freq,
+            attention_factor,
+        }
     }
 
     /// `(cos, sin)`, each `[positions.len(), head_dim / 2]`, in `dtype`.
@@ -71,8 +163,8 @@ impl Rope {
         for &p in positions {
             for &f in &self.inv_freq {
                 let angle = p as f32 * f;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
+                cos.push(angle.cos() * self.attention_factor);
+                sin.push(angle.sin() * self.attention_factor);
             }
         }
         let shape = (positions.len(), half);

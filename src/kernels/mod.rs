@@ -1,0 +1,3 @@
+//! Compute kernels, by device.
+
+pub mod cpu;

@@ -1,0 +1,60 @@
+//! Paged self-attention as a layer: the step's keys and values go into the
+//! cache at the batch's slots, then every query attends over its sequence's
+//! cached keys and values (causal, optionally within a sliding window and
+//! with soft-capped scores). Projections, norms and rotary embeddings stay in
+//! the architecture; this is the part they all share.
+
+use candle_core::{Result, Tensor};
+
+pub use crate::kernels::cpu::attention::AttnParams;
+use crate::kernels::cpu::attention::{paged_attention, write_kv};
+use crate::kv_cache::KvStorage;
+
+use super::batch::ForwardBatch;
+
+#[derive(Debug, Clone, Copy)]
+pub struct PagedAttention {
+    params: AttnParams,
+}
+
+impl PagedAttention {
+    /// `scale` multiplies the scores (usually `1 / sqrt(head_dim)`).
+    pub fn new(num_heads: usize, scale: f32) -> Self {
+        Self {
+            params: AttnParams {
+                num_heads,
+                scale,
+                sliding_window: None,
+                softcap: None,
+            },
+        }
+    }
+
+    /// Each query sees only the last `window` positions (its own included).
+    pub fn with_window(mut self, window: Option<usize>) -> Self {
+        self.params.sliding_window = window;
+        self
+    }
+
+    /// Scores become `cap * tanh(score / cap)` (Gemma 2).
+    pub fn with_softcap(mut self, cap: Option<f32>) -> Self {
+        self.params.softcap = cap;
+        self
+    }
+
+    /// `q`: `[tokens, num_heads, head_dim]`; `k`, `v`: `[tokens, num_kv_heads,
+    /// head_dim]`. Returns `[tokens, num_heads * head_dim]`.
+    pub fn forward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        batch: &ForwardBatch,
+        cache: &mut KvStorage,
+        layer: usize,
+    ) -> Result<Tensor> {
+        let layout = *cache.layout();
+        write_kv(k, v, cache.layer_mut(layer), &layout, batch)?;
+        paged_attention(q, cache.layer(layer), &layout, batch, self.params)
+    }
+}

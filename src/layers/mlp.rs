@@ -1,0 +1,102 @@
+//! Feed-forward blocks: gated (SwiGLU, GeGLU) and plain (GPT-2).
+
+use candle_core::{Result, Tensor};
+use candle_nn::VarBuilder;
+
+use super::linear::{fused_linear, linear, Linear, Quantization};
+use crate::kernels::cpu::elementwise;
+
+/// The nonlinearity of a feed-forward block, by its `hidden_act` name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `silu`
+    Silu,
+    /// The tanh approximation of GELU: `gelu_pytorch_tanh`, `gelu_new`.
+    GeluTanh,
+    /// Exact GELU (`gelu`).
+    Gelu,
+}
+
+impl Activation {
+    pub fn from_name(name: &str) -> anyhow::Result<Self> {
+        Ok(match name {
+            "silu" | "swish" => Self::Silu,
+            "gelu_pytorch_tanh" | "gelu_new" | "gelu_fast" => Self::GeluTanh,
+            "gelu" => Self::Gelu,
+            other => anyhow::bail!(
+                "activation {other:?} is not supported (silu, gelu, gelu_new, gelu_pytorch_tanh)"
+            ),
+        })
+    }
+
+    pub fn forward(self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Silu => candle_nn::ops::silu(x),
+            Self::GeluTanh => x.gelu(),
+            Self::Gelu => x.gelu_erf(),
+        }
+    }
+}
+
+/// `down(act(gate(x)) * up(x))`, with gate and up fused into one matmul.
+#[derive(Debug)]
+pub struct GatedMlp {
+    gate_up_proj: Linear,
+    down_proj: Linear,
+    intermediate: usize,
+    act: Activation,
+}
+
+impl GatedMlp {
+    /// Weights under `gate_proj`, `up_proj` and `down_proj`.
+    pub fn load(
+        vb: VarBuilder,
+        hidden: usize,
+        intermediate: usize,
+        bias: bool,
+        act: Activation,
+        q: Quantization,
+    ) -> Result<Self> {
+        let (h, i) = (hidden, intermediate);
+        Ok(Self {
+            gate_up_proj: fused_linear(
+                &[(vb.pp("gate_proj"), i), (vb.pp("up_proj"), i)],
+                h,
+                bias,
+                q,
+            )?,
+            down_proj: linear(vb.pp("down_proj"), i, h, bias, q)?,
+            intermediate: i,
+            act,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate_up = self.gate_up_proj.forward(x)?;
+        let i = self.intermediate;
+        let h = match self.act {
+            // One fused pass on the compute threads.
+            Activation::Silu => elementwise::silu_mul(&gate_up, i)?,
+            act => (act.forward(&gate_up.narrow(1, 0, i)?)? * gate_up.narrow(1, i, i)?)?,
+        };
+        self.down_proj.forward(&h)
+    }
+}
+
+/// `proj(act(fc(x)))`.
+#[derive(Debug)]
+pub struct Mlp {
+    fc: Linear,
+    proj: Linear,
+    act: Activation,
+}
+
+impl Mlp {
+    pub fn new(fc: Linear, proj: Linear, act: Activation) -> Self {
+        Self { fc, proj, act }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.proj.forward(&self.act.forward(&self.fc.forward(x)?)?)
+    }
+}

@@ -1,0 +1,20 @@
+//! The building blocks architectures share: the flattened batch every layer
+//! sees, norms, linear layers, rotary embeddings, paged attention, MLPs and
+//! embeddings. An architecture file (`crate::models`) wires these together
+//! and owns nothing but its own arrangement and weight names.
+
+pub mod attention;
+pub mod batch;
+pub mod embedding;
+pub mod linear;
+pub mod mlp;
+pub mod norm;
+pub mod rope;
+
+pub use attention::{AttnParams, PagedAttention};
+pub use batch::{ForwardBatch, Logits, SeqSlice};
+pub use embedding::Embedding;
+pub use linear::{fused_linear, linear, Linear, Quantization};
+pub use mlp::{Activation, GatedMlp, Mlp};
+pub use norm::{LayerNorm, RmsNorm};
+pub use rope::{Rope, RopeScaling};

@@ -1,0 +1,643 @@
+//! The Llama decoder family: Llama, Mistral, Qwen2 and Qwen3 share this code,
+//! differing only in what [`LlamaConfig`] switches on (q/k/v biases, per-head
+//! q/k norms, sliding windows, RoPE scaling, tied embeddings).
+//!
+//! Weight paths mirror the Hugging Face checkpoint names; GGUF files are
+//! renamed to them (and llama.cpp's interleaved q/k rows undone) on load.
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Result, Tensor};
+use candle_nn::VarBuilder;
+use serde::Deserialize;
+
+use super::config::{self, Common, RawRope};
+use super::registry::{Checkpoint, GgufCheckpoint};
+use super::{logits_rows, CacheSpec, LayerCache, Model, ModelKind, ModelSpec};
+use crate::kernels::cpu::elementwise;
+use crate::kv_cache::KvStorage;
+use crate::layers::{
+    fused_linear, linear, Activation, Embedding, ForwardBatch, GatedMlp, Linear, PagedAttention,
+    Quantization, RmsNorm, Rope, RopeScaling,
+};
+use crate::weights::gguf::{layer_part, unpermute, Meta};
+
+/// The members of the family, which differ in defaults only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    Llama,
+    Mistral,
+    Qwen2,
+    Qwen3,
+}
+
+impl Family {
+    pub fn from_name(name: &str) -> Option<Self> {
+        Some(match name {
+            "LlamaForCausalLM" | "llama" => Self::Llama,
+            "MistralForCausalLM" | "mistral" => Self::Mistral,
+            "Qwen2ForCausalLM" | "qwen2" => Self::Qwen2,
+            "Qwen3ForCausalLM" | "qwen3" => Self::Qwen3,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaConfig {
+    pub family: Family,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub max_position_embeddings: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f32,
+    pub rope_scaling: RopeScaling,
+    /// Per-frequency divisors stored by GGUF files (`rope_freqs.weight`), which
+    /// is how llama.cpp carries Llama 3 scaling.
+    pub rope_freq_factors: Option<Vec<f32>>,
+    pub tie_word_embeddings: bool,
+    /// Biases on the q/k/v projections.
+    pub qkv_bias: bool,
+    /// Bias on the output projection.
+    pub o_bias: bool,
+    pub mlp_bias: bool,
+    /// Qwen3: RMS norm over each head of q and k before RoPE.
+    pub qk_norm: bool,
+    /// Per layer: the sliding attention window, if that layer has one.
+    pub sliding_window: Vec<Option<usize>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawConfig {
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    vocab_size: usize,
+    max_position_embeddings: Option<usize>,
+    rms_norm_eps: Option<f64>,
+    hidden_act: Option<String>,
+    rope_theta: Option<f64>,
+    /// Transformers < 5.
+    rope_scaling: Option<RawRope>,
+    /// Transformers >= 5 (holds the theta too).
+    rope_parameters: Option<RawRope>,
+    tie_word_embeddings: Option<bool>,
+    attention_bias: Option<bool>,
+    mlp_bias: Option<bool>,
+    sliding_window: Option<usize>,
+    use_sliding_window: Option<bool>,
+    max_window_layers: Option<usize>,
+    layer_types: Option<Vec<String>>,
+}
+
+impl LlamaConfig {
+    /// Parses `config.json` text; errors name the offending field.
+    pub fn from_json(text: &str) -> anyhow::Result<Self> {
+        let common: Common = config::parse(text)?;
+        let name = common.architecture()?;
+        let family = Family::from_name(&name)
+            .with_context(|| format!("{name:?} is not a Llama-family architecture"))?;
+        let raw: RawConfig = config::parse(text)?;
+        raw.into_config(family)
+    }
+}
+
+impl RawConfig {
+    fn into_config(self, family: Family) -> anyhow::Result<LlamaConfig> {
+        if let Some(act) = &self.hidden_act {
+            if act != "silu" {
+                bail!("config.json: hidden_act {act:?} is not supported (only \"silu\")");
+            }
+        }
+        let num_kv_heads = self.num_key_value_heads.unwrap_or(self.num_attention_heads);
+        config::check_heads(
+            self.num_hidden_layers,
+            self.num_attention_heads,
+            num_kv_heads,
+        )?;
+        let head_dim = self
+            .head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads);
+        if !head_dim.is_multiple_of(2) {
+            bail!("config.json: head_dim {head_dim} must be even for RoPE");
+        }
+        let max_position_embeddings = self.max_position_embeddings.unwrap_or(2048);
+        let (rope_theta, rope_scaling) = config::rope(
+            self.rope_parameters.as_ref().or(self.rope_scaling.as_ref()),
+            self.rope_theta,
+            10000.0,
+            max_position_embeddings,
+        )?;
+        let sliding_window = self.layer_windows(family)?;
+        let (qkv_bias, o_bias) = match family {
+            Family::Qwen2 => (true, false),
+            Family::Mistral => (false, false),
+            Family::Llama | Family::Qwen3 => {
+                let b = self.attention_bias.unwrap_or(false);
+                (b, b)
+            }
+        };
+        Ok(LlamaConfig {
+            family,
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            num_layers: self.num_hidden_layers,
+            num_heads: self.num_attention_heads,
+            num_kv_heads,
+            head_dim,
+            vocab_size: self.vocab_size,
+            max_position_embeddings,
+            rms_norm_eps: self.rms_norm_eps.unwrap_or(1e-6),
+            rope_theta,
+            rope_scaling,
+            rope_freq_factors: None,
+            tie_word_embeddings: self.tie_word_embeddings.unwrap_or(false),
+            qkv_bias,
+            o_bias,
+            mlp_bias: self.mlp_bias.unwrap_or(false),
+            qk_norm: family == Family::Qwen3,
+            sliding_window,
+        })
+    }
+
+    /// Which layers use a sliding window, following transformers: Mistral
+    /// windows every layer; Qwen2/3 only with `use_sliding_window`, from layer
+    /// `max_window_layers` on; an explicit `layer_types` list wins.
+    fn layer_windows(&self, family: Family) -> anyhow::Result<Vec<Option<usize>>> {
+        let n = self.num_hidden_layers;
+        let Some(w) = self.sliding_window else {
+            return Ok(vec![None; n]);
+        };
+        if w == 0 {
+            bail!("config.json: sliding_window must be positive");
+        }
+        if let Some(types) = &self.layer_types {
+            return layer_types_windows(types, n, w);
+        }
+        Ok(match family {
+            Family::Mistral => vec![Some(w); n],
+            Family::Qwen2 | Family::Qwen3 if self.use_sliding_window.unwrap_or(false) => {
+                let from = self.max_window_layers.unwrap_or(n);
+                (0..n).map(|i| (i >= from).then_some(w)).collect()
+            }
+            _ => vec![None; n],
+        })
+    }
+}
+
+/// Windows from a `layer_types` list (`full_attention` / `sliding_attention`).
+pub fn layer_types_windows(
+    types: &[String],
+    num_layers: usize,
+    window: usize,
+) -> anyhow::Result<Vec<Option<usize>>> {
+    if types.len() != num_layers {
+        bail!(
+            "config.json: layer_types has {} entries for {num_layers} layers",
+            types.len()
+        );
+    }
+    types
+        .iter()
+        .map(|t| match t.as_str() {
+            "full_attention" => Ok(None),
+            "sliding_attention" => Ok(Some(window)),
+            other => bail!("config.json: unsupported layer type {other:?}"),
+        })
+        .collect()
+}
+
+#[derive(Debug)]
+struct Attention {
+    /// q_proj, k_proj and v_proj fused.
+    qkv_proj: Linear,
+    o_proj: Linear,
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+    attn: PagedAttention,
+}
+
+impl Attention {
+    fn load(vb: VarBuilder, cfg: &LlamaConfig, layer: usize, q: Quantization) -> Result<Self> {
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        let (q_norm, k_norm) = if cfg.qk_norm {
+            (
+                Some(RmsNorm::load(vb.pp("q_norm"), hd, cfg.rms_norm_eps)?),
+                Some(RmsNorm::load(vb.pp("k_norm"), hd, cfg.rms_norm_eps)?),
+            )
+        } else {
+            (None, None)
+        };
+        Ok(Self {
+            qkv_proj: fused_linear(
+                &[
+                    (vb.pp("q_proj"), cfg.num_heads * hd),
+                    (vb.pp("k_proj"), cfg.num_kv_heads * hd),
+                    (vb.pp("v_proj"), cfg.num_kv_heads * hd),
+                ],
+                h,
+                cfg.qkv_bias,
+                q,
+            )?,
+            o_proj: linear(vb.pp("o_proj"), cfg.num_heads * hd, h, cfg.o_bias, q)?,
+            q_norm,
+            k_norm,
+            num_heads: cfg.num_heads,
+            num_kv_heads: cfg.num_kv_heads,
+            head_dim: hd,
+            attn: PagedAttention::new(cfg.num_heads, 1.0 / (hd as f32).sqrt())
+                .with_window(cfg.sliding_window[layer]),
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: (&Tensor, &Tensor),
+        batch: &ForwardBatch,
+        cache: &mut KvStorage,
+        layer: usize,
+    ) -> Result<Tensor> {
+        let (q, k, v) = split_qkv(
+            &self.qkv_proj.forward(x)?,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+        )?;
+        let (q, k) = match (&self.q_norm, &self.k_norm) {
+            (Some(qn), Some(kn)) => (qn.forward(&q)?, kn.forward(&k)?),
+            _ => (q, k),
+        };
+        let (cos, sin) = rope;
+        let (q, k) = (Rope::apply(&q, cos, sin)?, Rope::apply(&k, cos, sin)?);
+        let y = self.attn.forward(&q, &k, &v, batch, cache, layer)?;
+        self.o_proj.forward(&y)
+    }
+}
+
+/// q, k and v (`[tokens, heads, head_dim]` each) from a fused projection.
+pub fn split_qkv(
+    qkv: &Tensor,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let t = qkv.dim(0)?;
+    let (qs, kvs) = (num_heads * head_dim, num_kv_heads * head_dim);
+    Ok((
+        qkv.narrow(1, 0, qs)?.reshape((t, num_heads, head_dim))?,
+        qkv.narrow(1, qs, kvs)?
+            .reshape((t, num_kv_heads, head_dim))?,
+        qkv.narrow(1, qs + kvs, kvs)?
+            .reshape((t, num_kv_heads, head_dim))?,
+    ))
+}
+
+#[derive(Debug)]
+struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: GatedMlp,
+}
+
+/// A Llama-family causal language model.
+#[derive(Debug)]
+pub struct Llama {
+    embed_tokens: Embedding,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rope: Rope,
+    spec: ModelSpec,
+}
+
+impl Llama {
+    /// Loads the weights; `quant` decides how linear layers (the LM head
+    /// included) store them.
+    pub fn load(
+        vb: VarBuilder,
+        cfg: &LlamaConfig,
+        architecture: &'static str,
+        quant: Quantization,
+    ) -> Result<Self> {
+        let m = vb.pp("model");
+        let embed_tokens = Embedding::load(m.pp("embed_tokens"), cfg.vocab_size, cfg.hidden_size)?;
+        let layers = (0..cfg.num_layers)
+            .map(|i| {
+                let l = m.pp(format!("layers.{i}"));
+                Ok(DecoderLayer {
+                    input_layernorm: RmsNorm::load(
+                        l.pp("input_layernorm"),
+                        cfg.hidden_size,
+                        cfg.rms_norm_eps,
+                    )?,
+                    self_attn: Attention::load(l.pp("self_attn"), cfg, i, quant)?,
+                    post_attention_layernorm: RmsNorm::load(
+                        l.pp("post_attention_layernorm"),
+                        cfg.hidden_size,
+                        cfg.rms_norm_eps,
+                    )?,
+                    mlp: GatedMlp::load(
+                        l.pp("mlp"),
+                        cfg.hidden_size,
+                        cfg.intermediate_size,
+                        cfg.mlp_bias,
+                        Activation::Silu,
+                        quant,
+                    )?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::load(m.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
+        // Checkpoints with tied embeddings usually omit lm_head.weight.
+        let lm_head = if cfg.tie_word_embeddings && !vb.contains_tensor("lm_head.weight") {
+            Linear::new(embed_tokens.table().clone(), None, quant)?
+        } else {
+            linear(
+                vb.pp("lm_head"),
+                cfg.hidden_size,
+                cfg.vocab_size,
+                false,
+                quant,
+            )?
+        };
+        let cache = CacheSpec {
+            num_kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+            layers: cfg
+                .sliding_window
+                .iter()
+                .map(|w| w.map_or(LayerCache::FullAttention, LayerCache::SlidingWindow))
+                .collect(),
+        };
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope: Rope::new(
+                cfg.head_dim,
+                cfg.rope_theta,
+                cfg.rope_scaling,
+                cfg.rope_freq_factors.as_deref(),
+            ),
+            spec: ModelSpec {
+                architecture,
+                kind: ModelKind::CausalLm,
+                vocab_size: cfg.vocab_size,
+                max_position_embeddings: cfg.max_position_embeddings,
+                positions_are_learned: false,
+                dtype: vb.dtype(),
+                cache,
+            },
+        })
+    }
+}
+
+impl Model for Llama {
+    fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    fn forward(&self, batch: &ForwardBatch, cache: &mut KvStorage) -> Result<Tensor> {
+        let device = self.embed_tokens.table().device().clone();
+        let ids = Tensor::new(batch.token_ids.as_slice(), &device)?;
+        let (cos, sin) = self
+            .rope
+            .cos_sin(&batch.positions, self.spec.dtype, &device)?;
+        let mut x = self.embed_tokens.forward(&ids)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let h = layer.input_layernorm.forward(&x)?;
+            let a = layer.self_attn.forward(&h, (&cos, &sin), batch, cache, i)?;
+            x = elementwise::add(&x, &a)?;
+            let h = layer.post_attention_layernorm.forward(&x)?;
+            x = elementwise::add(&x, &layer.mlp.forward(&h)?)?;
+        }
+        // Only the rows that need logits go through the final norm and head.
+        let x = self.norm.forward(&logits_rows(&x, batch)?)?;
+        self.lm_head.forward(&x)?.to_dtype(DType::F32)?.contiguous()
+    }
+}
+
+/// Builds a model from a Hugging Face checkpoint of the family.
+pub fn from_hf(name: &'static str, ckpt: Checkpoint) -> anyhow::Result<Box<dyn Model>> {
+    let cfg = LlamaConfig::from_json(ckpt.config)?;
+    Ok(Box::new(Llama::load(
+        ckpt.vb,
+        &cfg,
+        name,
+        ckpt.quantization,
+    )?))
+}
+
+/// GGUF tensor name → Hugging Face name.
+fn hf_name(gguf: &str) -> Option<String> {
+    let fixed = match gguf {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(n) = fixed {
+        return Some(n.to_string());
+    }
+    let (layer, rest) = layer_part(gguf)?;
+    let (part, kind) = rest.rsplit_once('.')?;
+    let hf = match part {
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "attn_q_norm" => "self_attn.q_norm",
+        "attn_k_norm" => "self_attn.k_norm",
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}.{kind}"))
+}
+
+/// The config from GGUF metadata (`{arch}.*` keys) and which tensors exist.
+fn config_from_gguf(
+    meta: &Meta,
+    prefix: &str,
+    family: Family,
+    has: &dyn Fn(&str) -> bool,
+) -> anyhow::Result<LlamaConfig> {
+    let k = |s: &str| format!("{prefix}.{s}");
+    let num_heads = meta.usize_req(&k("attention.head_count"))?;
+    let hidden_size = meta.usize_req(&k("embedding_length"))?;
+    let num_layers = meta.usize_req(&k("block_count"))?;
+    let num_kv_heads = meta
+        .u64(&k("attention.head_count_kv"))?
+        .map_or(num_heads, |v| v as usize);
+    let head_dim = meta
+        .u64(&k("attention.key_length"))?
+        .map_or(hidden_size / num_heads, |v| v as usize);
+    let rope_scaling = match meta.str(&k("rope.scaling.type"))? {
+        None | Some("none") => RopeScaling::None,
+        Some("linear") => RopeScaling::Linear {
+            factor: meta
+                .f32(&k("rope.scaling.factor"))?
+                .context("GGUF linear rope scaling without a factor")?,
+        },
+        Some(other) => bail!("GGUF rope scaling {other:?} is not supported"),
+    };
+    let window = meta
+        .u64(&k("attention.sliding_window"))?
+        .map(|w| w as usize);
+    let vocab_size = meta
+        .array("tokenizer.ggml.tokens")?
+        .map(Vec::len)
+        .or(meta.u64(&k("vocab_size"))?.map(|v| v as usize))
+        .context("GGUF metadata has neither tokenizer.ggml.tokens nor a vocab size")?;
+    Ok(LlamaConfig {
+        family,
+        hidden_size,
+        intermediate_size: meta.usize_req(&k("feed_forward_length"))?,
+        num_layers,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        vocab_size,
+        max_position_embeddings: meta.u64(&k("context_length"))?.map_or(2048, |v| v as usize),
+        rms_norm_eps: meta
+            .f32(&k("attention.layer_norm_rms_epsilon"))?
+            .unwrap_or(1e-5) as f64,
+        rope_theta: meta.f32(&k("rope.freq_base"))?.unwrap_or(10000.0),
+        rope_scaling,
+        rope_freq_factors: None,
+        tie_word_embeddings: !has("output.weight"),
+        qkv_bias: has("blk.0.attn_q.bias"),
+        o_bias: has("blk.0.attn_output.bias"),
+        mlp_bias: has("blk.0.ffn_up.bias"),
+        qk_norm: has("blk.0.attn_q_norm.weight"),
+        sliding_window: vec![window; num_layers],
+    })
+}
+
+/// Builds a model from a GGUF file of the family.
+pub fn from_gguf(name: &'static str, mut ckpt: GgufCheckpoint) -> anyhow::Result<Box<dyn Model>> {
+    let arch = ckpt.file.architecture()?.to_string();
+    let family = Family::from_name(&arch).unwrap_or(Family::Llama);
+    let has = |n: &str| ckpt.file.tensors.contains_key(n);
+    let mut cfg = config_from_gguf(&ckpt.file.meta(), &arch, family, &has)?;
+    if let Some(f) = ckpt.file.tensors.remove("rope_freqs.weight") {
+        cfg.rope_freq_factors = Some(f.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?);
+    }
+    let mut tensors = ckpt.file.take_tensors(hf_name);
+    // llama.cpp stores Llama q/k rows interleaved for its RoPE.
+    if matches!(family, Family::Llama | Family::Mistral) {
+        for (name, t) in tensors.iter_mut() {
+            if name.ends_with("q_proj.weight") {
+                *t = unpermute(t, cfg.num_heads)?;
+            } else if name.ends_with("k_proj.weight") {
+                *t = unpermute(t, cfg.num_kv_heads)?;
+            }
+        }
+    }
+    if let Some(emb) = tensors.get("model.embed_tokens.weight") {
+        cfg.vocab_size = emb.dim(0)?;
+    }
+    let vb = VarBuilder::from_tensors(tensors, ckpt.dtype, &ckpt.device);
+    Ok(Box::new(Llama::load(vb, &cfg, name, ckpt.quantization)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": 64,
+        "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": 256, "eos_token_id": [2, 7]"#;
+
+    fn parse(extra: &str) -> anyhow::Result<LlamaConfig> {
+        LlamaConfig::from_json(&format!("{BASE}{extra}}}"))
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse("").unwrap();
+        assert_eq!(c.head_dim, 16);
+        assert_eq!(c.rope_theta, 10000.0);
+        assert_eq!(c.sliding_window, vec![None, None]);
+    }
+
+    #[test]
+    fn old_and_new_rope_formats() {
+        let old = parse(r#", "rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}"#)
+        .unwrap();
+        let new = parse(r#", "rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 500000.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}"#)
+        .unwrap();
+        assert_eq!(old.rope_scaling, new.rope_scaling);
+        assert_eq!(old.rope_theta, 500000.0);
+        assert_eq!(new.rope_theta, 500000.0);
+        let lin = parse(r#", "rope_scaling": {"type": "linear", "factor": 2.0}"#).unwrap();
+        assert_eq!(lin.rope_scaling, RopeScaling::Linear { factor: 2.0 });
+        let err = parse(r#", "rope_scaling": {"type": "dynamic", "factor": 2.0}"#).unwrap_err();
+        assert!(err.to_string().contains("dynamic"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_names_the_field() {
+        let err = LlamaConfig::from_json(
+            &BASE
+                .replace("\"hidden_size\": 64", "\"hidden_size\": \"big\"")
+                .replace("[2, 7]", "2}"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("hidden_size"), "{err}");
+    }
+
+    #[test]
+    fn sliding_windows_per_family() {
+        let m = LlamaConfig::from_json(&format!(
+            "{}, \"sliding_window\": 8}}",
+            BASE.replace("LlamaForCausalLM", "MistralForCausalLM")
+        ))
+        .unwrap();
+        assert_eq!(m.sliding_window, vec![Some(8), Some(8)]);
+        let q = LlamaConfig::from_json(&format!(
+            "{}, \"sliding_window\": 8, \"use_sliding_window\": false}}",
+            BASE.replace("LlamaForCausalLM", "Qwen2ForCausalLM")
+        ))
+        .unwrap();
+        assert_eq!(q.sliding_window, vec![None, None]);
+        assert!(q.qkv_bias && !q.o_bias);
+    }
+
+    #[test]
+    fn tensor_names_map_to_hf() {
+        assert_eq!(
+            hf_name("blk.3.attn_q.weight").unwrap(),
+            "model.layers.3.self_attn.q_proj.weight"
+        );
+        assert_eq!(
+            hf_name("blk.0.attn_k.bias").unwrap(),
+            "model.layers.0.self_attn.k_proj.bias"
+        );
+        assert_eq!(
+            hf_name("blk.1.ffn_norm.weight").unwrap(),
+            "model.layers.1.post_attention_layernorm.weight"
+        );
+        assert_eq!(hf_name("output.weight").unwrap(), "lm_head.weight");
+        assert!(hf_name("blk.1.mystery.weight").is_none());
+    }
+}

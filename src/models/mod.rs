@@ -1,0 +1,101 @@
+//! Architectures: one file each, and a registry that maps a checkpoint's
+//! `architectures[0]` (Hugging Face) or `general.architecture` (GGUF) to the
+//! file that builds it.
+//!
+//! An architecture wires shared [`crate::layers`] together under its
+//! checkpoint's weight names and says, in its [`ModelSpec`], what kind of
+//! model it is and what cache each of its layers needs; the engine allocates
+//! that and runs the model's forward pass over the flattened batch. Adding
+//! one is a new file here plus an entry in [`registry::ARCHITECTURES`].
+
+pub mod config;
+pub mod gemma3;
+pub mod gpt2;
+pub mod llama;
+pub mod registry;
+
+use candle_core::{DType, Result, Tensor};
+
+pub use registry::{load_model, parse_dtype, LoadOptions, LoadedModel};
+
+use crate::kv_cache::{KvCacheSizing, KvLayout, KvStorage};
+use crate::layers::ForwardBatch;
+
+/// What a model computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelKind {
+    /// A decoder that returns next-token logits.
+    CausalLm,
+}
+
+/// What one layer keeps between steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerCache {
+    /// Keys and values of every position.
+    FullAttention,
+    /// Keys and values, of which only the last `window` positions are read.
+    /// (Their blocks are all kept today; freeing those that fell out of every
+    /// sliding layer's window is the cache side's job, later.)
+    SlidingWindow(usize),
+}
+
+/// The cache a model asks the engine for: per-token keys and values of
+/// `num_kv_heads` heads of `head_dim`, in paged blocks, for each layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheSpec {
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub layers: Vec<LayerCache>,
+}
+
+impl CacheSpec {
+    /// The storage layout for a pool of `sizing`'s shape.
+    pub fn layout(&self, sizing: &KvCacheSizing) -> KvLayout {
+        KvLayout {
+            num_layers: self.layers.len(),
+            num_kv_heads: self.num_kv_heads,
+            head_dim: self.head_dim,
+            block_size: sizing.block_size,
+            num_blocks: sizing.num_blocks,
+        }
+    }
+
+    /// Bytes of cache one token takes in `dtype`.
+    pub fn bytes_per_token(&self, dtype: DType) -> usize {
+        KvLayout::bytes_per_token(self.layers.len(), self.num_kv_heads, self.head_dim, dtype)
+    }
+}
+
+/// What the engine needs to know about a model to serve it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelSpec {
+    /// The registry name (`LlamaForCausalLM`, ...).
+    pub architecture: &'static str,
+    pub kind: ModelKind,
+    pub vocab_size: usize,
+    /// The context the model was trained for (the default `--max-model-len`).
+    pub max_position_embeddings: usize,
+    /// Learned position tables cannot go past `max_position_embeddings` at
+    /// all (GPT-2); rotary models can, at their own risk.
+    pub positions_are_learned: bool,
+    /// The working dtype of weights and activations.
+    pub dtype: DType,
+    pub cache: CacheSpec,
+}
+
+/// A model that runs one step over a flattened batch.
+///
+/// Implementations write the step's keys/values into `cache` at
+/// `batch.slot_mapping` and return one f32 row per entry of
+/// `batch.logits_indices`: next-token logits for a [`ModelKind::CausalLm`].
+/// Models are stateless: everything that outlives a step is in the cache.
+pub trait Model: Send + Sync {
+    fn spec(&self) -> &ModelSpec;
+    fn forward(&self, batch: &ForwardBatch, cache: &mut KvStorage) -> Result<Tensor>;
+}
+
+/// The rows of `x` that need logits, for the final norm and head.
+pub(crate) fn logits_rows(x: &Tensor, batch: &ForwardBatch) -> Result<Tensor> {
+    let idx = Tensor::new(batch.logits_indices.as_slice(), x.device())?;
+    x.index_select(&idx, 0)
+}

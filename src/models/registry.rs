@@ -1,0 +1,292 @@
+//! The architectures Candela serves, and `--model` turned into a ready model
+//! and tokenizer through them.
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+
+use super::{gemma3, gpt2, llama, Model};
+use crate::layers::Quantization;
+use crate::tokenizer::{SpecialTokens, Tokenizer};
+use crate::weights::gguf::GgufFile;
+use crate::weights::{embedded, ModelSource};
+
+/// A Hugging Face checkpoint as an architecture's builder sees it.
+pub struct Checkpoint<'a> {
+    /// `config.json` text.
+    pub config: &'a str,
+    /// The weights under their checkpoint names, in the working dtype.
+    pub vb: VarBuilder<'a>,
+    pub quantization: Quantization,
+}
+
+/// A GGUF file as an architecture's builder sees it: it maps the metadata
+/// to its config and the tensors to its Hugging Face names.
+pub struct GgufCheckpoint {
+    pub file: GgufFile,
+    pub dtype: DType,
+    pub device: Device,
+    pub quantization: Quantization,
+}
+
+type HfBuilder = fn(&'static str, Checkpoint) -> anyhow::Result<Box<dyn Model>>;
+type GgufBuilder = fn(&'static str, GgufCheckpoint) -> anyhow::Result<Box<dyn Model>>;
+
+/// One supported architecture.
+pub struct Architecture {
+    /// `architectures[0]` in `config.json`.
+    pub name: &'static str,
+    /// `model_type` values that mean it when `architectures` is absent.
+    pub model_types: &'static [&'static str],
+    /// `general.architecture` values of GGUF files holding it.
+    pub gguf: &'static [&'static str],
+    pub from_hf: HfBuilder,
+    pub from_gguf: Option<GgufBuilder>,
+}
+
+pub const ARCHITECTURES: &[Architecture] = &[
+    Architecture {
+        name: "LlamaForCausalLM",
+        model_types: &["llama"],
+        gguf: &["llama"],
+        from_hf: llama::from_hf,
+        from_gguf: Some(llama::from_gguf),
+    },
+    Architecture {
+        name: "MistralForCausalLM",
+        model_types: &["mistral"],
+        gguf: &["mistral"],
+        from_hf: llama::from_hf,
+        from_gguf: Some(llama::from_gguf),
+    },
+    Architecture {
+        name: "Qwen2ForCausalLM",
+        model_types: &["qwen2"],
+        gguf: &["qwen2"],
+        from_hf: llama::from_hf,
+        from_gguf: Some(llama::from_gguf),
+    },
+    Architecture {
+        name: "Qwen3ForCausalLM",
+        model_types: &["qwen3"],
+        gguf: &["qwen3"],
+        from_hf: llama::from_hf,
+        from_gguf: Some(llama::from_gguf),
+    },
+    Architecture {
+        name: "Gemma3ForCausalLM",
+        model_types: &["gemma3_text"],
+        gguf: &["gemma3"],
+        from_hf: gemma3::from_hf,
+        from_gguf: Some(gemma3::from_gguf),
+    },
+    Architecture {
+        name: "GPT2LMHeadModel",
+        model_types: &["gpt2"],
+        gguf: &["gpt2"],
+        from_hf: gpt2::from_hf,
+        from_gguf: Some(gpt2::from_gguf),
+    },
+];
+
+fn supported() -> String {
+    ARCHITECTURES
+        .iter()
+        .map(|a| a.name)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The architecture of a `config.json` (`architectures[0]` or `model_type`).
+pub fn find_hf(name: &str) -> anyhow::Result<&'static Architecture> {
+    ARCHITECTURES
+        .iter()
+        .find(|a| a.name == name || a.model_types.contains(&name))
+        .with_context(|| {
+            format!(
+                "unsupported model architecture {name:?}; supported: {}",
+                supported()
+            )
+        })
+}
+
+/// The architecture of a GGUF file (`general.architecture`).
+pub fn find_gguf(name: &str) -> anyhow::Result<&'static Architecture> {
+    ARCHITECTURES
+        .iter()
+        .find(|a| a.gguf.contains(&name) && a.from_gguf.is_some())
+        .with_context(|| {
+            let names: Vec<&str> = ARCHITECTURES.iter().flat_map(|a| a.gguf).copied().collect();
+            format!(
+                "unsupported GGUF architecture {name:?}; supported: {}",
+                names.join(", ")
+            )
+        })
+}
+
+/// What to load, and how.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// A folder, a `.gguf` file or a Hugging Face repo id; `None` for the
+    /// embedded stories260K.
+    pub model: Option<String>,
+    /// Working dtype of weights, activations and the KV cache.
+    pub dtype: DType,
+    /// How linear layers store their weights.
+    pub quantization: Quantization,
+    /// Where the weights live and the forward pass runs.
+    pub device: Device,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            model: None,
+            dtype: DType::F32,
+            quantization: Quantization::None,
+            device: Device::Cpu,
+        }
+    }
+}
+
+/// A model ready to run, with everything needed to talk to it.
+pub struct LoadedModel {
+    pub model: Box<dyn Model>,
+    pub tokenizer: Tokenizer,
+    pub source: ModelSource,
+}
+
+impl std::fmt::Debug for LoadedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedModel")
+            .field("spec", self.model.spec())
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `--dtype`: `auto` is f32 on the CPU, where bf16 matmuls are converted to
+/// f32 on every call anyway and f16 has no fast kernels without MKL.
+pub fn parse_dtype(s: &str) -> anyhow::Result<DType> {
+    Ok(match s.to_ascii_lowercase().as_str() {
+        "auto" | "float32" | "f32" | "float" => DType::F32,
+        "bfloat16" | "bf16" => DType::BF16,
+        "float16" | "f16" | "half" => DType::F16,
+        other => bail!("invalid --dtype {other:?}: choose auto, float32, bfloat16 or float16"),
+    })
+}
+
+pub fn load_model(opts: &LoadOptions) -> anyhow::Result<LoadedModel> {
+    let source = match opts.model.as_deref() {
+        None => ModelSource::Embedded,
+        Some(m) => ModelSource::resolve(m)?,
+    };
+    let loaded = match &source {
+        ModelSource::Embedded => load_embedded(opts),
+        ModelSource::Dir(dir) => load_dir(dir, opts),
+        ModelSource::Gguf(path) => load_gguf(path, opts),
+    }?;
+    let (n, vocab) = (loaded.0.vocab_size(), loaded.1.spec().vocab_size);
+    if n > vocab {
+        bail!("the tokenizer has {n} tokens but the model's vocab_size is {vocab}");
+    }
+    Ok(LoadedModel {
+        tokenizer: loaded.0,
+        model: loaded.1,
+        source,
+    })
+}
+
+fn build_hf(config: &str, vb: VarBuilder, opts: &LoadOptions) -> anyhow::Result<Box<dyn Model>> {
+    let common: super::config::Common = super::config::parse(config)?;
+    let arch = find_hf(&common.architecture()?)?;
+    (arch.from_hf)(
+        arch.name,
+        Checkpoint {
+            config,
+            vb,
+            quantization: opts.quantization,
+        },
+    )
+}
+
+fn special_tokens(config: &str) -> anyhow::Result<SpecialTokens> {
+    let common: super::config::Common = super::config::parse(config)?;
+    Ok(common.special_tokens())
+}
+
+fn load_embedded(opts: &LoadOptions) -> anyhow::Result<(Tokenizer, Box<dyn Model>)> {
+    let tokenizer = Tokenizer::from_parts(
+        embedded::TOKENIZER,
+        Some(serde_json::from_str(embedded::TOKENIZER_CONFIG)?),
+        Some(serde_json::from_str(embedded::GENERATION_CONFIG)?),
+        None,
+        &special_tokens(embedded::CONFIG)?,
+    )?;
+    let vb = VarBuilder::from_slice_safetensors(embedded::WEIGHTS, opts.dtype, &opts.device)?;
+    let model = build_hf(embedded::CONFIG, vb, opts).context("loading the embedded model")?;
+    Ok((tokenizer, model))
+}
+
+fn load_dir(
+    dir: &std::path::Path,
+    opts: &LoadOptions,
+) -> anyhow::Result<(Tokenizer, Box<dyn Model>)> {
+    let cfg_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&cfg_path)
+        .with_context(|| format!("{}: missing config.json", dir.display()))?;
+    let special = special_tokens(&text).with_context(|| format!("in {}", cfg_path.display()))?;
+    // The architecture first: an unsupported one is the clearest error.
+    super::config::parse::<super::config::Common>(&text)
+        .and_then(|c| find_hf(&c.architecture()?).map(|_| ()))
+        .with_context(|| format!("in {}", cfg_path.display()))?;
+    let tokenizer = Tokenizer::from_dir(dir, &special)?;
+    let files = ModelSource::safetensors_files(dir)?;
+    for f in &files {
+        if !f.is_file() {
+            bail!("missing weights file {}", f.display());
+        }
+    }
+    // SAFETY: the files are memory-mapped read-only; like every mmap user we
+    // rely on them not being truncated while the server runs.
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, opts.dtype, &opts.device) }
+        .with_context(|| format!("reading safetensors in {}", dir.display()))?;
+    let model = build_hf(&text, vb, opts)
+        .with_context(|| format!("loading the model in {}", dir.display()))?;
+    Ok((tokenizer, model))
+}
+
+fn load_gguf(
+    path: &std::path::Path,
+    opts: &LoadOptions,
+) -> anyhow::Result<(Tokenizer, Box<dyn Model>)> {
+    let file = GgufFile::read(path, opts.dtype, &opts.device)?;
+    let arch = find_gguf(file.architecture()?)?;
+    let meta = file.meta();
+    let special = SpecialTokens {
+        bos: meta.u64("tokenizer.ggml.bos_token_id")?.map(|v| v as u32),
+        eos: meta
+            .u64("tokenizer.ggml.eos_token_id")?
+            .map(|v| v as u32)
+            .into_iter()
+            .collect(),
+    };
+    let tokenizer = Tokenizer::from_gguf(&meta, &special).with_context(|| {
+        format!(
+            "{}: building the tokenizer from GGUF metadata",
+            path.display()
+        )
+    })?;
+    let build = arch.from_gguf.expect("find_gguf checks there is one");
+    let model = build(
+        arch.name,
+        GgufCheckpoint {
+            file,
+            dtype: opts.dtype,
+            device: opts.device.clone(),
+            quantization: opts.quantization,
+        },
+    )
+    .with_context(|| format!("loading the model in {}", path.display()))?;
+    Ok((tokenizer, model))
+}
