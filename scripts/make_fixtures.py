@@ -73,6 +73,40 @@ VARIANTS = {
     "qwen2_bias": dict(model_type="qwen2", num_key_value_heads=2, tie_word_embeddings=True, use_sliding_window=False),
     # Per-head q/k RMS norms, explicit head_dim != hidden / heads.
     "qwen3_qknorm": dict(model_type="qwen3", num_key_value_heads=2, head_dim=32, tie_word_embeddings=False),
+    # YaRN RoPE scaling (the original context shorter than the test sequences).
+    "llama_yarn_rope": dict(
+        model_type="llama", num_key_value_heads=2,
+        rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=16),
+    ),
+    # Gemma 3: multi-query attention, a window (8) shorter than the prompts, local and global
+    # layers with their own RoPE (linear scaling on the global one), query_pre_attn_scalar
+    # != head_dim, final logit soft-capping.
+    "gemma3_mqa_window": dict(
+        model_type="gemma3_text", num_key_value_heads=1, head_dim=32, num_hidden_layers=3,
+        sliding_window=8, layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        rope_parameters={
+            "full_attention": dict(rope_type="linear", factor=2.0, rope_theta=1000000.0),
+            "sliding_attention": dict(rope_type="default", rope_theta=10000.0),
+        },
+        query_pre_attn_scalar=24, final_logit_softcapping=30.0,
+    ),
+    # Gemma 3: grouped-query attention, a global layer first, tied head.
+    "gemma3_gqa": dict(
+        model_type="gemma3_text", num_key_value_heads=2, head_dim=16,
+        sliding_window=16, layer_types=["full_attention", "sliding_attention"], query_pre_attn_scalar=16,
+    ),
+}
+
+# GPT-2 names its sizes differently; these replace BASE.
+GPT2_BASE = dict(
+    vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128, initializer_range=0.25,
+    bos_token_id=1, eos_token_id=2,
+)
+GPT2_VARIANTS = {
+    # Four heads, two layers.
+    "gpt2_4heads": dict(),
+    # Eight heads, three layers, a narrower MLP, attention scaled by the inverse layer index.
+    "gpt2_8heads": dict(n_head=8, n_layer=3, n_inner=96, scale_attn_by_inverse_layer_idx=True),
 }
 
 PROMPT_LENGTHS = [1, 6, 19, 45]
@@ -102,11 +136,11 @@ def greedy(model, prompt, n):
 
 
 @torch.no_grad()
-def make_variant(name, spec):
+def make_variant(name, spec, base=BASE):
     spec = dict(spec)
     old_rope = spec.pop("_old_rope_format", False)
     model_type = spec.pop("model_type")
-    cfg = AutoConfig.for_model(model_type, **{**BASE, **spec})
+    cfg = AutoConfig.for_model(model_type, **{**base, **spec})
     cfg._attn_implementation = "eager"
     for seed in range(100):
         torch.manual_seed(seed)
@@ -161,11 +195,103 @@ def make_stories_golden():
     print("stories260K:", repr(prompt + golden["text"]))
 
 
+def make_gpt2_gguf(name):
+    """A GGUF of a GPT-2 fixture in llama.cpp's `gpt2` layout (standard [out, in] weights,
+    f32), carrying the stories260K tokenizer's metadata, for the GGUF loader tests."""
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    src = FIXTURES / name
+    cfg = json.loads((src / "config.json").read_text())
+    w = load_file(src / "model.safetensors")
+    out = gguf.GGUFWriter(str(FIXTURES / f"{name}.gguf"), "gpt2")
+    out.add_context_length(cfg["n_positions"])
+    out.add_embedding_length(cfg["n_embd"])
+    out.add_block_count(cfg["n_layer"])
+    out.add_feed_forward_length(cfg.get("n_inner") or 4 * cfg["n_embd"])
+    out.add_head_count(cfg["n_head"])
+    out.add_layer_norm_eps(cfg["layer_norm_epsilon"])
+    stories = gguf.GGUFReader(str(FIXTURES / "stories260K-f32.gguf"))
+    for key, field in stories.fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        vt = field.types[0]
+        if vt == gguf.GGUFValueType.ARRAY:
+            out.add_array(key, field.contents())
+        else:
+            out.add_key_value(key, field.contents(), vt)
+    names = {"wte": "token_embd", "wpe": "position_embd", "ln_f": "output_norm"}
+    parts = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output",
+             "ln_2": "ffn_norm", "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+    for key, t in w.items():
+        k = key.removeprefix("transformer.")
+        base, kind = k.rsplit(".", 1)
+        if base in names:
+            gname = f"{names[base]}.{kind}"
+        else:
+            _, layer, part = base.split(".", 2)
+            gname = f"blk.{layer}.{parts[part]}.{kind}"
+            if kind == "weight" and "." in part:
+                t = np.ascontiguousarray(t.T)  # Conv1D [in, out] -> [out, in]
+        out.add_tensor(gname, t.astype(np.float32))
+    out.write_header_to_file()
+    out.write_kv_data_to_file()
+    out.write_tensors_to_file()
+    out.close()
+    print(f"{name}.gguf written")
+
+
+GEMMA_GGUF = ROOT / "models-cache" / "gemma-3-270m-q4_k_m.gguf"
+GEMMA_PROMPT = "The capital of France is"
+
+
+@torch.no_grad()
+def make_gemma3_270m_golden():
+    """The real Gemma 3 270M from its GGUF (scripts/fetch_models.sh), through
+    transformers' own GGUF loader (dequantized, float32)."""
+    from transformers import AutoTokenizer
+
+    kw = dict(gguf_file=GEMMA_GGUF.name)
+    tok = AutoTokenizer.from_pretrained(GEMMA_GGUF.parent, **kw)
+    model = AutoModelForCausalLM.from_pretrained(GEMMA_GGUF.parent, dtype=torch.float32, **kw).eval()
+    ids = tok(GEMMA_PROMPT).input_ids
+    logits = model(torch.tensor([ids])).logits[0, -1]
+    top = torch.topk(logits, 20)
+    out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=32)[0, len(ids):].tolist()
+    golden = {
+        "generator": f"scripts/make_fixtures.py, transformers {transformers.__version__}, torch {torch.__version__}",
+        "gguf": GEMMA_GGUF.name,
+        "prompt": GEMMA_PROMPT,
+        "prompt_ids": ids,
+        "top_ids": top.indices.tolist(),
+        "top_logits": top.values.tolist(),
+        "tokens": out,
+        "text": tok.decode(out),
+    }
+    (FIXTURES / "gemma3_270m_golden.json").write_text(json.dumps(golden, indent=1) + "\n")
+    print("gemma3 270M:", repr(GEMMA_PROMPT + golden["text"]))
+
+
 def main():
+    """All fixtures, or those named on the command line (also `stories`, `gemma3_270m`)."""
+    import sys
+
+    only = set(sys.argv[1:])
+    want = lambda name: not only or name in only
     FIXTURES.mkdir(parents=True, exist_ok=True)
     for name, spec in VARIANTS.items():
-        make_variant(name, spec)
-    make_stories_golden()
+        if want(name):
+            make_variant(name, spec)
+    for name, spec in GPT2_VARIANTS.items():
+        if want(name):
+            make_variant(name, {"model_type": "gpt2", **spec}, base=GPT2_BASE)
+    if want("gpt2_4heads") or want("gpt2_gguf"):
+        make_gpt2_gguf("gpt2_4heads")
+    if want("stories"):
+        make_stories_golden()
+    if want("gemma3_270m"):
+        make_gemma3_270m_golden()
 
 
 if __name__ == "__main__":

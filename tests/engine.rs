@@ -90,6 +90,16 @@ fn random_prompts(n: usize, seed: u64) -> Vec<Vec<u32>> {
         .collect()
 }
 
+/// Validated against generous limits, for driving an `EngineCore` directly.
+fn valid(req: GenerateRequest) -> candela::engine::ValidRequest {
+    req.validate(&candela::engine::Limits {
+        vocab_size: 512,
+        max_model_len: 256,
+        cache_tokens: 1024,
+    })
+    .unwrap()
+}
+
 fn greedy_req(prompt: Vec<u32>, max_tokens: usize) -> GenerateRequest {
     let mut r = GenerateRequest::greedy(prompt, max_tokens);
     r.stop.ignore_eos = true;
@@ -243,7 +253,7 @@ fn n_samples_share_the_prompt_blocks() {
     req.n = 4;
     req.sampling.seed = Some(3);
     req.stop.ignore_eos = true;
-    core.add_request(0, req, tx, stats.try_enqueue(1).unwrap());
+    core.add_request(0, valid(req), tx, stats.try_enqueue(1).unwrap());
     assert!(core.step().unwrap());
     // 40 prompt tokens = 2 full blocks + 1 partial, shared by the 4 samples.
     assert_eq!(core.scheduler().kv().pool().num_used(), 3);
@@ -286,12 +296,12 @@ fn long_prompt_is_chunked_while_others_keep_decoding() {
     let (ta, mut ra) = tokio::sync::mpsc::unbounded_channel();
     let (tb, mut rb) = tokio::sync::mpsc::unbounded_channel();
     let slot = || stats.try_enqueue(8).unwrap();
-    core.add_request(0, greedy_req(vec![1, 5, 6], 20), ta, slot());
+    core.add_request(0, valid(greedy_req(vec![1, 5, 6], 20)), ta, slot());
     core.step().unwrap();
     assert!(matches!(ra.try_recv(), Ok(EngineEvent::Output(_))));
     core.add_request(
         1,
-        greedy_req(
+        valid(greedy_req(
             random_prompts(1, 6)[0]
                 .iter()
                 .copied()
@@ -299,7 +309,7 @@ fn long_prompt_is_chunked_while_others_keep_decoding() {
                 .take(70)
                 .collect(),
             4,
-        ),
+        )),
         tb,
         slot(),
     );

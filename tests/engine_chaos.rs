@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use candela::engine::{
-    EngineConfig, EngineCore, EngineEvent, EngineStats, FinishReason, GenerateRequest,
+    EngineConfig, EngineCore, EngineEvent, EngineStats, FinishReason, GenerateRequest, Limits,
 };
 use candela::kv_cache::KvCacheSizing;
 use candela::models::{load_model, LoadOptions};
@@ -145,6 +145,11 @@ fn run_seed(seed: u64, ops: usize) {
     let mut core =
         EngineCore::new(loaded.model, loaded.tokenizer, sizing, cfg, stats.clone()).unwrap();
     let room = capacity.min(cfg.max_model_len);
+    let limits = Limits {
+        vocab_size: vocab as usize,
+        max_model_len: cfg.max_model_len,
+        cache_tokens: capacity,
+    };
     let mut live: HashMap<u64, Live> = HashMap::new();
     let mut next_id = 0u64;
     let check = |core: &EngineCore, what: &str| {
@@ -167,6 +172,9 @@ fn run_seed(seed: u64, ops: usize) {
                 let n = req.n;
                 let max_tokens = req.stop.max_tokens;
                 let slot = stats.try_enqueue(cfg.max_waiting_requests).unwrap();
+                let req = req
+                    .validate(&limits)
+                    .expect("random requests fit the limits");
                 core.add_request(next_id, req, tx, slot);
                 live.insert(
                     next_id,

@@ -220,3 +220,20 @@ fn half_precision_dtypes_run_and_stay_close() {
         assert_eq!(common::runner(&m32, 16, 1).kv().num_free_blocks(), 1);
     }
 }
+
+#[test]
+fn gpt2_gguf_is_the_same_model_as_its_folder() {
+    // The gpt2_4heads weights in llama.cpp's `gpt2` layout (transposed
+    // projections, renamed tensors), with a tokenizer in the metadata.
+    let m = load(&fixture_dir("gpt2_4heads.gguf"), DType::F32);
+    assert_eq!(m.model.spec().architecture, "GPT2LMHeadModel");
+    assert_eq!(m.model.spec().max_position_embeddings, 128);
+    let g = golden("gpt2_4heads");
+    let mut r = runner(&m, 16, 64);
+    for (i, case) in g["logits"].as_array().unwrap().iter().enumerate() {
+        let got = prefill_logits(&mut r, &m, i as u64, &ids(&case["prompt"]));
+        let d = max_abs_diff(&got, &floats(&case["last_logits"]));
+        assert!(d < TOL, "prompt {i}: max |Δ| {d}");
+        r.free(i as u64);
+    }
+}

@@ -159,3 +159,53 @@ fn smollm2_gguf_answers_the_capital_of_france() {
         "The capital of France is Paris."
     );
 }
+
+#[test]
+fn gemma3_270m_gguf_continues_like_transformers() {
+    let Some(path) = real_model(&repo_path("models-cache/gemma-3-270m-q4_k_m.gguf")) else {
+        return;
+    };
+    let text =
+        std::fs::read_to_string(repo_path("tests/fixtures/gemma3_270m_golden.json")).unwrap();
+    let g: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let m = load(&path, DType::F32);
+    let spec = m.model.spec();
+    assert_eq!(spec.architecture, "Gemma3ForCausalLM");
+    assert_eq!(spec.cache.layers.len(), 18);
+    // Every sixth layer global, the others with a 512-token window.
+    let globals: Vec<usize> = (0..18)
+        .filter(|&i| spec.cache.layers[i] == candela::models::LayerCache::FullAttention)
+        .collect();
+    assert_eq!(globals, vec![5, 11, 17]);
+    // The tokenizer rebuilt from the GGUF metadata agrees with transformers'.
+    let prompt = m
+        .tokenizer
+        .encode(g["prompt"].as_str().unwrap(), true)
+        .unwrap();
+    assert_eq!(prompt, ids(&g["prompt_ids"]));
+    // The last position's top logits, and the greedy continuation.
+    let mut r = runner(&m, 16, 64);
+    let out = r
+        .step(
+            m.model.as_ref(),
+            &[candela::runner::SeqWork {
+                seq: 0,
+                tokens: prompt.clone(),
+                logits: candela::layers::Logits::Last,
+            }],
+        )
+        .unwrap();
+    r.free(0);
+    let logits = &out[0][0];
+    for (id, want) in ids(&g["top_ids"]).iter().zip(floats(&g["top_logits"])) {
+        let got = logits[*id as usize];
+        assert!((got - want).abs() < 2e-3, "token {id}: {got} vs {want}");
+    }
+    let want = ids(&g["tokens"]);
+    let got = greedy(&m, &prompt, want.len(), false);
+    assert_eq!(got, want);
+    assert_eq!(
+        m.tokenizer.decode(&got, false).unwrap(),
+        g["text"].as_str().unwrap()
+    );
+}

@@ -18,9 +18,9 @@ use super::protocol::chat::{
 use super::protocol::{random_id, unix_now, UsageJson};
 use super::sse::{self, ChunkWriter};
 use super::tracker::Tracker;
-use super::validate::{check_num_seqs, engine_params, generate_request, parse_json};
+use super::validate::{check_num_seqs, engine_params, parse_json};
 use super::AppState;
-use crate::engine::{EngineEvent, FinishReason, GenerateRequest, Usage};
+use crate::engine::{EngineError, EngineEvent, FinishReason, GenerateRequest, Usage, ValidRequest};
 
 const ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool"];
 
@@ -117,7 +117,7 @@ pub fn render_prompt(
 }
 
 struct Prepared {
-    req: GenerateRequest,
+    req: ValidRequest,
     stream: bool,
     include_usage: bool,
     logprobs: bool,
@@ -156,40 +156,36 @@ fn prepare(st: &AppState, body: &[u8]) -> Result<Prepared, ApiError> {
         .encode(&text, false)
         .map_err(|e| ApiError::bad_request("messages", e.to_string()))?;
     let max_tokens = match req.max_completion_tokens.or(req.max_tokens) {
-        Some(0) => {
-            return Err(ApiError::bad_request(
-                "max_tokens",
-                "max_tokens must be at least 1",
-            ))
-        }
         Some(m) => m as usize,
         // As vLLM: whatever room the context leaves.
         None => st.max_model_len.saturating_sub(ids.len()).max(1),
     };
     let logprobs = req.logprobs.unwrap_or(false);
     let top = req.top_logprobs.map(|t| t as usize);
-    if top.is_some_and(|t| t > crate::engine::MAX_LOGPROBS) {
-        return Err(ApiError::bad_request(
-            "top_logprobs",
-            "top_logprobs must be between 0 and 20",
-        ));
-    }
     if top.is_some_and(|t| t > 0) && !logprobs {
         return Err(ApiError::bad_request(
             "top_logprobs",
             "top_logprobs requires logprobs to be true",
         ));
     }
-    let (sampling, stop, n) = engine_params(&req.common, max_tokens, st.vocab_size)?;
-    let gen = generate_request(
-        ids,
-        sampling,
-        stop,
-        n,
-        logprobs.then_some(top.unwrap_or(0)),
-        None,
-    )?;
-    st.engine.check(&gen)?;
+    let (sampling, stop, n) = engine_params(&req.common, max_tokens)?;
+    let gen = st
+        .engine
+        .validate(GenerateRequest {
+            prompt_ids: ids,
+            sampling,
+            stop,
+            n,
+            logprobs: logprobs.then_some(top.unwrap_or(0)),
+            prompt_logprobs: None,
+        })
+        .map_err(|e| match e {
+            // Chat's name for the number of alternatives.
+            EngineError::InvalidParam { param, message } if param == "logprobs" => {
+                ApiError::bad_request("top_logprobs", message)
+            }
+            e => e.into(),
+        })?;
     Ok(Prepared {
         req: gen,
         stream: req.common.stream.unwrap_or(false),

@@ -15,18 +15,15 @@ use super::protocol::completions::{
 use super::protocol::{random_id, unix_now, UsageJson};
 use super::sse::{self, ChunkWriter};
 use super::tracker::Tracker;
-use super::validate::{check_num_seqs, engine_params, generate_request, parse_json};
+use super::validate::{check_num_seqs, engine_params, parse_json};
 use super::AppState;
 use crate::engine::{
-    EngineEvent, FinishReason, GenerateRequest, RequestStream, TokenLogprob, Usage,
+    EngineEvent, FinishReason, GenerateRequest, RequestStream, TokenLogprob, Usage, ValidRequest,
 };
 use crate::tokenizer::Tokenizer;
 
 /// Submits every request, all or none; dropping the returned streams aborts them.
-pub fn submit_all(
-    st: &AppState,
-    reqs: Vec<GenerateRequest>,
-) -> Result<Vec<RequestStream>, ApiError> {
+pub fn submit_all(st: &AppState, reqs: Vec<ValidRequest>) -> Result<Vec<RequestStream>, ApiError> {
     st.engine.submit_many(reqs).map_err(ApiError::from)
 }
 
@@ -38,7 +35,7 @@ struct EchoedPrompt {
 }
 
 struct Prepared {
-    reqs: Vec<GenerateRequest>,
+    reqs: Vec<ValidRequest>,
     prompts: Vec<EchoedPrompt>,
     n: usize,
     echo: bool,
@@ -97,12 +94,6 @@ fn prepare(st: &AppState, body: &[u8]) -> Result<Prepared, ApiError> {
     };
     check_num_seqs(num_prompts, n as usize, st.max_seqs_per_request)?;
     let logprobs = req.logprobs.map(|l| l as usize);
-    if logprobs.is_some_and(|l| l > crate::engine::MAX_LOGPROBS) {
-        return Err(ApiError::bad_request(
-            "logprobs",
-            "logprobs must be between 0 and 20",
-        ));
-    }
     let echo = req.echo.unwrap_or(false);
     let offsets_needed = echo && logprobs.is_some();
     let tok = st.engine.tokenizer();
@@ -151,25 +142,21 @@ fn prepare(st: &AppState, body: &[u8]) -> Result<Prepared, ApiError> {
     if prompts.is_empty() || prompts.iter().any(|(ids, _)| ids.is_empty()) {
         return Err(empty());
     }
-    let max_tokens = match req.max_tokens {
-        Some(0) => {
-            return Err(ApiError::bad_request(
-                "max_tokens",
-                "max_tokens must be at least 1",
-            ))
-        }
-        Some(m) => m as usize,
-        None => 16,
-    };
-    let (sampling, stop, n) = engine_params(&req.common, max_tokens, st.vocab_size)?;
+    let max_tokens = req.max_tokens.map_or(16, |m| m as usize);
+    let (sampling, stop, n) = engine_params(&req.common, max_tokens)?;
     let skip_special_tokens = stop.skip_special_tokens;
     let mut reqs = Vec::with_capacity(prompts.len());
     let mut echoed = Vec::with_capacity(prompts.len());
     for (ids, text) in prompts {
-        let prompt_lp = if echo { logprobs } else { None };
-        let r = generate_request(ids, sampling.clone(), stop.clone(), n, logprobs, prompt_lp)?;
-        st.engine.check(&r)?;
-        reqs.push(r);
+        let r = GenerateRequest {
+            prompt_ids: ids,
+            sampling: sampling.clone(),
+            stop: stop.clone(),
+            n,
+            logprobs,
+            prompt_logprobs: if echo { logprobs } else { None },
+        };
+        reqs.push(st.engine.validate(r)?);
         echoed.push(text);
     }
     Ok(Prepared {

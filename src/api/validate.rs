@@ -1,7 +1,11 @@
-//! The validation stage: OpenAI requests become engine [`GenerateRequest`]s.
-//! The engine never sees a raw request; every error here names its parameter.
+//! The validation stage: OpenAI requests become engine requests. This module
+//! parses and maps the API's fields (JSON errors, `logit_bias` keys, `top_k`
+//! conventions, per-request limits); the parameters' ranges and the model's
+//! limits are checked once, by [`crate::engine::GenerateRequest::validate`],
+//! which produces the [`crate::engine::ValidRequest`] the engine takes. Every
+//! error names its parameter.
 
-use crate::engine::{GenerateRequest, SamplingParams, StopParams, MAX_N};
+use crate::engine::{SamplingParams, StopParams};
 
 use super::error::ApiError;
 use super::protocol::CommonParams;
@@ -68,15 +72,8 @@ pub fn check_num_seqs(prompts: usize, n: usize, max: usize) -> Result<(), ApiErr
 pub fn engine_params(
     c: &CommonParams,
     max_tokens: usize,
-    vocab_size: usize,
 ) -> Result<(SamplingParams, StopParams, usize), ApiError> {
     let n = c.n.unwrap_or(1) as usize;
-    if n == 0 || n > MAX_N {
-        return Err(bad(
-            "n",
-            format!("n must be between 1 and {MAX_N}, got {n}"),
-        ));
-    }
     let top_k = match c.top_k.unwrap_or(0) {
         k if k <= 0 => 0, // -1 and 0 both mean "off", as in vLLM
         k => k as usize,
@@ -89,27 +86,9 @@ pub fn engine_params(
                 format!("logit_bias keys must be token ids, got {k:?}"),
             )
         })?;
-        if id as usize >= vocab_size {
-            return Err(bad(
-                "logit_bias",
-                format!("token id {id} is out of vocabulary"),
-            ));
-        }
-        if !(-100.0..=100.0).contains(&v) {
-            return Err(bad(
-                "logit_bias",
-                format!("logit_bias values must be in [-100, 100], got {v}"),
-            ));
-        }
         logit_bias.push((id, v));
     }
     let stop_token_ids = c.stop_token_ids.clone().unwrap_or_default();
-    if let Some(&t) = stop_token_ids.iter().find(|&&t| t as usize >= vocab_size) {
-        return Err(bad(
-            "stop_token_ids",
-            format!("token id {t} is out of vocabulary"),
-        ));
-    }
     let stop = c.stop.clone().map(|s| s.into_vec()).unwrap_or_default();
     let sampling = SamplingParams {
         temperature: c.temperature.unwrap_or(1.0),
@@ -133,27 +112,6 @@ pub fn engine_params(
     Ok((sampling, stop, n))
 }
 
-/// Builds and checks one engine request.
-pub fn generate_request(
-    prompt_ids: Vec<u32>,
-    sampling: SamplingParams,
-    stop: StopParams,
-    n: usize,
-    logprobs: Option<usize>,
-    prompt_logprobs: Option<usize>,
-) -> Result<GenerateRequest, ApiError> {
-    let req = GenerateRequest {
-        prompt_ids,
-        sampling,
-        stop,
-        n,
-        logprobs,
-        prompt_logprobs,
-    };
-    req.check()?;
-    Ok(req)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -174,17 +132,11 @@ mod tests {
     }
 
     #[test]
-    fn params_are_checked() {
+    fn params_are_mapped() {
         let c = |json: &str| parse_json::<CommonParams>(json.as_bytes()).unwrap();
-        assert!(engine_params(&c(r#"{"n": 0}"#), 5, 100).is_err());
-        assert!(engine_params(&c(r#"{"logit_bias": {"abc": 1}}"#), 5, 100).is_err());
-        assert!(engine_params(&c(r#"{"logit_bias": {"500": 1}}"#), 5, 100).is_err());
-        let (s, st, n) = engine_params(
-            &c(r#"{"top_k": -1, "stop": "x", "n": 2, "seed": 5}"#),
-            5,
-            100,
-        )
-        .unwrap();
+        assert!(engine_params(&c(r#"{"logit_bias": {"abc": 1}}"#), 5).is_err());
+        let (s, st, n) =
+            engine_params(&c(r#"{"top_k": -1, "stop": "x", "n": 2, "seed": 5}"#), 5).unwrap();
         assert_eq!(
             (s.top_k, st.stop.clone(), n, s.seed),
             (0, vec!["x".to_string()], 2, Some(5))

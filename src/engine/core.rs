@@ -11,7 +11,7 @@ use super::detokenizer::{Detokenizer, StopStrings};
 use super::model_runner::{ModelRunner, SeqStep};
 use super::request::{
     EngineError, EngineEvent, FinishReason, GenerateRequest, SeqOutput, Timings, TokenLogprob,
-    Usage,
+    Usage, ValidRequest,
 };
 use super::sampler::{token_logprob, Sampler};
 use super::scheduler::{Scheduler, SchedulerConfig, StepPlan};
@@ -120,18 +120,17 @@ impl EngineCore {
         self.requests.len()
     }
 
-    /// Admits a checked request (see [`super::EngineHandle::submit`] for the
-    /// checks) holding its place in the queue; its events go to `tx`.
+    /// Admits a validated request holding its place in the queue; its events
+    /// go to `tx`.
     pub fn add_request(
         &mut self,
         id: RequestId,
-        req: GenerateRequest,
+        req: ValidRequest,
         tx: UnboundedSender<EngineEvent>,
         slot: QueueSlot,
     ) {
         let arrived = slot.arrived();
-        let mut req = req;
-        req.normalize();
+        let req = req.into_inner();
         let seq = self.new_seq(id, 0);
         let arrival = self.next_arrival;
         self.next_arrival += 1;

@@ -22,8 +22,8 @@ use tokio::sync::watch;
 
 pub use self::core::{EngineConfig, EngineCore, RequestId};
 pub use request::{
-    EngineError, EngineEvent, FinishReason, GenerateRequest, SamplingParams, SeqOutput, StopParams,
-    Timings, TokenLogprob, Usage, MAX_LOGPROBS, MAX_N,
+    EngineError, EngineEvent, FinishReason, GenerateRequest, Limits, SamplingParams, SeqOutput,
+    StopParams, Timings, TokenLogprob, Usage, ValidRequest, MAX_LOGPROBS, MAX_N,
 };
 pub use stats::{EngineStats, QueueSlot, StatsSnapshot};
 
@@ -34,7 +34,7 @@ use crate::tokenizer::Tokenizer;
 enum Command {
     Add {
         id: RequestId,
-        req: Box<GenerateRequest>,
+        req: Box<ValidRequest>,
         tx: UnboundedSender<EngineEvent>,
         /// Dropped with the command if the engine never takes it.
         slot: QueueSlot,
@@ -53,9 +53,7 @@ struct Shared {
     accepting: AtomicBool,
     next_id: AtomicU64,
     cfg: EngineConfig,
-    /// Tokens the whole KV pool holds.
-    cache_tokens: usize,
-    vocab_size: usize,
+    limits: Limits,
 }
 
 /// Cheap-to-clone handle to the engine thread.
@@ -91,8 +89,11 @@ impl EngineHandle {
             accepting: AtomicBool::new(true),
             next_id: AtomicU64::new(0),
             cfg,
-            cache_tokens: sizing.max_tokens(),
-            vocab_size,
+            limits: Limits {
+                vocab_size,
+                max_model_len: cfg.max_model_len,
+                cache_tokens: sizing.max_tokens(),
+            },
         });
         let (tx, rx) = mpsc::channel();
         let (stopped_tx, stopped) = watch::channel(false);
@@ -160,66 +161,36 @@ impl EngineHandle {
         let _ = rx.wait_for(|&s| s).await;
     }
 
-    /// Checks a request against the engine's limits; the same checks
-    /// [`EngineHandle::submit`] makes, without queueing anything.
-    pub fn check(&self, req: &GenerateRequest) -> Result<(), EngineError> {
-        req.check()?;
-        if let Some(&bad) = req
-            .prompt_ids
-            .iter()
-            .find(|&&t| t as usize >= self.shared.vocab_size)
-        {
-            return Err(EngineError::InvalidParam {
-                param: "prompt".into(),
-                message: format!(
-                    "token id {bad} is out of vocabulary (size {})",
-                    self.shared.vocab_size
-                ),
-            });
-        }
-        let max_len = self.shared.cfg.max_model_len;
-        let requested = req.prompt_ids.len() + req.stop.max_tokens;
-        if requested > max_len {
-            return Err(EngineError::ContextLength {
-                max_model_len: max_len,
-                requested,
-                prompt: req.prompt_ids.len(),
-                max_tokens: req.stop.max_tokens,
-            });
-        }
-        if requested > self.shared.cache_tokens {
-            return Err(EngineError::TooLargeForCache {
-                needed: requested,
-                capacity: self.shared.cache_tokens,
-            });
-        }
-        Ok(())
+    /// Validates a request against this engine's limits (see
+    /// [`GenerateRequest::validate`]).
+    pub fn validate(&self, req: GenerateRequest) -> Result<ValidRequest, EngineError> {
+        req.validate(&self.shared.limits)
     }
 
-    /// Queues a request. Errors come back at once for invalid or oversized
-    /// requests and when the queue is full; otherwise events follow on the stream.
+    /// Validates and queues one request (benchmarks, tests, tools). Errors
+    /// come back at once for invalid or oversized requests and when the queue
+    /// is full; otherwise events follow on the stream.
     pub fn submit(&self, req: GenerateRequest) -> Result<RequestStream, EngineError> {
+        let req = self.validate(req)?;
         Ok(self
             .submit_many(vec![req])?
             .pop()
             .expect("one stream per request"))
     }
 
+    pub fn limits(&self) -> &Limits {
+        &self.shared.limits
+    }
+
     /// Queues several requests (the prompts of one API call) all or none:
-    /// each is checked first, then they take their places in the queue
-    /// together, so a call is never half admitted.
-    pub fn submit_many(
-        &self,
-        reqs: Vec<GenerateRequest>,
-    ) -> Result<Vec<RequestStream>, EngineError> {
+    /// they take their places in the queue together, so a call is never half
+    /// admitted.
+    pub fn submit_many(&self, reqs: Vec<ValidRequest>) -> Result<Vec<RequestStream>, EngineError> {
         if !self.is_alive() {
             return Err(EngineError::EngineDead);
         }
         if !self.shared.accepting.load(Ordering::SeqCst) {
             return Err(EngineError::ShuttingDown);
-        }
-        for r in &reqs {
-            self.check(r)?;
         }
         let limit = self.shared.cfg.max_waiting_requests;
         if reqs.len() > limit {

@@ -128,8 +128,60 @@ impl GenerateRequest {
         }
     }
 
-    /// Parameter checks that do not depend on the model. The error names the parameter.
-    pub fn check(&self) -> Result<(), EngineError> {
+    /// Checks every parameter against its range and the request against
+    /// `limits`, and puts it in the form the engine works with: the one
+    /// validation a request goes through, producing the only type the engine
+    /// accepts. Errors name the parameter.
+    pub fn validate(mut self, limits: &Limits) -> Result<ValidRequest, EngineError> {
+        self.check()?;
+        if let Some(&bad) = self
+            .prompt_ids
+            .iter()
+            .find(|&&t| t as usize >= limits.vocab_size)
+        {
+            return Err(EngineError::InvalidParam {
+                param: "prompt".into(),
+                message: format!(
+                    "token id {bad} is out of vocabulary (size {})",
+                    limits.vocab_size
+                ),
+            });
+        }
+        for (param, ids) in [
+            ("stop_token_ids", &self.stop.stop_token_ids),
+            (
+                "logit_bias",
+                &self.sampling.logit_bias.iter().map(|b| b.0).collect(),
+            ),
+        ] {
+            if let Some(&bad) = ids.iter().find(|&&t| t as usize >= limits.vocab_size) {
+                return Err(EngineError::InvalidParam {
+                    param: param.into(),
+                    message: format!("token id {bad} is out of vocabulary"),
+                });
+            }
+        }
+        let requested = self.prompt_ids.len() + self.stop.max_tokens;
+        if requested > limits.max_model_len {
+            return Err(EngineError::ContextLength {
+                max_model_len: limits.max_model_len,
+                requested,
+                prompt: self.prompt_ids.len(),
+                max_tokens: self.stop.max_tokens,
+            });
+        }
+        if requested > limits.cache_tokens {
+            return Err(EngineError::TooLargeForCache {
+                needed: requested,
+                capacity: limits.cache_tokens,
+            });
+        }
+        self.normalize();
+        Ok(ValidRequest(self))
+    }
+
+    /// The checks that do not depend on the model.
+    fn check(&self) -> Result<(), EngineError> {
         let s = &self.sampling;
         let bad = |param: &str, message: String| {
             Err(EngineError::InvalidParam {
@@ -179,6 +231,16 @@ impl GenerateRequest {
                 "repetition_penalty must be positive".into(),
             );
         }
+        if let Some(&(t, b)) = s
+            .logit_bias
+            .iter()
+            .find(|(_, b)| !(-100.0..=100.0).contains(b))
+        {
+            return bad(
+                "logit_bias",
+                format!("logit_bias values must be in [-100, 100], got {b} for token {t}"),
+            );
+        }
         for lp in [self.logprobs, self.prompt_logprobs].into_iter().flatten() {
             if lp > MAX_LOGPROBS {
                 return bad(
@@ -220,7 +282,7 @@ impl GenerateRequest {
     /// token ids sorted and unique, one logit bias per token (the last one
     /// given wins). Their cost per token is then bounded by the vocabulary,
     /// whatever the request repeats.
-    pub fn normalize(&mut self) {
+    fn normalize(&mut self) {
         self.stop.stop_token_ids.sort_unstable();
         self.stop.stop_token_ids.dedup();
         let bias = &mut self.sampling.logit_bias;
@@ -233,6 +295,35 @@ impl GenerateRequest {
             .collect();
         kept.reverse();
         *bias = kept;
+    }
+}
+
+/// What a request is checked against besides its own parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub vocab_size: usize,
+    /// Longest prompt + output (`--max-model-len`).
+    pub max_model_len: usize,
+    /// Tokens the whole KV pool holds.
+    pub cache_tokens: usize,
+}
+
+/// A request that passed [`GenerateRequest::validate`]: the only kind the
+/// engine takes, so nothing downstream checks again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidRequest(GenerateRequest);
+
+impl std::ops::Deref for ValidRequest {
+    type Target = GenerateRequest;
+
+    fn deref(&self) -> &GenerateRequest {
+        &self.0
+    }
+}
+
+impl ValidRequest {
+    pub fn into_inner(self) -> GenerateRequest {
+        self.0
     }
 }
 

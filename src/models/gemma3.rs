@@ -2,8 +2,10 @@
 //! with their own RoPE bases (rope scaling on the global ones), per-head q/k
 //! RMS norms, `(1 + w)` RMS norms (four per layer: before and after both
 //! attention and MLP), GeGLU, embeddings scaled by `sqrt(hidden)`, scores
-//! scaled by `query_pre_attn_scalar`, optional Gemma 2-style soft-capping of
-//! attention scores and final logits, tied head.
+//! scaled by `query_pre_attn_scalar`, optional soft-capping of the final
+//! logits, tied head. (transformers' Gemma 3 reads `attn_logit_softcapping`
+//! but never applies it, and neither do we: the attention layer's
+//! soft-capping hook is for Gemma 2.)
 //!
 //! Weight paths mirror `Gemma3ForCausalLM`; GGUF files (llama.cpp's `gemma3`)
 //! are renamed to them, and their norms already hold `1 + w`.
@@ -46,7 +48,6 @@ pub struct Gemma3Config {
     /// RoPE of the global layers (base and scaling) and of the local ones.
     pub rope_global: (f32, RopeScaling),
     pub rope_local: (f32, RopeScaling),
-    pub attn_logit_softcapping: Option<f32>,
     pub final_logit_softcapping: Option<f32>,
     pub attention_bias: bool,
     pub tie_word_embeddings: bool,
@@ -77,7 +78,6 @@ struct RawConfig {
     rope_scaling: Option<RawRope>,
     /// Transformers >= 5: one entry per layer type.
     rope_parameters: Option<Value>,
-    attn_logit_softcapping: Option<f64>,
     final_logit_softcapping: Option<f64>,
     attention_bias: Option<bool>,
     tie_word_embeddings: Option<bool>,
@@ -141,7 +141,6 @@ impl Gemma3Config {
             sliding_window,
             rope_global,
             rope_local,
-            attn_logit_softcapping: raw.attn_logit_softcapping.map(|c| c as f32),
             final_logit_softcapping: raw.final_logit_softcapping.map(|c| c as f32),
             attention_bias: raw.attention_bias.unwrap_or(false),
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(true),
@@ -220,8 +219,7 @@ impl Gemma3 {
                     cfg.num_heads,
                     (1.0 / cfg.query_pre_attn_scalar.sqrt()) as f32,
                 )
-                .with_window(cfg.sliding_window[i])
-                .with_softcap(cfg.attn_logit_softcapping);
+                .with_window(cfg.sliding_window[i]);
                 Ok(DecoderLayer {
                     input_layernorm: norm(l.pp("input_layernorm"), h)?,
                     self_attn: Attention {
@@ -456,7 +454,6 @@ fn config_from_gguf(
             global_scaling,
         ),
         rope_local: (10_000.0, RopeScaling::None),
-        attn_logit_softcapping: meta.f32(&k("attn_logit_softcapping"))?,
         final_logit_softcapping: meta.f32(&k("final_logit_softcapping"))?,
         attention_bias: false,
         tie_word_embeddings: !tensors.contains_key("output.weight"),

@@ -180,18 +180,34 @@ impl Tokenizer {
                     .unwrap_or_default();
                 let merges = spm_merges(&tokens, &scores);
                 let unk_token = unk.and_then(|i| tokens.get(i)).cloned();
+                // SentencePiece's dummy prefix: a space before the text, taken
+                // off again when decoding. Gemma's vocabulary has none.
+                let prefix = meta
+                    .bool("tokenizer.ggml.add_space_prefix")?
+                    .unwrap_or(true);
+                let space =
+                    json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"});
+                let normalizer = if prefix {
+                    json!({"type": "Sequence", "normalizers": [
+                        {"type": "Prepend", "prepend": "\u{2581}"}, space]})
+                } else {
+                    space
+                };
+                let mut decoders = vec![
+                    json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
+                    json!({"type": "ByteFallback"}),
+                    json!({"type": "Fuse"}),
+                ];
+                if prefix {
+                    decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+                }
                 (
                     json!({"type": "BPE", "dropout": null, "unk_token": unk_token, "continuing_subword_prefix": null,
                            "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true,
                            "ignore_merges": false, "vocab": vocab, "merges": merges}),
-                    json!({"type": "Sequence", "normalizers": [
-                        {"type": "Prepend", "prepend": "\u{2581}"},
-                        {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}]}),
+                    normalizer,
                     Json::Null,
-                    json!({"type": "Sequence", "decoders": [
-                        {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
-                        {"type": "ByteFallback"}, {"type": "Fuse"},
-                        {"type": "Strip", "content": " ", "start": 1, "stop": 0}]}),
+                    json!({"type": "Sequence", "decoders": decoders}),
                     true,
                 )
             }

@@ -19,6 +19,11 @@ pub const FIXTURES: &[&str] = &[
     "mistral_window",
     "qwen2_bias",
     "qwen3_qknorm",
+    "llama_yarn_rope",
+    "gemma3_mqa_window",
+    "gemma3_gqa",
+    "gpt2_4heads",
+    "gpt2_8heads",
 ];
 
 pub fn repo_path(rel: &str) -> PathBuf {

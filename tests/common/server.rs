@@ -21,7 +21,12 @@ pub struct Server {
 
 /// Starts `candela serve` in-process with extra flags; returns its base URL.
 pub fn start(extra: &[&str]) -> Server {
-    let model = repo_path("models/stories260K");
+    start_model("models/stories260K", extra)
+}
+
+/// The same with another model (a path relative to the repository).
+pub fn start_model(model: &str, extra: &[&str]) -> Server {
+    let model = repo_path(model);
     let template = repo_path("tests/fixtures/chatml.jinja");
     let mut argv = vec![
         "candela".to_string(),
