@@ -558,3 +558,43 @@ fn idle_engine_thread_sleeps() {
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(e.stats().steps, steps, "no steps while idle");
 }
+
+#[test]
+fn every_sample_of_a_constrained_request_follows_its_grammar() {
+    use candela::engine::grammar::{GrammarCompiler, GrammarSpec};
+    let e = stories();
+    let compiler = GrammarCompiler::new(e.tokenizer_arc(), e.limits().vocab_size);
+    let g = compiler
+        .compile(&GrammarSpec::Regex(
+            "(cat|dog|bird) (runs|sleeps)\\.".into(),
+        ))
+        .unwrap();
+    let mut req = GenerateRequest::new(stories_prompt(&e), 30);
+    req.n = 3;
+    req.sampling.seed = Some(5);
+    req.grammar = Some(g);
+    // Chunked prefill and a busy batch around it change nothing.
+    let others: Vec<_> = (0..4)
+        .map(|i| {
+            e.submit(greedy_req(random_prompts(1, 40 + i)[0].clone(), 20))
+                .unwrap()
+        })
+        .collect();
+    let got = collect(e.submit(req).unwrap());
+    for s in others {
+        collect(s);
+    }
+    for (text, finish) in got.text.iter().zip(&got.finish) {
+        let ok = ["cat", "dog", "bird"].iter().any(|a| {
+            ["runs", "sleeps"]
+                .iter()
+                .any(|v| *text == format!("{a} {v}."))
+        });
+        assert!(ok, "{text:?}");
+        assert_eq!(
+            *finish,
+            Some(FinishReason::Stop),
+            "the grammar's end stops the sample"
+        );
+    }
+}

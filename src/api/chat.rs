@@ -7,6 +7,7 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
+use super::chat_output::{ChoiceOutput, Piece};
 use super::completions::{check_text_fits, submit_all};
 use super::error::ApiError;
 use super::guard::ReadBody;
@@ -16,11 +17,13 @@ use super::protocol::chat::{
     ChunkChoice, Content, Delta,
 };
 use super::protocol::{random_id, unix_now, UsageJson};
-use super::sse::{self, ChunkWriter};
+use super::sse::{self, ChunkWriter, Frame};
+use super::structured::compile_spec;
+use super::tools::ToolMode;
 use super::tracker::Tracker;
 use super::validate::{check_num_seqs, engine_params, parse_json};
 use super::AppState;
-use crate::engine::{EngineError, EngineEvent, FinishReason, GenerateRequest, Usage, ValidRequest};
+use crate::engine::{EngineError, EngineEvent, GenerateRequest, Usage, ValidRequest};
 
 const ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool"];
 
@@ -37,7 +40,9 @@ fn message_json(i: usize, m: &ChatMessage) -> Result<Value, ApiError> {
         ));
     }
     let content = match &m.content {
-        None => Value::Null,
+        // An assistant turn of tool calls (`content: null`) renders as empty
+        // text: templates concatenate content.
+        None => Value::String(String::new()),
         Some(Content::Text(t)) => Value::String(t.clone()),
         Some(Content::Parts(parts)) => {
             let mut texts = Vec::new();
@@ -60,7 +65,7 @@ fn message_json(i: usize, m: &ChatMessage) -> Result<Value, ApiError> {
         v["name"] = json!(name);
     }
     if let Some(calls) = &m.tool_calls {
-        v["tool_calls"] = calls.clone();
+        v["tool_calls"] = super::tools::template_tool_calls(calls);
     }
     if let Some(id) = &m.tool_call_id {
         v["tool_call_id"] = json!(id);
@@ -116,23 +121,42 @@ pub fn render_prompt(
     Ok(text)
 }
 
-struct Prepared {
-    req: ValidRequest,
-    stream: bool,
-    include_usage: bool,
-    logprobs: bool,
+pub struct Prepared {
+    pub req: ValidRequest,
+    pub stream: bool,
+    pub include_usage: bool,
+    pub logprobs: bool,
+    pub tool_mode: ToolMode,
 }
 
 fn prepare(st: &AppState, body: &[u8]) -> Result<Prepared, ApiError> {
-    let req: ChatRequest = parse_json(body)?;
+    prepare_request(st, parse_json(body)?)
+}
+
+/// A chat request given as JSON (the Responses API builds one).
+pub fn prepare_value(st: &AppState, body: Value) -> Result<Prepared, ApiError> {
+    let bytes = serde_json::to_vec(&body).map_err(|e| ApiError::Internal(e.to_string()))?;
+    prepare(st, &bytes)
+}
+
+/// Renders, tokenizes and validates a chat request (CPU work: run it through
+/// [`AppState::offload`]).
+fn prepare_request(st: &AppState, req: ChatRequest) -> Result<Prepared, ApiError> {
     st.check_model(req.common.model.as_deref())?;
     let messages = req
         .messages
         .as_deref()
         .ok_or_else(|| ApiError::bad_request("messages", "messages is required"))?;
+    let (tools, tool_mode, tool_grammar) = super::tools::plan(
+        req.tools.as_ref(),
+        req.tool_choice.as_ref(),
+        req.parallel_tool_calls.unwrap_or(true),
+        st.tools,
+    )?;
     let mut extra = serde_json::Map::new();
-    if let Some(tools) = &req.tools {
-        extra.insert("tools".into(), tools.clone());
+    if !tools.is_empty() {
+        // As transformers: the template sees the tools as the request gave them.
+        extra.insert("tools".into(), req.tools.clone().unwrap_or_default());
     }
     for (k, v) in req.chat_template_kwargs.iter().flatten() {
         extra.insert(k.clone(), v.clone());
@@ -168,7 +192,23 @@ fn prepare(st: &AppState, body: &[u8]) -> Result<Prepared, ApiError> {
             "top_logprobs requires logprobs to be true",
         ));
     }
-    let (sampling, stop, n) = engine_params(&req.common, max_tokens)?;
+    let (sampling, mut stop, n) = engine_params(&req.common, max_tokens)?;
+    let grammar = match (tool_grammar, super::structured::spec(&req.common)?) {
+        (Some(_), Some((_, param))) => {
+            return Err(ApiError::bad_request(
+                param,
+                format!("{param} cannot be combined with a tool_choice that forces tool calls"),
+            ))
+        }
+        (Some(spec), None) => Some(compile_spec(&st.grammars, &spec, "tools")?),
+        (None, Some((spec, param))) => Some(compile_spec(&st.grammars, &spec, param)?),
+        (None, None) => None,
+    };
+    if let ToolMode::Auto(kind) = tool_mode {
+        if kind.needs_special_tokens() {
+            stop.skip_special_tokens = false;
+        }
+    }
     let gen = st
         .engine
         .validate(GenerateRequest {
@@ -178,6 +218,7 @@ fn prepare(st: &AppState, body: &[u8]) -> Result<Prepared, ApiError> {
             n,
             logprobs: logprobs.then_some(top.unwrap_or(0)),
             prompt_logprobs: None,
+            grammar,
         })
         .map_err(|e| match e {
             // Chat's name for the number of alternatives.
@@ -195,6 +236,7 @@ fn prepare(st: &AppState, body: &[u8]) -> Result<Prepared, ApiError> {
             .and_then(|o| o.include_usage)
             .unwrap_or(false),
         logprobs,
+        tool_mode,
     })
 }
 
@@ -212,6 +254,9 @@ async fn run(st: Arc<AppState>, body: axum::body::Bytes) -> Result<Response, Api
     let n = p.req.n;
     let streams = submit_all(&st, vec![p.req])?;
     super::tracker::note_engine_ids(&streams);
+    let outputs = (0..n)
+        .map(|_| ChoiceOutput::new(p.tool_mode.clone(), st.reasoning))
+        .collect();
     let mut w = Writer {
         id: random_id("chatcmpl-"),
         created: unix_now(),
@@ -220,11 +265,12 @@ async fn run(st: Arc<AppState>, body: axum::body::Bytes) -> Result<Response, Api
         logprobs: p.logprobs,
         include_usage: p.include_usage,
         usage: Usage::default(),
+        outputs,
     };
     let events = sse::merge(streams);
     if p.stream {
         // Each choice opens with the assistant role.
-        let first = (0..n)
+        let first: Vec<String> = (0..n)
             .map(|i| {
                 w.chunk(
                     vec![ChunkChoice {
@@ -232,6 +278,7 @@ async fn run(st: Arc<AppState>, body: axum::body::Bytes) -> Result<Response, Api
                         delta: Delta {
                             role: Some("assistant"),
                             content: Some(String::new()),
+                            ..Delta::default()
                         },
                         logprobs: None,
                         finish_reason: None,
@@ -242,7 +289,6 @@ async fn run(st: Arc<AppState>, body: axum::body::Bytes) -> Result<Response, Api
             .collect();
         return Ok(sse::respond(events, w, first));
     }
-    let mut texts = vec![String::new(); n];
     let mut lps: Vec<ChatLogprobs> = vec![ChatLogprobs::default(); n];
     let mut finish = vec![None; n];
     let mut events = events;
@@ -251,7 +297,11 @@ async fn run(st: Arc<AppState>, body: axum::body::Bytes) -> Result<Response, Api
         match ev {
             EngineEvent::Output(o) => {
                 w.tracker.on_output(o.index, &o);
-                texts[o.index].push_str(&o.text);
+                let out = &mut w.outputs[o.index];
+                out.push(&o.text);
+                if o.finish_reason.is_some() {
+                    out.finish();
+                }
                 let tok = w.st.engine.tokenizer();
                 lps[o.index]
                     .content
@@ -270,19 +320,25 @@ async fn run(st: Arc<AppState>, body: axum::body::Bytes) -> Result<Response, Api
         }
     }
     w.tracker.end();
-    let choices = texts
-        .into_iter()
+    let choices = w
+        .outputs
+        .iter()
         .zip(lps)
         .zip(finish)
         .enumerate()
-        .map(|(i, ((content, lp), f))| ChatChoice {
-            index: i,
-            message: AssistantMessage {
-                role: "assistant",
-                content,
-            },
-            logprobs: w.logprobs.then_some(lp),
-            finish_reason: f.map(FinishReason::as_str),
+        .map(|(i, ((out, lp), f))| {
+            let (content, reasoning, tool_calls) = out.message();
+            ChatChoice {
+                index: i,
+                message: AssistantMessage {
+                    role: "assistant",
+                    content,
+                    reasoning_content: reasoning,
+                    tool_calls,
+                },
+                logprobs: w.logprobs.then_some(lp),
+                finish_reason: out.finish_reason(f),
+            }
         })
         .collect();
     Ok(axum::Json(ChatResponse {
@@ -305,6 +361,7 @@ struct Writer {
     include_usage: bool,
     usage: Usage,
     tracker: Tracker,
+    outputs: Vec<ChoiceOutput>,
 }
 
 impl Writer {
@@ -325,7 +382,7 @@ impl ChunkWriter for Writer {
         &mut self,
         _prompt: usize,
         ev: EngineEvent,
-        out: &mut VecDeque<String>,
+        out: &mut VecDeque<Frame>,
     ) -> Result<(), ApiError> {
         match ev {
             EngineEvent::Output(o) => {
@@ -336,17 +393,33 @@ impl ChunkWriter for Writer {
                         content: o.logprobs.iter().map(|l| chat_entry(tok, l)).collect(),
                     }
                 });
-                if !o.text.is_empty() || o.finish_reason.is_some() || logprobs.is_some() {
+                let output = &mut self.outputs[o.index];
+                let mut piece = output.push(&o.text);
+                if o.finish_reason.is_some() {
+                    let rest = output.finish();
+                    piece.reasoning.push_str(&rest.reasoning);
+                    piece.content.push_str(&rest.content);
+                    piece.tool_deltas.extend(rest.tool_deltas);
+                }
+                let finish_reason = output.finish_reason(o.finish_reason);
+                if !piece.is_empty() || finish_reason.is_some() || logprobs.is_some() {
+                    let Piece {
+                        reasoning,
+                        content,
+                        tool_deltas,
+                    } = piece;
                     let choice = ChunkChoice {
                         index: o.index,
                         delta: Delta {
                             role: None,
-                            content: (!o.text.is_empty()).then_some(o.text),
+                            content: (!content.is_empty()).then_some(content),
+                            reasoning_content: (!reasoning.is_empty()).then_some(reasoning),
+                            tool_calls: (!tool_deltas.is_empty()).then_some(tool_deltas),
                         },
                         logprobs,
-                        finish_reason: o.finish_reason.map(FinishReason::as_str),
+                        finish_reason,
                     };
-                    out.push_back(self.chunk(vec![choice], None));
+                    out.push_back(Frame::from(self.chunk(vec![choice], None)));
                 }
             }
             EngineEvent::Done { usage, timings } => {
@@ -362,10 +435,12 @@ impl ChunkWriter for Writer {
         Ok(())
     }
 
-    fn on_end(&mut self, out: &mut VecDeque<String>) {
+    fn on_end(&mut self, out: &mut VecDeque<Frame>) {
         self.tracker.end();
         if self.include_usage {
-            out.push_back(self.chunk(Vec::new(), Some(UsageJson::from(self.usage))));
+            out.push_back(Frame::from(
+                self.chunk(Vec::new(), Some(UsageJson::from(self.usage))),
+            ));
         }
     }
 }

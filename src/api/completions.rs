@@ -13,7 +13,7 @@ use super::protocol::completions::{
     CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Prompt,
 };
 use super::protocol::{random_id, unix_now, UsageJson};
-use super::sse::{self, ChunkWriter};
+use super::sse::{self, ChunkWriter, Frame};
 use super::tracker::Tracker;
 use super::validate::{check_num_seqs, engine_params, parse_json};
 use super::AppState;
@@ -144,6 +144,7 @@ fn prepare(st: &AppState, body: &[u8]) -> Result<Prepared, ApiError> {
     }
     let max_tokens = req.max_tokens.map_or(16, |m| m as usize);
     let (sampling, stop, n) = engine_params(&req.common, max_tokens)?;
+    let grammar = super::structured::compile(&st.grammars, &req.common)?;
     let skip_special_tokens = stop.skip_special_tokens;
     let mut reqs = Vec::with_capacity(prompts.len());
     let mut echoed = Vec::with_capacity(prompts.len());
@@ -155,6 +156,7 @@ fn prepare(st: &AppState, body: &[u8]) -> Result<Prepared, ApiError> {
             n,
             logprobs,
             prompt_logprobs: if echo { logprobs } else { None },
+            grammar: grammar.clone(),
         };
         reqs.push(st.engine.validate(r)?);
         echoed.push(text);
@@ -228,7 +230,7 @@ async fn run(st: Arc<AppState>, body: axum::body::Bytes) -> Result<Response, Api
     };
     let events = sse::merge(streams);
     if p.stream {
-        return Ok(sse::respond(events, writer, VecDeque::new()));
+        return Ok(sse::respond(events, writer, Vec::<Frame>::new()));
     }
     collect(events, writer)
         .await
@@ -354,7 +356,7 @@ impl Writer {
         &mut self,
         prompt: usize,
         lps: Option<&[Option<TokenLogprob>]>,
-        out: &mut VecDeque<String>,
+        out: &mut VecDeque<Frame>,
     ) {
         for j in 0..self.n {
             let i = prompt * self.n + j;
@@ -374,7 +376,7 @@ impl Writer {
                 logprobs = Some(l);
             }
             let text = self.prompts[prompt].text.clone();
-            out.push_back(self.chunk(
+            out.push_back(Frame::from(self.chunk(
                 vec![CompletionChoice {
                     index: i,
                     text,
@@ -382,7 +384,7 @@ impl Writer {
                     finish_reason: None,
                 }],
                 None,
-            ));
+            )));
         }
     }
 }
@@ -392,7 +394,7 @@ impl ChunkWriter for Writer {
         &mut self,
         p: usize,
         ev: EngineEvent,
-        out: &mut VecDeque<String>,
+        out: &mut VecDeque<Frame>,
     ) -> Result<(), ApiError> {
         match ev {
             EngineEvent::PromptLogprobs(lps) => self.echo_prompt(p, Some(&lps), out),
@@ -416,7 +418,7 @@ impl ChunkWriter for Writer {
                         logprobs,
                         finish_reason: o.finish_reason.map(FinishReason::as_str),
                     };
-                    out.push_back(self.chunk(vec![choice], None));
+                    out.push_back(Frame::from(self.chunk(vec![choice], None)));
                 }
             }
             EngineEvent::Done { usage, timings } => {
@@ -431,10 +433,12 @@ impl ChunkWriter for Writer {
         Ok(())
     }
 
-    fn on_end(&mut self, out: &mut VecDeque<String>) {
+    fn on_end(&mut self, out: &mut VecDeque<Frame>) {
         self.tracker.end();
         if self.include_usage {
-            out.push_back(self.chunk(Vec::new(), Some(UsageJson::from(self.usage))));
+            out.push_back(Frame::from(
+                self.chunk(Vec::new(), Some(UsageJson::from(self.usage))),
+            ));
         }
     }
 }

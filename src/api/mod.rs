@@ -2,14 +2,19 @@
 
 mod auth;
 mod chat;
+mod chat_output;
 mod completions;
 pub mod error;
 pub mod guard;
 mod logprobs;
 mod misc;
 pub mod protocol;
+pub mod reasoning;
+mod responses;
 pub mod server;
 mod sse;
+mod structured;
+pub mod tools;
 mod tracker;
 pub mod validate;
 
@@ -58,6 +63,12 @@ pub struct AppState {
     /// by the body limit: a few huge ones queue among themselves instead of
     /// holding up generation requests.
     pub utility: Semaphore,
+    /// Compiles structured-output grammars against the vocabulary.
+    pub grammars: crate::engine::grammar::GrammarCompiler,
+    /// Whether `tool_choice: "auto"` works, and with which call syntax.
+    pub tools: tools::ToolConfig,
+    /// `--reasoning-parser`.
+    pub reasoning: Option<reasoning::ReasoningKind>,
 }
 
 /// Which permits a job of [`AppState::offload`] takes.
@@ -134,6 +145,7 @@ pub fn router(state: Arc<AppState>, http: &HttpConfig) -> Router {
     let protected = Router::new()
         .route("/v1/completions", post(completions::handle))
         .route("/v1/chat/completions", post(chat::handle))
+        .route("/v1/responses", post(responses::handle))
         .route("/v1/models", get(misc::models))
         .route("/tokenize", post(misc::tokenize))
         .route("/detokenize", post(misc::detokenize))

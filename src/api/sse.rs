@@ -1,6 +1,7 @@
-//! Server-sent events from engine streams: one loop shared by completions and
-//! chat, ending with `data: [DONE]` whatever happens. Dropping the body (the
-//! client went away) drops the engine streams, which aborts the requests.
+//! Server-sent events from engine streams: one loop shared by completions,
+//! chat and responses, ending with the writer's end marker (`data: [DONE]`
+//! for the first two) whatever happens. Dropping the body (the client went
+//! away) drops the engine streams, which aborts the requests.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -22,17 +23,49 @@ pub fn merge(streams: Vec<RequestStream>) -> Merged {
     }))
 }
 
-/// Turns engine events into SSE `data:` payloads.
+/// One SSE event: an optional `event:` name and its `data:` payload.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Frame {
+    pub event: Option<&'static str>,
+    pub data: String,
+}
+
+impl Frame {
+    pub fn event(name: &'static str, data: String) -> Self {
+        Self {
+            event: Some(name),
+            data,
+        }
+    }
+}
+
+impl From<String> for Frame {
+    fn from(data: String) -> Self {
+        Self { event: None, data }
+    }
+}
+
+/// Turns engine events into SSE events.
 pub trait ChunkWriter: Send + 'static {
-    /// Handles one event, pushing JSON payloads to `out`.
+    /// Handles one event, pushing payloads to `out`.
     fn on_event(
         &mut self,
         prompt: usize,
         ev: EngineEvent,
-        out: &mut VecDeque<String>,
+        out: &mut VecDeque<Frame>,
     ) -> Result<(), ApiError>;
     /// Every stream ended normally: final payloads (the usage chunk).
-    fn on_end(&mut self, out: &mut VecDeque<String>);
+    fn on_end(&mut self, out: &mut VecDeque<Frame>);
+    /// What a failure mid-stream sends: the error object, then the end marker.
+    fn error_frames(&mut self, e: &ApiError) -> Vec<Frame> {
+        let mut frames = vec![Frame::from(data(&e.body()))];
+        frames.extend(self.end_marker());
+        frames
+    }
+    /// The last event of every stream.
+    fn end_marker(&self) -> Option<Frame> {
+        Some(Frame::from("[DONE]".to_string()))
+    }
 }
 
 pub fn data(v: &impl serde::Serialize) -> String {
@@ -42,11 +75,16 @@ pub fn data(v: &impl serde::Serialize) -> String {
 struct State<W> {
     events: Merged,
     writer: W,
-    pending: VecDeque<String>,
+    pending: VecDeque<Frame>,
     finished: bool,
 }
 
-pub fn respond<W: ChunkWriter>(events: Merged, writer: W, first: VecDeque<String>) -> Response {
+pub fn respond<W: ChunkWriter>(
+    events: Merged,
+    writer: W,
+    first: impl IntoIterator<Item = impl Into<Frame>>,
+) -> Response {
+    let first: VecDeque<Frame> = first.into_iter().map(Into::into).collect();
     let state = State {
         events,
         writer,
@@ -55,8 +93,12 @@ pub fn respond<W: ChunkWriter>(events: Merged, writer: W, first: VecDeque<String
     };
     let body = stream::unfold(state, |mut s| async move {
         loop {
-            if let Some(payload) = s.pending.pop_front() {
-                return Some((Ok::<_, Infallible>(Event::default().data(payload)), s));
+            if let Some(frame) = s.pending.pop_front() {
+                let mut event = Event::default().data(frame.data);
+                if let Some(name) = frame.event {
+                    event = event.event(name);
+                }
+                return Some((Ok::<_, Infallible>(event), s));
             }
             if s.finished {
                 return None;
@@ -64,14 +106,14 @@ pub fn respond<W: ChunkWriter>(events: Merged, writer: W, first: VecDeque<String
             match s.events.next().await {
                 Some((prompt, ev)) => {
                     if let Err(e) = s.writer.on_event(prompt, ev, &mut s.pending) {
-                        s.pending.push_back(data(&e.body()));
-                        s.pending.push_back("[DONE]".into());
+                        let frames = s.writer.error_frames(&e);
+                        s.pending.extend(frames);
                         s.finished = true;
                     }
                 }
                 None => {
                     s.writer.on_end(&mut s.pending);
-                    s.pending.push_back("[DONE]".into());
+                    s.pending.extend(s.writer.end_marker());
                     s.finished = true;
                 }
             }
@@ -92,19 +134,19 @@ mod tests {
             &mut self,
             _: usize,
             ev: EngineEvent,
-            out: &mut VecDeque<String>,
+            out: &mut VecDeque<Frame>,
         ) -> Result<(), ApiError> {
             match ev {
                 EngineEvent::Error(e) => Err(e.into()),
                 _ => {
-                    out.push_back("{\"ok\":true}".into());
+                    out.push_back("{\"ok\":true}".to_string().into());
                     Ok(())
                 }
             }
         }
 
-        fn on_end(&mut self, out: &mut VecDeque<String>) {
-            out.push_back("{\"end\":true}".into());
+        fn on_end(&mut self, out: &mut VecDeque<Frame>) {
+            out.push_back("{\"end\":true}".to_string().into());
         }
     }
 
@@ -114,7 +156,7 @@ mod tests {
                 Box::pin(stream::iter(events.into_iter().map(|e| (0usize, e))))
                     as std::pin::Pin<Box<dyn Stream<Item = _> + Send>>,
             ]);
-        let resp = respond(s, Echo, VecDeque::from(["{\"first\":true}".to_string()]));
+        let resp = respond(s, Echo, ["{\"first\":true}".to_string()]);
         let bytes = http_body_util::BodyExt::collect(resp.into_body())
             .await
             .unwrap()

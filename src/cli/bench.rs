@@ -28,6 +28,11 @@ pub struct BenchArgs {
     /// Generated tokens per request.
     #[arg(long, default_value_t = 128)]
     pub output_len: usize,
+    /// Constrain every request's output to this JSON schema (a file), to
+    /// measure structured outputs; pick one that cannot end before
+    /// --output-len (e.g. an array with a large minItems).
+    #[arg(long)]
+    pub json_schema: Option<std::path::PathBuf>,
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -37,6 +42,18 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let sizing = args
         .cache
         .sizing(loaded.model.as_ref(), max_len, args.engine.max_num_seqs)?;
+    let grammar = match &args.json_schema {
+        Some(path) => {
+            let schema: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path)?)?;
+            let compiler = crate::engine::grammar::GrammarCompiler::new(
+                std::sync::Arc::new(loaded.tokenizer.clone()),
+                loaded.model.spec().vocab_size,
+            );
+            let spec = crate::engine::grammar::GrammarSpec::JsonSchema(schema);
+            Some(compiler.compile(&spec).map_err(anyhow::Error::msg)?)
+        }
+        None => None,
+    };
     let engine = EngineHandle::spawn(loaded, sizing, args.engine.engine_config(max_len)?)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
 
@@ -51,6 +68,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                     .collect();
                 let mut req = GenerateRequest::greedy(prompt, args.output_len);
                 req.stop.ignore_eos = true;
+                req.grammar = grammar.clone();
                 engine.submit(req).map_err(anyhow::Error::from)
             })
             .collect::<anyhow::Result<Vec<_>>>()?;

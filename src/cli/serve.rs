@@ -54,6 +54,18 @@ pub struct ServeArgs {
     /// Jinja chat template file overriding the model's.
     #[arg(long)]
     pub chat_template: Option<std::path::PathBuf>,
+    /// Let `tool_choice: "auto"` (the default when tools are given) parse the model's own
+    /// tool calls (vLLM's flag); needs a --tool-call-parser or a template that describes calls.
+    #[arg(long)]
+    pub enable_auto_tool_choice: bool,
+    /// The model's tool-call syntax for "auto": hermes (Qwen, Hermes), llama3_json, mistral.
+    /// Default: guessed from the chat template.
+    #[arg(long)]
+    pub tool_call_parser: Option<String>,
+    /// Split a thinking model's `<think>...</think>` into `reasoning_content`:
+    /// deepseek_r1 or qwen3.
+    #[arg(long)]
+    pub reasoning_parser: Option<String>,
     /// Origins allowed by CORS (repeat or comma-separate; `*` for any). Default: none.
     #[arg(long, value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
@@ -132,6 +144,29 @@ pub fn build_app(args: &ServeArgs) -> anyhow::Result<(axum::Router, Arc<AppState
         .clone()
         .unwrap_or_else(|| args.model.display_name());
     let engine = EngineHandle::spawn(loaded, sizing, args.engine.engine_config(max_model_len)?)?;
+    let grammars = crate::engine::grammar::GrammarCompiler::new(engine.tokenizer_arc(), vocab_size);
+    let parser = match &args.tool_call_parser {
+        Some(name) => Some(crate::api::tools::ParserKind::from_name(name)?),
+        None => chat_template
+            .as_ref()
+            .and_then(|t| crate::api::tools::ParserKind::from_template(t.source())),
+    };
+    let tools = crate::api::tools::ToolConfig {
+        auto: args.enable_auto_tool_choice,
+        parser,
+    };
+    if tools.auto && tools.parser.is_none() {
+        anyhow::bail!(
+            "--enable-auto-tool-choice needs a --tool-call-parser ({}): the chat template does \
+             not show which tool-call syntax the model uses",
+            crate::api::tools::ParserKind::NAMES
+        );
+    }
+    let reasoning = args
+        .reasoning_parser
+        .as_deref()
+        .map(crate::api::reasoning::ReasoningKind::from_name)
+        .transpose()?;
     let state = Arc::new(AppState {
         engine,
         metrics: Arc::new(Metrics::new(&model_name)),
@@ -148,6 +183,9 @@ pub fn build_app(args: &ServeArgs) -> anyhow::Result<(axum::Router, Arc<AppState
         max_seqs_per_request: args.engine.max_seqs_per_request,
         preprocess: AppState::preprocess_permits(),
         utility: AppState::preprocess_permits(),
+        grammars,
+        tools,
+        reasoning,
         api_keys: args
             .api_key
             .iter()

@@ -8,6 +8,7 @@ use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::detokenizer::{Detokenizer, StopStrings};
+use super::grammar::Constraint;
 use super::model_runner::{ModelRunner, SeqStep};
 use super::request::{
     EngineError, EngineEvent, FinishReason, GenerateRequest, SeqOutput, Timings, TokenLogprob,
@@ -36,6 +37,8 @@ pub struct EngineConfig {
 struct SeqState {
     seq: SeqId,
     sampler: Sampler,
+    /// The grammar's matcher, when the output is constrained.
+    constraint: Option<Constraint>,
     detok: Detokenizer,
     stops: StopStrings,
     num_output: usize,
@@ -167,6 +170,7 @@ impl EngineCore {
         SeqState {
             seq,
             sampler: Sampler::new(req.sampling.clone(), &req.prompt_ids, index),
+            constraint: req.grammar.as_ref().map(Constraint::new),
             detok: Detokenizer::new(&req.prompt_ids, req.stop.skip_special_tokens),
             stops: StopStrings::new(req.stop.stop.clone()),
             num_output: 0,
@@ -282,6 +286,7 @@ impl EngineCore {
             .execute(self.model.as_ref(), &plan.copies, &steps)?;
         drop(steps);
         let forward_time = forward_start.elapsed();
+        self.prepare_masks(&plan);
         self.sched.advance(&plan);
         self.stats.record_step(plan.num_tokens());
 
@@ -330,6 +335,33 @@ impl EngineCore {
         };
         let r = &self.requests[&rid];
         index == 0 && r.req.prompt_logprobs.is_some() && start < r.req.prompt_ids.len()
+    }
+
+    /// Computes the grammar masks of the step's constrained samples on the
+    /// compute threads, in parallel: a slow grammar costs its own sample's
+    /// time, not the batch's times the number of constrained samples.
+    fn prepare_masks(&mut self, plan: &StepPlan) {
+        let sampling: std::collections::HashSet<SeqId> = plan
+            .scheduled
+            .iter()
+            .filter(|s| s.sample)
+            .map(|s| s.seq)
+            .collect();
+        let mut todo: Vec<&mut Constraint> = self
+            .requests
+            .values_mut()
+            .flat_map(|r| r.seqs.iter_mut())
+            .filter(|st| sampling.contains(&st.seq))
+            .filter_map(|st| st.constraint.as_mut())
+            .collect();
+        match todo.len() {
+            0 => {}
+            1 => todo[0].prepare(),
+            _ => self.runner.install(|| {
+                use rayon::prelude::*;
+                todo.par_iter_mut().for_each(|c| c.prepare());
+            }),
+        }
     }
 
     /// Which logits each scheduled sequence needs.
@@ -400,7 +432,13 @@ impl EngineCore {
             let states: Vec<SeqState> = children
                 .iter()
                 .enumerate()
-                .map(|(i, &child)| self.seq_state(&r.req, child, i + 1))
+                .map(|(i, &child)| {
+                    let mut st = self.seq_state(&r.req, child, i + 1);
+                    // At the same point of the grammar as the parent (the
+                    // start of the output), with its mask already computed.
+                    st.constraint = r.seqs[0].constraint.as_ref().map(Constraint::fork);
+                    st
+                })
                 .collect();
             self.requests
                 .get_mut(&rid)
@@ -438,8 +476,16 @@ impl EngineCore {
         } else {
             Vec::new()
         };
-        let (token, lp) = st.sampler.sample(logits, &banned, r.req.logprobs);
+        let mask = st.constraint.as_mut().map(|c| c.mask());
+        if let Some(None) = mask {
+            // The matcher failed: the grammar cannot go on.
+            tracing::warn!("request {rid}: the grammar matcher failed; ending the sample");
+        }
+        let (token, lp) = st
+            .sampler
+            .sample(logits, &banned, mask.flatten(), r.req.logprobs);
         st.sampler.observe(token);
+        let grammar_done = st.constraint.as_mut().is_some_and(|c| c.advance(token));
         st.num_output += 1;
         r.completion_tokens += 1;
         r.timings.first_token.get_or_insert_with(Instant::now);
@@ -459,6 +505,10 @@ impl EngineCore {
             text = out;
             if hit {
                 finish = Some(FinishReason::Stop);
+            } else if grammar_done {
+                // The grammar is complete: nothing may follow.
+                finish = Some(FinishReason::Stop);
+                text.push_str(&flush_text(st, &self.tokenizer));
             } else if st.num_output >= stop.max_tokens || total_len + 1 >= self.cfg.max_model_len {
                 finish = Some(FinishReason::Length);
                 text.push_str(&flush_text(st, &self.tokenizer));

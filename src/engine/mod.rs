@@ -8,6 +8,7 @@
 
 mod core;
 pub mod detokenizer;
+pub mod grammar;
 pub mod model_runner;
 pub mod request;
 pub mod sampler;

@@ -56,6 +56,12 @@ impl ModelRunner {
         })
     }
 
+    /// Runs `f` on the compute threads (work that must not wait for, or
+    /// compete with, a pool woken from outside).
+    pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        self.compute.install(f)
+    }
+
     pub fn block_size(&self) -> usize {
         self.storage.layout().block_size
     }

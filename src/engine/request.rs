@@ -3,6 +3,8 @@
 
 use std::time::Instant;
 
+use super::grammar::Grammar;
+
 /// Most alternatives per position the engine returns (OpenAI's limit).
 pub const MAX_LOGPROBS: usize = 20;
 /// Most samples per request.
@@ -104,6 +106,8 @@ pub struct GenerateRequest {
     pub logprobs: Option<usize>,
     /// Return logprobs of the prompt tokens too (with this many alternatives).
     pub prompt_logprobs: Option<usize>,
+    /// What every sample's output must match (structured outputs).
+    pub grammar: Option<Grammar>,
 }
 
 impl GenerateRequest {
@@ -118,6 +122,7 @@ impl GenerateRequest {
             n: 1,
             logprobs: None,
             prompt_logprobs: None,
+            grammar: None,
         }
     }
 

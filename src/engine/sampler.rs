@@ -4,6 +4,8 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use llguidance::toktrie::SimpleVob;
+
 use super::request::{SamplingParams, TokenLogprob};
 
 /// Per-sequence sampling state: the parameters, the RNG, and token counts for
@@ -54,8 +56,9 @@ impl Sampler {
         }
     }
 
-    /// Applies penalties and bias in place; `banned` tokens get -inf.
-    fn process(&self, logits: &mut [f32], banned: &[u32]) {
+    /// Applies penalties and bias in place; `banned` tokens, and those
+    /// `allowed` does not allow, get -inf.
+    fn process(&self, logits: &mut [f32], banned: &[u32], allowed: Option<&SimpleVob>) {
         let p = &self.params;
         if p.repetition_penalty != 1.0 {
             for &t in &self.seen {
@@ -85,16 +88,28 @@ impl Sampler {
                 *l = f32::NEG_INFINITY;
             }
         }
+        if let Some(mask) = allowed {
+            let n = logits.len();
+            mask.iter_unset_entries(|i| {
+                if i < n {
+                    logits[i] = f32::NEG_INFINITY;
+                }
+            });
+            // Past the mask's end (a vocabulary larger than the grammar's).
+            logits[mask.len().min(n)..].fill(f32::NEG_INFINITY);
+        }
     }
 
     /// Picks the next token from `logits` (the model's raw output for this
     /// position). Returns the token and, when `logprobs` is set, its log
     /// probability under the raw distribution with that many alternatives
     /// (vLLM's default: logprobs before any sampling adjustment).
+    /// `allowed`, when given, is the set of tokens a grammar allows next.
     pub fn sample(
         &mut self,
         logits: &[f32],
         banned: &[u32],
+        allowed: Option<&SimpleVob>,
         logprobs: Option<usize>,
     ) -> (u32, Option<TokenLogprob>) {
         let p = &self.params;
@@ -102,13 +117,14 @@ impl Sampler {
             || p.presence_penalty != 0.0
             || p.frequency_penalty != 0.0
             || !p.logit_bias.is_empty()
-            || !banned.is_empty();
+            || !banned.is_empty()
+            || allowed.is_some();
         let token = if p.is_greedy() && !adjusts {
             // The common greedy case reads the logits in place.
             argmax(logits)
         } else {
             let mut work = logits.to_vec();
-            self.process(&mut work, banned);
+            self.process(&mut work, banned, allowed);
             if self.params.is_greedy() {
                 argmax(&work)
             } else {
@@ -287,8 +303,12 @@ mod tests {
     fn greedy_takes_argmax_and_bias_changes_it() {
         let logits = [0.0, 3.0, 1.0];
         let mut s = Sampler::new(SamplingParams::greedy(), &[], 0);
-        assert_eq!(s.sample(&logits, &[], None).0, 1);
-        assert_eq!(s.sample(&logits, &[1], None).0, 2, "banned token skipped");
+        assert_eq!(s.sample(&logits, &[], None, None).0, 1);
+        assert_eq!(
+            s.sample(&logits, &[1], None, None).0,
+            2,
+            "banned token skipped"
+        );
         let mut s = Sampler::new(
             params(|p| {
                 p.temperature = 0.0;
@@ -297,7 +317,24 @@ mod tests {
             &[],
             0,
         );
-        assert_eq!(s.sample(&logits, &[], None).0, 0);
+        assert_eq!(s.sample(&logits, &[], None, None).0, 0);
+    }
+
+    #[test]
+    fn a_grammar_mask_allows_only_its_tokens() {
+        let logits = [5.0, 3.0, 1.0, 0.5];
+        let mut mask = SimpleVob::alloc(4);
+        mask.allow_token(2);
+        mask.allow_token(3);
+        let mut s = Sampler::new(SamplingParams::greedy(), &[], 0);
+        assert_eq!(s.sample(&logits, &[], Some(&mask), None).0, 2);
+        let mut s = Sampler::new(params(|p| p.seed = Some(1)), &[], 0);
+        for _ in 0..50 {
+            assert!(s.sample(&logits, &[], Some(&mask), None).0 >= 2);
+        }
+        // Logprobs stay those of the model's own distribution.
+        let (_, lp) = s.sample(&logits, &[], Some(&mask), Some(0));
+        assert!(lp.unwrap().logprob < -2.0);
     }
 
     #[test]
@@ -314,11 +351,11 @@ mod tests {
         s.observe(1);
         s.observe(1);
         let mut l = vec![0.0, 3.0, 1.0];
-        s.process(&mut l, &[]);
+        s.process(&mut l, &[], None);
         assert_eq!(l, vec![0.0, 3.0 - 2.0 - 0.5, 1.0]);
         let s = Sampler::new(params(|p| p.repetition_penalty = 2.0), &[0, 1], 0);
         let mut l = vec![-1.0, 3.0, 1.0];
-        s.process(&mut l, &[]);
+        s.process(&mut l, &[], None);
         assert_eq!(l, vec![-2.0, 1.5, 1.0]);
     }
 
@@ -333,7 +370,7 @@ mod tests {
         let run = |index| {
             let mut s = Sampler::new(p.clone(), &[], index);
             (0..64)
-                .map(|_| s.sample(&logits, &[], None).0)
+                .map(|_| s.sample(&logits, &[], None, None).0)
                 .collect::<Vec<_>>()
         };
         assert_eq!(run(0), run(0));
@@ -354,7 +391,7 @@ mod tests {
             &[],
             0,
         );
-        assert!((0..100).all(|_| s.sample(&logits, &[], None).0 == 0));
+        assert!((0..100).all(|_| s.sample(&logits, &[], None, None).0 == 0));
         let mut s = Sampler::new(
             params(|p| {
                 p.seed = Some(1);
@@ -363,7 +400,7 @@ mod tests {
             &[],
             0,
         );
-        assert!((0..100).all(|_| s.sample(&logits, &[], None).0 < 2));
+        assert!((0..100).all(|_| s.sample(&logits, &[], None, None).0 < 2));
     }
 
     #[test]

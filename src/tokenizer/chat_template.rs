@@ -12,6 +12,7 @@ const NAME: &str = "chat";
 /// A compiled chat template.
 pub struct ChatTemplate {
     env: Environment<'static>,
+    source: String,
     bos_token: Option<String>,
     eos_token: Option<String>,
 }
@@ -52,9 +53,15 @@ impl ChatTemplate {
             .map_err(|e| anyhow!("invalid chat template: {e}"))?;
         Ok(Self {
             env,
+            source: source.to_string(),
             bos_token,
             eos_token,
         })
+    }
+
+    /// The Jinja source (to see what conventions it teaches the model).
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     /// Renders `messages` (OpenAI-shaped message objects). `extra` holds further

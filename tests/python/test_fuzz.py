@@ -84,6 +84,20 @@ common = {
     "best_of": small(st.integers(min_value=-1, max_value=5)),
     "suffix": small(st.text(max_size=5)),
     "user": small(st.text(max_size=5)),
+    "response_format": small(st.one_of(
+        st.fixed_dictionaries({"type": st.sampled_from(["text", "json_object", "json_schema", "xml"])}),
+        st.fixed_dictionaries({"type": st.just("json_schema"), "json_schema": st.fixed_dictionaries(
+            {"name": st.just("x"), "schema": st.one_of(
+                st.just({"type": "integer"}), st.just({"type": "frobnicate"}),
+                st.just({"type": "array", "items": {"type": "boolean"}, "maxItems": 2}))})}),
+    )),
+    "structured_outputs": small(st.fixed_dictionaries({}, optional={
+        "regex": st.sampled_from(["[a-c]{1,3}", "(", "x*"]),
+        "choice": st.lists(st.text(max_size=4), max_size=3),
+        "grammar": st.sampled_from(['start: "a" | "b"', "start: nope", 'root ::= "a"']),
+        "json_object": st.booleans()})),
+    "guided_regex": small(st.sampled_from(["[0-9]{2}", "((", ".{0,5}"])),
+    "guided_choice": small(st.lists(st.text(max_size=4), max_size=3)),
 }
 messages = st.lists(
     st.fixed_dictionaries(
@@ -103,7 +117,21 @@ messages = st.lists(
 
 def bodies():
     completion = st.fixed_dictionaries({}, optional={"prompt": small(prompts), **common})
-    chat = st.fixed_dictionaries({}, optional={"messages": small(messages), **common})
+    tool = st.fixed_dictionaries({"type": st.sampled_from(["function", "web"]), "function": st.fixed_dictionaries(
+        {"name": st.sampled_from(["f", "g"])},
+        optional={"parameters": st.sampled_from([{"type": "object"}, {"type": "nope"}])})})
+    chat = st.fixed_dictionaries({}, optional={
+        "messages": small(messages), **common, "tools": small(st.lists(tool, max_size=2)),
+        "tool_choice": small(st.one_of(
+            st.sampled_from(["none", "auto", "required", "sometimes"]),
+            st.fixed_dictionaries({"type": st.just("function"),
+                                   "function": st.fixed_dictionaries({"name": st.sampled_from(["f", "h"])})})))})
+    responses = st.fixed_dictionaries({}, optional={
+        "input": small(st.one_of(st.text(max_size=40), messages)), "instructions": small(st.text(max_size=20)),
+        "max_output_tokens": small(st.integers(min_value=-1, max_value=20)),
+        "stream": small(st.booleans()), "store": small(st.booleans()),
+        "previous_response_id": small(st.text(max_size=5)),
+        "text": small(st.fixed_dictionaries({"format": st.fixed_dictionaries({"type": st.sampled_from(["text", "json_object", "bad"])})}))})
     tokenize = st.fixed_dictionaries(
         {}, optional={"prompt": small(st.text(max_size=100)), "messages": small(messages),
                       "add_special_tokens": small(st.booleans()),
@@ -113,6 +141,7 @@ def bodies():
     return st.one_of(
         st.tuples(st.just("/v1/completions"), with_extra(completion)),
         st.tuples(st.just("/v1/chat/completions"), with_extra(chat)),
+        st.tuples(st.just("/v1/responses"), with_extra(responses)),
         st.tuples(st.just("/tokenize"), with_extra(tokenize)),
         st.tuples(st.just("/detokenize"), with_extra(detokenize)),
     )
@@ -185,10 +214,18 @@ def check_response(r, what):
         assert isinstance(err["type"], str), what
         assert "param" in err and "code" in err, what
     elif r.headers.get("content-type", "").startswith("text/event-stream"):
-        assert r.text.endswith("data: [DONE]\n\n"), f"{what}: unterminated stream {r.text[-200:]!r}"
-        for event in r.text.split("\n\n")[:-1]:
-            assert event.startswith("data: "), f"{what}: {event!r}"
-            payload = event[len("data: "):]
+        events = r.text.split("\n\n")[:-1]
+        if "/v1/responses" in what:
+            # The Responses API ends with its last event, not [DONE].
+            last_data = [l for l in events[-1].split("\n") if l.startswith("data: ")][0]
+            last = json.loads(last_data[len("data: "):])
+            assert last["type"] in ("response.completed", "response.incomplete", "error"), what
+        else:
+            assert r.text.endswith("data: [DONE]\n\n"), f"{what}: unterminated stream {r.text[-200:]!r}"
+        for event in events:
+            data = [l for l in event.split("\n") if l.startswith("data: ")]
+            assert len(data) == 1, f"{what}: {event!r}"
+            payload = data[0][len("data: "):]
             if payload != "[DONE]":
                 json.loads(payload)
     elif r.headers.get("content-type", "").startswith("application/json"):
@@ -208,7 +245,7 @@ def test_json_requests_of_any_shape(fuzz_server, request):
 @FUZZ
 @given(
     method=st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"]),
-    path=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize",
+    path=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/models", "/tokenize",
                           "/detokenize", "/health", "/metrics", "/version", "/nope", "/v1/../x"]),
     content_type=st.sampled_from([None, "application/json", "text/plain", "multipart/form-data"]),
     body=st.one_of(st.binary(max_size=300), st.text(max_size=300).map(str.encode),
