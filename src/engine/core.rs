@@ -286,7 +286,9 @@ impl EngineCore {
             .execute(self.model.as_ref(), &plan.copies, &steps)?;
         drop(steps);
         let forward_time = forward_start.elapsed();
+        let mask_start = Instant::now();
         self.prepare_masks(&plan);
+        let mask_time = mask_start.elapsed();
         self.sched.advance(&plan);
         self.stats.record_step(plan.num_tokens());
 
@@ -315,6 +317,7 @@ impl EngineCore {
             seqs = plan.scheduled.len(),
             tokens = plan.num_tokens(),
             forward_ms = forward_time.as_secs_f64() * 1e3,
+            grammar_mask_ms = mask_time.as_secs_f64() * 1e3,
             step_ms = now.elapsed().as_secs_f64() * 1e3,
             "step"
         );
