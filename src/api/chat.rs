@@ -142,6 +142,7 @@ pub fn prepare_value(st: &AppState, body: Value) -> Result<Prepared, ApiError> {
 /// Renders, tokenizes and validates a chat request (CPU work: run it through
 /// [`AppState::offload`]).
 fn prepare_request(st: &AppState, req: ChatRequest) -> Result<Prepared, ApiError> {
+    refuse_unsupported(&req)?;
     st.check_model(req.common.model.as_deref())?;
     let messages = req
         .messages
@@ -238,6 +239,42 @@ fn prepare_request(st: &AppState, req: ChatRequest) -> Result<Prepared, ApiError
         logprobs,
         tool_mode,
     })
+}
+
+/// Known OpenAI features that cannot be honoured are 400s, not ignored.
+fn refuse_unsupported(req: &ChatRequest) -> Result<(), ApiError> {
+    let given = |v: &Option<Value>| v.as_ref().is_some_and(|v| !v.is_null());
+    if given(&req.functions) || given(&req.function_call) {
+        let p = if given(&req.functions) {
+            "functions"
+        } else {
+            "function_call"
+        };
+        return Err(ApiError::bad_request(
+            p,
+            "functions and function_call are deprecated and not supported; use tools and tool_choice",
+        ));
+    }
+    for (p, v) in [
+        ("audio", &req.audio),
+        ("prediction", &req.prediction),
+        ("web_search_options", &req.web_search_options),
+    ] {
+        if given(v) {
+            return Err(ApiError::bad_request(p, format!("{p} is not supported")));
+        }
+    }
+    if req
+        .modalities
+        .as_ref()
+        .is_some_and(|m| m.iter().any(|m| m != "text"))
+    {
+        return Err(ApiError::bad_request(
+            "modalities",
+            "only the text modality is supported",
+        ));
+    }
+    Ok(())
 }
 
 pub async fn handle(State(st): State<Arc<AppState>>, ReadBody(body): ReadBody) -> Response {

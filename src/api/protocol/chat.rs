@@ -41,6 +41,13 @@ pub struct ChatRequest {
     pub tools: Option<serde_json::Value>,
     pub tool_choice: Option<serde_json::Value>,
     pub parallel_tool_calls: Option<bool>,
+    /// OpenAI features Candela cannot honour: refused with a 400, never ignored.
+    pub functions: Option<serde_json::Value>,
+    pub function_call: Option<serde_json::Value>,
+    pub audio: Option<serde_json::Value>,
+    pub modalities: Option<Vec<String>>,
+    pub prediction: Option<serde_json::Value>,
+    pub web_search_options: Option<serde_json::Value>,
     #[serde(flatten)]
     pub common: CommonParams,
 }
