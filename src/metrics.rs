@@ -24,6 +24,8 @@ pub struct Metrics {
     success: IntCounterVec,
     disconnects: IntCounter,
     preemptions: IntCounter,
+    prefix_queries: IntCounter,
+    prefix_hits: IntCounter,
     running: prometheus::Gauge,
     waiting: prometheus::Gauge,
     kv_usage: prometheus::Gauge,
@@ -98,6 +100,14 @@ impl Metrics {
                 "candela:num_preemptions_total",
                 "Sequences preempted for lack of KV blocks.",
             ),
+            prefix_queries: counter(
+                "candela:prefix_cache_queries_total",
+                "Prompt tokens looked up in the prefix cache.",
+            ),
+            prefix_hits: counter(
+                "candela:prefix_cache_hits_total",
+                "Prompt tokens found in the prefix cache.",
+            ),
             running: gauge(
                 "candela:num_requests_running",
                 "Sequences in the running batch.",
@@ -147,6 +157,15 @@ impl Metrics {
         self.running.set(stats.num_running as f64);
         self.waiting.set(stats.num_waiting as f64);
         self.kv_usage.set(stats.kv_cache_usage);
+        for (c, total) in [
+            (&self.prefix_queries, stats.prefix_cache_queries),
+            (&self.prefix_hits, stats.prefix_cache_hits),
+        ] {
+            let seen = c.get();
+            if total > seen {
+                c.inc_by(total - seen);
+            }
+        }
         let seen = self.preemptions.get();
         if stats.num_preemptions > seen {
             self.preemptions.inc_by(stats.num_preemptions - seen);

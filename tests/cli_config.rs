@@ -115,6 +115,8 @@ fn kv_cache_dtype_sizes_the_cache_and_rejects_unknown_names() {
         num_kv_blocks: Some(8),
         kv_cache_memory: None,
         kv_cache_dtype: dt.into(),
+        enable_prefix_caching: true,
+        no_enable_prefix_caching: false,
     };
     let f32 = args("auto").sizing(m.model.as_ref(), 256, 4).unwrap();
     let f16 = args("float16").sizing(m.model.as_ref(), 256, 4).unwrap();
@@ -123,4 +125,22 @@ fn kv_cache_dtype_sizes_the_cache_and_rejects_unknown_names() {
     assert_eq!(f16.bytes_per_token * 2, f32.bytes_per_token);
     let err = args("fp8").sizing(m.model.as_ref(), 256, 4).unwrap_err();
     assert!(err.to_string().contains("--kv-cache-dtype"), "{err}");
+}
+
+#[test]
+fn prefix_caching_is_on_by_default_and_can_be_turned_off() {
+    use candela::cli::{Cli, Command};
+    use clap::Parser;
+    let parse = |extra: &[&str]| {
+        let mut argv = vec!["candela", "serve"];
+        argv.extend(extra);
+        let Command::Serve(args) = Cli::parse_from(argv).command else {
+            unreachable!()
+        };
+        args.cache.prefix_caching()
+    };
+    assert!(parse(&[]));
+    assert!(parse(&["--enable-prefix-caching"]));
+    assert!(!parse(&["--no-enable-prefix-caching"]));
+    assert!(!parse(&["--enable-prefix-caching", "false"]));
 }

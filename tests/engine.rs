@@ -21,6 +21,7 @@ fn cfg(max_model_len: usize) -> EngineConfig {
         max_num_seqs: 256,
         max_num_batched_tokens: 512,
         max_waiting_requests: 1024,
+        enable_prefix_caching: true,
     }
 }
 
@@ -290,7 +291,8 @@ fn long_prompt_is_chunked_while_others_keep_decoding() {
     let s = sizing(&m, 16, 64);
     let tok = m.tokenizer.clone();
     let mut c = cfg(256);
-    c.max_num_batched_tokens = 16;
+    // With one sequence decoding, a step takes max(4, 128 / 8) = 16 tokens.
+    c.max_num_batched_tokens = 128;
     let stats = std::sync::Arc::new(EngineStats::default());
     let mut core = EngineCore::new(m.model, tok, s, c, stats.clone()).unwrap();
     let (ta, mut ra) = tokio::sync::mpsc::unbounded_channel();
@@ -313,7 +315,7 @@ fn long_prompt_is_chunked_while_others_keep_decoding() {
         tb,
         slot(),
     );
-    // Budget 16: A decodes 1 token per step, B prefills 15 per step: 70 tokens take 5 steps.
+    // A decodes 1 token per step, B prefills 15 per step: 70 tokens take 5 steps.
     for step in 0..5 {
         core.step().unwrap();
         assert!(
@@ -597,4 +599,119 @@ fn every_sample_of_a_constrained_request_follows_its_grammar() {
             "the grammar's end stops the sample"
         );
     }
+}
+
+/// Prompts that share prefixes of random lengths (a few "system prompts",
+/// each continued differently, some repeated whole).
+fn shared_prefix_prompts(n: usize, seed: u64) -> Vec<Vec<u32>> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let bases: Vec<Vec<u32>> = (0..4)
+        .map(|_| {
+            let len = rng.random_range(10..120);
+            std::iter::once(1)
+                .chain((1..len).map(|_| rng.random_range(3..512)))
+                .collect()
+        })
+        .collect();
+    (0..n)
+        .map(|_| {
+            let base = &bases[rng.random_range(0..bases.len())];
+            let mut p = base[..rng.random_range(1..=base.len())].to_vec();
+            if rng.random_bool(0.8) {
+                p.extend((0..rng.random_range(1..30)).map(|_| rng.random_range(3..512)));
+            }
+            p
+        })
+        .collect()
+}
+
+/// Greedy, seeded-sampling and logprob requests over `prompts`.
+fn mixed_requests(prompts: &[Vec<u32>]) -> Vec<GenerateRequest> {
+    prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let mut r = greedy_req(p.clone(), 16);
+            match i % 3 {
+                0 => {}
+                1 => {
+                    r.sampling.temperature = 0.8;
+                    r.sampling.seed = Some(i as u64);
+                }
+                _ => r.logprobs = Some(2),
+            }
+            r
+        })
+        .collect()
+}
+
+fn run_all(e: &EngineHandle, reqs: &[GenerateRequest]) -> Vec<Collected> {
+    let streams: Vec<_> = reqs.iter().map(|r| e.submit(r.clone()).unwrap()).collect();
+    streams.into_iter().map(collect).collect()
+}
+
+#[test]
+fn prefix_caching_changes_no_output_even_when_evicting_and_preempting() {
+    let prompts = shared_prefix_prompts(64, 21);
+    let reqs = mixed_requests(&prompts);
+    let off = EngineConfig {
+        enable_prefix_caching: false,
+        ..cfg(256)
+    };
+    let want = run_all(&engine(MODEL, 16, 1024, off), &reqs);
+    // A pool of 48 blocks (768 tokens) for 64 concurrent requests of up to 150
+    // tokens: cached blocks are evicted and sequences preempted all along.
+    let e = engine(MODEL, 16, 48, cfg(256));
+    for round in 0..2 {
+        let got = run_all(&e, &reqs);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g.tokens, w.tokens, "round {round}, request {i}");
+            assert_eq!(g.text, w.text, "round {round}, request {i}");
+        }
+        let cached: usize = got.iter().map(|c| c.usage.unwrap().cached_tokens).sum();
+        assert!(
+            cached > 0,
+            "round {round}: no prompt token came from the cache"
+        );
+    }
+    let s = e.stats();
+    assert!(s.prefix_cache_hits > 0 && s.prefix_cache_hits <= s.prefix_cache_queries);
+    assert!(
+        s.num_preemptions > 0,
+        "the pool was meant to force preemption"
+    );
+    wait_until("every block is free", || e.stats().kv_cache_usage == 0.0);
+}
+
+#[test]
+fn a_repeated_prompt_is_served_from_the_cache() {
+    let e = engine(MODEL, 16, 256, cfg(256));
+    let prompt: Vec<u32> = random_prompts(1, 77)[0]
+        .iter()
+        .copied()
+        .cycle()
+        .take(100)
+        .collect();
+    let first = collect(e.submit(greedy_req(prompt.clone(), 8)).unwrap());
+    let second = collect(e.submit(greedy_req(prompt.clone(), 8)).unwrap());
+    assert_eq!(first.tokens, second.tokens);
+    assert_eq!(first.usage.unwrap().cached_tokens, 0);
+    // All six full blocks; the last 4 tokens are computed again.
+    assert_eq!(second.usage.unwrap().cached_tokens, 96);
+    // Prompt logprobs need every position: such a request skips the cache.
+    let mut r = greedy_req(prompt.clone(), 2);
+    r.prompt_logprobs = Some(1);
+    let mut s = e.submit(r).unwrap();
+    let mut prompt_lps = None;
+    while let Some(ev) = s.blocking_next() {
+        match ev {
+            EngineEvent::PromptLogprobs(l) => prompt_lps = Some(l),
+            EngineEvent::Done { usage, .. } => assert_eq!(usage.cached_tokens, 0),
+            _ => {}
+        }
+    }
+    assert_eq!(prompt_lps.unwrap().len(), prompt.len());
+    e.reset_prefix_cache().unwrap();
+    let third = collect(e.submit(greedy_req(prompt, 8)).unwrap());
+    assert_eq!(third.usage.unwrap().cached_tokens, 0, "the cache was reset");
 }

@@ -85,16 +85,27 @@ impl Live {
     }
 }
 
-fn random_request(rng: &mut StdRng, vocab: u32, room: usize) -> GenerateRequest {
+/// Prompts often share a prefix with earlier ones (one of a few "system
+/// prompts" cut anywhere), so that the prefix cache is hit, shared, evicted.
+fn random_request(
+    rng: &mut StdRng,
+    vocab: u32,
+    room: usize,
+    bases: &[Vec<u32>],
+) -> GenerateRequest {
     let prompt_len = rng.random_range(1..=room.saturating_sub(1).clamp(1, 80));
     let max_tokens = rng.random_range(1..=(room - prompt_len).clamp(1, 24));
+    let base = &bases[rng.random_range(0..bases.len())];
+    let shared = if rng.random_bool(0.6) {
+        rng.random_range(0..=prompt_len.min(base.len()))
+    } else {
+        0
+    };
     let prompt: Vec<u32> = (0..prompt_len)
-        .map(|i| {
-            if i == 0 {
-                1
-            } else {
-                rng.random_range(3..vocab)
-            }
+        .map(|i| match i {
+            0 => 1,
+            i if i < shared => base[i],
+            _ => rng.random_range(3..vocab),
         })
         .collect();
     let mut r = GenerateRequest::new(prompt, max_tokens);
@@ -120,7 +131,8 @@ fn random_request(rng: &mut StdRng, vocab: u32, room: usize) -> GenerateRequest 
     r
 }
 
-fn run_seed(seed: u64, ops: usize) {
+/// Returns the prompt tokens served from the prefix cache.
+fn run_seed(seed: u64, ops: usize) -> u64 {
     let mut rng = StdRng::seed_from_u64(seed);
     let loaded = load_model(&LoadOptions {
         model: None,
@@ -138,6 +150,7 @@ fn run_seed(seed: u64, ops: usize) {
         max_num_seqs: [1, 2, 8, 256][rng.random_range(0..4)],
         max_num_batched_tokens: [4, 16, 64, 512][rng.random_range(0..4)],
         max_waiting_requests: 1024,
+        enable_prefix_caching: rng.random_bool(0.7),
     };
     let bpt = loaded.model.spec().cache.bytes_per_token(DType::F32);
     let sizing = KvCacheSizing::new(block_size, bpt, Some(num_blocks), None, 0).unwrap();
@@ -150,6 +163,9 @@ fn run_seed(seed: u64, ops: usize) {
         max_model_len: cfg.max_model_len,
         cache_tokens: capacity,
     };
+    let bases: Vec<Vec<u32>> = (0..3)
+        .map(|_| (0..80).map(|_| rng.random_range(3..vocab)).collect())
+        .collect();
     let mut live: HashMap<u64, Live> = HashMap::new();
     let mut next_id = 0u64;
     let check = |core: &EngineCore, what: &str| {
@@ -167,7 +183,7 @@ fn run_seed(seed: u64, ops: usize) {
         let pick = |rng: &mut StdRng| ids[rng.random_range(0..ids.len())];
         match rng.random_range(0..100) {
             0..=19 => {
-                let req = random_request(&mut rng, vocab, room);
+                let req = random_request(&mut rng, vocab, room, &bases);
                 let (tx, rx) = unbounded_channel();
                 let n = req.n;
                 let max_tokens = req.stop.max_tokens;
@@ -196,6 +212,10 @@ fn run_seed(seed: u64, ops: usize) {
                 core.abort(id);
                 live.get_mut(&id).unwrap().gone = true;
                 check(&core, "abort");
+            }
+            34 => {
+                core.reset_prefix_cache();
+                check(&core, "resetting the prefix cache");
             }
             27..=33 if !ids.is_empty() => {
                 // The client vanishes; the engine notices during its next step
@@ -257,6 +277,7 @@ fn run_seed(seed: u64, ops: usize) {
         "seed {seed}: blocks or sequences left behind"
     );
     assert_eq!(stats.snapshot().queued_requests, 0, "seed {seed}");
+    core.scheduler().kv().prefix_cache_counts().1
 }
 
 #[test]
@@ -267,8 +288,12 @@ fn random_operations_keep_the_engine_consistent() {
         None => (0..env("CANDELA_CHAOS_SEEDS").unwrap_or(24)).collect(),
     };
     let ops = env("CANDELA_CHAOS_OPS").unwrap_or(600) as usize;
+    let mut cache_hits = 0;
     for seed in seeds {
         let result = std::panic::catch_unwind(|| run_seed(seed, ops));
+        if let Ok(hits) = result {
+            cache_hits += hits;
+        }
         if let Err(e) = result {
             eprintln!(
                 "engine chaos failed at seed {seed}; rerun it with \
@@ -277,4 +302,9 @@ fn random_operations_keep_the_engine_consistent() {
             std::panic::resume_unwind(e);
         }
     }
+    eprintln!("prompt tokens served from the prefix cache: {cache_hits}");
+    assert!(
+        cache_hits > 0,
+        "the random prompts were meant to share prefixes"
+    );
 }

@@ -532,3 +532,44 @@ fn chat_features_that_cannot_be_honoured_are_400s() {
     );
     assert_eq!(st, 200);
 }
+
+#[test]
+fn repeated_prompts_report_cached_tokens_and_the_cache_can_be_reset() {
+    let s = start(&[]);
+    let prompt: String = "Once upon a time, there was a little girl named Lily. ".repeat(6);
+    let body = json!({"prompt": prompt, "max_tokens": 4, "temperature": 0});
+    let cached = |v: &Value| {
+        v["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap()
+    };
+    let (_, first) = s.post("/v1/completions", body.clone());
+    let (_, second) = s.post("/v1/completions", body.clone());
+    assert_eq!(cached(&first), 0);
+    let prompt_tokens = second["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(cached(&second) >= prompt_tokens - 16, "{second}");
+    assert_eq!(first["choices"][0]["text"], second["choices"][0]["text"]);
+    // Also in the streamed usage chunk, and in chat.
+    let mut sb = body.clone();
+    sb["stream"] = json!(true);
+    sb["stream_options"] = json!({"include_usage": true});
+    let (_, text) = s.post_raw("/v1/completions", &sb.to_string(), None);
+    let payloads = sse_payloads(&text);
+    let usage: Value = serde_json::from_str(&payloads[payloads.len() - 2]).unwrap();
+    assert!(cached(&usage) > 0, "{usage}");
+    assert!(s.metric("candela:prefix_cache_hits_total") > 0.0);
+    assert!(
+        s.metric("candela:prefix_cache_queries_total")
+            >= s.metric("candela:prefix_cache_hits_total")
+    );
+    let (st, _) = s.post("/reset_prefix_cache", json!({}));
+    assert_eq!(st, 200);
+    let (_, after) = s.post("/v1/completions", body);
+    assert_eq!(cached(&after), 0);
+    // Turned off, nothing is ever cached.
+    let off = start(&["--no-enable-prefix-caching"]);
+    let body = json!({"prompt": prompt, "max_tokens": 2});
+    off.post("/v1/completions", body.clone());
+    let (_, v) = off.post("/v1/completions", body);
+    assert_eq!(cached(&v), 0);
+}

@@ -113,6 +113,15 @@ pub async fn detokenize(State(st): State<Arc<AppState>>, ReadBody(body): ReadBod
     }
 }
 
+/// `POST /reset_prefix_cache` (vLLM's): forgets every cached prefix; blocks in
+/// use keep serving their requests.
+pub async fn reset_prefix_cache(State(st): State<Arc<AppState>>) -> Response {
+    match st.engine.reset_prefix_cache() {
+        Ok(()) => axum::Json(json!({"reset": true})).into_response(),
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
 /// 200 while the engine thread runs, 503 once it has died.
 pub async fn health(State(st): State<Arc<AppState>>) -> Response {
     if st.engine.is_alive() {

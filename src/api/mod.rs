@@ -149,6 +149,7 @@ pub fn router(state: Arc<AppState>, http: &HttpConfig) -> Router {
         .route("/v1/models", get(misc::models))
         .route("/tokenize", post(misc::tokenize))
         .route("/detokenize", post(misc::detokenize))
+        .route("/reset_prefix_cache", post(misc::reset_prefix_cache))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::require_key,

@@ -54,7 +54,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let engine = EngineHandle::spawn(loaded, sizing, args.engine.engine_config(max_len)?)?;
+    let mut engine_cfg = args.engine.engine_config(max_len)?;
+    engine_cfg.enable_prefix_caching = args.cache.prefix_caching();
+    let engine = EngineHandle::spawn(loaded, sizing, engine_cfg)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
 
     println!("| concurrency | requests | output tokens | wall s | output tok/s | mean TTFT s | mean TPOT ms |");

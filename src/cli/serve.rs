@@ -143,7 +143,9 @@ pub fn build_app(args: &ServeArgs) -> anyhow::Result<(axum::Router, Arc<AppState
         .served_model_name
         .clone()
         .unwrap_or_else(|| args.model.display_name());
-    let engine = EngineHandle::spawn(loaded, sizing, args.engine.engine_config(max_model_len)?)?;
+    let mut engine_cfg = args.engine.engine_config(max_model_len)?;
+    engine_cfg.enable_prefix_caching = args.cache.prefix_caching();
+    let engine = EngineHandle::spawn(loaded, sizing, engine_cfg)?;
     let grammars = crate::engine::grammar::GrammarCompiler::new(engine.tokenizer_arc(), vocab_size);
     let parser = match &args.tool_call_parser {
         Some(name) => Some(crate::api::tools::ParserKind::from_name(name)?),

@@ -95,9 +95,24 @@ pub struct CacheArgs {
     /// (llama.cpp's default), at a small cost in accuracy.
     #[arg(long, default_value = "auto")]
     pub kv_cache_dtype: String,
+
+    /// Reuse the KV cache of prompt prefixes already computed (on by default, as in vLLM;
+    /// --no-enable-prefix-caching turns it off).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1,
+          default_missing_value = "true", value_name = "BOOL")]
+    pub enable_prefix_caching: bool,
+
+    /// Turn prefix caching off.
+    #[arg(long)]
+    #[serde(skip)]
+    pub no_enable_prefix_caching: bool,
 }
 
 impl CacheArgs {
+    pub fn prefix_caching(&self) -> bool {
+        self.enable_prefix_caching && !self.no_enable_prefix_caching
+    }
+
     /// Sizes the pool for `model` and logs the resulting capacity. `max_seqs`
     /// caps the default budget: memory no batch could use is not allocated.
     pub fn sizing(
@@ -186,6 +201,7 @@ impl EngineArgs {
             max_num_seqs: self.max_num_seqs,
             max_num_batched_tokens: self.max_num_batched_tokens,
             max_waiting_requests: self.max_waiting_requests,
+            enable_prefix_caching: true,
         })
     }
 }

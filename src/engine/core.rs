@@ -31,6 +31,8 @@ pub struct EngineConfig {
     pub max_num_seqs: usize,
     pub max_num_batched_tokens: usize,
     pub max_waiting_requests: usize,
+    /// Reuse the KV blocks of prompt prefixes already computed.
+    pub enable_prefix_caching: bool,
 }
 
 /// Output state of one of a request's `n` sequences.
@@ -57,6 +59,8 @@ struct RequestState {
     /// The request's place in the admission queue, given back (dropped) when
     /// it is first scheduled.
     slot: Option<QueueSlot>,
+    /// Prompt tokens found in the prefix cache when it was first scheduled.
+    cached_tokens: usize,
 }
 
 pub struct EngineCore {
@@ -93,7 +97,11 @@ impl EngineCore {
                 max_num_batched_tokens: cfg.max_num_batched_tokens,
                 max_num_seqs: cfg.max_num_seqs,
             },
-            KvCacheManager::new(sizing.num_blocks, sizing.block_size),
+            KvCacheManager::with_prefix_caching(
+                sizing.num_blocks,
+                sizing.block_size,
+                cfg.enable_prefix_caching && model.spec().cache.supports_prefix_caching(),
+            ),
         );
         Ok(Self {
             model,
@@ -137,7 +145,10 @@ impl EngineCore {
         let seq = self.new_seq(id, 0);
         let arrival = self.next_arrival;
         self.next_arrival += 1;
-        self.sched.add(seq, req.prompt_ids.clone(), arrival);
+        // Prompt logprobs need every position's logits: no cached blocks.
+        let cacheable = req.prompt_logprobs.is_none();
+        self.sched
+            .add(seq, req.prompt_ids.clone(), arrival, cacheable);
         let first = self.seq_state(&req, seq, 0);
         self.requests.insert(
             id,
@@ -154,6 +165,7 @@ impl EngineCore {
                 },
                 completion_tokens: 0,
                 slot: Some(slot),
+                cached_tokens: 0,
                 req,
             },
         );
@@ -259,6 +271,8 @@ impl EngineCore {
                 if r.timings.scheduled.is_none() {
                     r.timings.scheduled = Some(now);
                     r.slot = None; // out of the admission queue
+                                   // Its first chunk starts after the prompt's cached prefix.
+                    r.cached_tokens = s.start;
                 }
             }
         }
@@ -552,7 +566,7 @@ impl EngineCore {
         let usage = Usage {
             prompt_tokens: r.req.prompt_ids.len(),
             completion_tokens: r.completion_tokens,
-            cached_tokens: 0,
+            cached_tokens: r.cached_tokens,
         };
         self.stats.record_request_done(r.req.prompt_ids.len());
         let _ = r.tx.send(EngineEvent::Done {
@@ -631,7 +645,14 @@ impl EngineCore {
             && self.sched.kv().num_free_blocks() == self.sched.kv().pool().num_blocks()
     }
 
+    /// Forgets every cached prefix (`POST /reset_prefix_cache`).
+    pub fn reset_prefix_cache(&mut self) {
+        self.sched.reset_prefix_cache();
+    }
+
     fn publish_stats(&self) {
+        let (queried, hit) = self.sched.kv().prefix_cache_counts();
+        self.stats.set_prefix_cache(queried, hit);
         self.stats.set_gauges(
             self.sched.num_running(),
             self.sched.num_waiting(),

@@ -45,6 +45,8 @@ enum Command {
     AbortAll(EngineError),
     /// Panic on the engine thread (tests of the supervisor).
     Panic,
+    /// Forget every cached prefix.
+    ResetPrefixCache,
 }
 
 struct Shared {
@@ -246,6 +248,13 @@ impl EngineHandle {
         let _ = self.tx.send(Command::AbortAll(EngineError::ShuttingDown));
     }
 
+    /// Forgets every cached prefix (between steps).
+    pub fn reset_prefix_cache(&self) -> Result<(), EngineError> {
+        self.tx
+            .send(Command::ResetPrefixCache)
+            .map_err(|_| EngineError::EngineDead)
+    }
+
     /// Makes the engine thread panic, to test the supervisor.
     #[doc(hidden)]
     pub fn inject_panic_for_tests(&self) {
@@ -337,6 +346,7 @@ fn apply(core: &mut EngineCore, cmd: Command) {
         Command::Abort(id) => core.abort(id),
         Command::AbortAll(err) => core.abort_all(&err),
         Command::Panic => panic!("panic injected by a test"),
+        Command::ResetPrefixCache => core.reset_prefix_cache(),
     }
 }
 

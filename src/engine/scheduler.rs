@@ -26,6 +26,9 @@ pub struct SchedSeq {
     pub num_computed: usize,
     /// Arrival order of its request: larger is younger (preempted first).
     pub arrival: u64,
+    /// May take cached prefix blocks (not when every prompt position's
+    /// logits are wanted: a cached block has none).
+    pub cacheable: bool,
 }
 
 /// One sequence's work in a step: tokens `start..start + len` of its tokens.
@@ -104,8 +107,9 @@ impl Scheduler {
         !self.waiting.is_empty() || !self.running.is_empty()
     }
 
-    /// Queues a new sequence with `tokens` to compute.
-    pub fn add(&mut self, id: SeqId, tokens: Vec<u32>, arrival: u64) {
+    /// Queues a new sequence with `tokens` to compute; a `cacheable` one
+    /// starts from the longest cached prefix of them.
+    pub fn add(&mut self, id: SeqId, tokens: Vec<u32>, arrival: u64, cacheable: bool) {
         let num_prompt = tokens.len();
         self.seqs.insert(
             id,
@@ -114,6 +118,7 @@ impl Scheduler {
                 num_prompt,
                 num_computed: 0,
                 arrival,
+                cacheable,
             },
         );
         self.waiting.push_back(id);
@@ -154,7 +159,6 @@ impl Scheduler {
     /// later) until it can, or it is preempted itself.
     pub fn schedule(&mut self) -> StepPlan {
         let mut plan = StepPlan::default();
-        let mut budget = self.cfg.max_num_batched_tokens;
         let mut done: Vec<SeqId> = Vec::new();
 
         // Decodes (one token outstanding) before prompt chunks.
@@ -163,6 +167,11 @@ impl Scheduler {
             let s = &self.seqs[id];
             (s.tokens.len() - s.num_computed > 1, s.arrival, *id)
         });
+        let decodes = order
+            .iter()
+            .filter(|id| self.seqs[id].tokens.len() - self.seqs[id].num_computed == 1)
+            .count();
+        let mut budget = self.step_budget(decodes);
         for id in order {
             if budget == 0 {
                 break;
@@ -202,17 +211,28 @@ impl Scheduler {
             }
         }
 
-        // Then new (or preempted) sequences, first come first served.
+        // Then new (or preempted) sequences, first come first served. Each
+        // starts from the longest cached prefix of its tokens: those blocks
+        // are taken, not computed.
         while budget > 0 && self.running.len() < self.cfg.max_num_seqs {
             let Some(&id) = self.waiting.front() else {
                 break;
             };
             let s = &self.seqs[&id];
-            let (start, want) = (s.num_computed, s.tokens.len() - s.num_computed);
+            let start = if s.cacheable {
+                self.kv.take_prefix(id, &s.tokens)
+            } else {
+                0
+            };
+            let want = self.seqs[&id].tokens.len() - start;
             let len = want.min(budget);
             if !self.try_allocate(id, start, len, &mut plan) {
-                break; // wait for blocks; never skip ahead of the queue's head
+                // Give back what the cache lent; wait for blocks, never skip
+                // ahead of the queue's head.
+                self.kv.free(id);
+                break;
             }
+            self.seqs.get_mut(&id).expect("queued").num_computed = start;
             self.waiting.pop_front();
             self.running.push(id);
             plan.scheduled.push(Scheduled {
@@ -224,6 +244,22 @@ impl Scheduler {
             budget -= len;
         }
         plan
+    }
+
+    /// Tokens this step may take when `decodes` sequences are decoding. With
+    /// nothing decoding, `--max-num-batched-tokens` (prompts go through as
+    /// fast as possible). While sequences decode, every token of a prompt
+    /// chunk in the step delays all of their next tokens, so a step takes at
+    /// most four tokens per decode (a step then costs at most about four
+    /// decode-only steps: inter-token latency stays within 4x of its median),
+    /// and never less than an eighth of the budget (so prompts still advance
+    /// quickly next to a few decodes).
+    fn step_budget(&self, decodes: usize) -> usize {
+        let max = self.cfg.max_num_batched_tokens;
+        if decodes == 0 {
+            return max;
+        }
+        (4 * decodes).max(max / 8).max(decodes).min(max)
     }
 
     /// Asks the cache for room for the tokens; a copy-on-write copy it needs
@@ -302,13 +338,21 @@ impl Scheduler {
         self.kv.check_invariants()
     }
 
-    /// Records that the plan ran: its tokens are now in the cache.
+    /// Records that the plan ran: its tokens are now in the cache, and the
+    /// full blocks among them can be shared with later prompts.
     pub fn advance(&mut self, plan: &StepPlan) {
         for s in &plan.scheduled {
             if let Some(seq) = self.seqs.get_mut(&s.seq) {
                 seq.num_computed = s.start + s.len;
+                self.kv
+                    .cache_full_blocks(s.seq, &seq.tokens, seq.num_computed);
             }
         }
+    }
+
+    /// Forgets every cached prefix.
+    pub fn reset_prefix_cache(&mut self) {
+        self.kv.reset_prefix_cache();
     }
 }
 
@@ -343,8 +387,9 @@ mod tests {
 
     #[test]
     fn long_prompt_is_chunked_while_decodes_continue() {
-        let mut s = sched(100, 4, 8, 8);
-        s.add(1, vec![1; 3], 0);
+        // Budget 64; alone, a prompt takes all of it.
+        let mut s = sched(100, 4, 64, 8);
+        s.add(1, vec![1; 3], 0, true);
         let p = fake_step(&mut s);
         assert_eq!(
             p.scheduled,
@@ -355,55 +400,23 @@ mod tests {
                 sample: true
             }]
         );
-        s.add(2, vec![1; 20], 1);
-        // Budget 8: seq 1 decodes one token, seq 2 gets the other 7.
-        let p = fake_step(&mut s);
-        assert_eq!(
-            p.scheduled,
-            vec![
-                Scheduled {
-                    seq: 1,
-                    start: 3,
-                    len: 1,
-                    sample: true
-                },
+        // Next to one decode a step takes max(4 x 1, 64 / 8) = 8 tokens:
+        // the decode's one, and 7 of the new prompt's 20, then 7, then 6.
+        s.add(2, vec![1; 20], 1, true);
+        for (start, len, sample) in [(0, 7, false), (7, 7, false), (14, 6, true)] {
+            let p = fake_step(&mut s);
+            assert_eq!(p.scheduled.len(), 2);
+            assert!(p.scheduled[0].seq == 1 && p.scheduled[0].len == 1 && p.scheduled[0].sample);
+            assert_eq!(
+                p.scheduled[1],
                 Scheduled {
                     seq: 2,
-                    start: 0,
-                    len: 7,
-                    sample: false
-                },
-            ]
-        );
-        let p = fake_step(&mut s);
-        assert_eq!(
-            p.scheduled[0],
-            Scheduled {
-                seq: 1,
-                start: 4,
-                len: 1,
-                sample: true
-            }
-        );
-        assert_eq!(
-            p.scheduled[1],
-            Scheduled {
-                seq: 2,
-                start: 7,
-                len: 7,
-                sample: false
-            }
-        );
-        let p = fake_step(&mut s);
-        assert_eq!(
-            p.scheduled[1],
-            Scheduled {
-                seq: 2,
-                start: 14,
-                len: 6,
-                sample: true
-            }
-        );
+                    start,
+                    len,
+                    sample
+                }
+            );
+        }
         // Now both decode.
         let p = fake_step(&mut s);
         assert_eq!(p.num_tokens(), 2);
@@ -411,10 +424,20 @@ mod tests {
     }
 
     #[test]
+    fn step_budget_shrinks_while_many_sequences_decode() {
+        let s = sched(10, 4, 2048, 1024);
+        assert_eq!(s.step_budget(0), 2048, "nothing decoding: the whole budget");
+        assert_eq!(s.step_budget(1), 256, "an eighth of it at least");
+        assert_eq!(s.step_budget(64), 256, "four tokens per decode");
+        assert_eq!(s.step_budget(100), 400);
+        assert_eq!(s.step_budget(1000), 2048, "never more than the budget");
+    }
+
+    #[test]
     fn max_num_seqs_limits_admission() {
         let mut s = sched(100, 4, 100, 2);
         for i in 0..3 {
-            s.add(i, vec![1; 2], i);
+            s.add(i, vec![1; 2], i, true);
         }
         let p = fake_step(&mut s);
         assert_eq!(p.scheduled.len(), 2);
@@ -428,9 +451,9 @@ mod tests {
     #[test]
     fn head_of_queue_waits_for_blocks() {
         let mut s = sched(3, 4, 100, 8);
-        s.add(1, vec![1; 8], 0); // 2 blocks
-        s.add(2, vec![1; 8], 1); // 2 blocks: does not fit
-        s.add(3, vec![1; 2], 2); // would fit, but must not overtake
+        s.add(1, vec![1; 8], 0, true); // 2 blocks
+        s.add(2, vec![1; 8], 1, true); // 2 blocks: does not fit
+        s.add(3, vec![1; 2], 2, true); // would fit, but must not overtake
         let p = fake_step(&mut s);
         assert_eq!(p.scheduled.len(), 1);
         assert_eq!(s.num_waiting(), 2);
@@ -440,8 +463,8 @@ mod tests {
     fn preempts_youngest_and_resumes_by_recompute() {
         // 4 blocks of 2 tokens. Two sequences of 3 tokens each take 2 blocks.
         let mut s = sched(4, 2, 100, 8);
-        s.add(1, vec![1; 3], 0);
-        s.add(2, vec![1; 3], 1);
+        s.add(1, vec![1; 3], 0, true);
+        s.add(2, vec![1; 3], 1, true);
         fake_step(&mut s); // both prefilled and sampled: 4 tokens each
         fake_step(&mut s); // token 4 still fits the second block: 5 tokens each
         assert_eq!(s.kv().num_free_blocks(), 0);
@@ -478,7 +501,7 @@ mod tests {
     #[test]
     fn lone_sequence_preempts_itself_rather_than_deadlock() {
         let mut s = sched(2, 2, 100, 8);
-        s.add(1, vec![1; 4], 0);
+        s.add(1, vec![1; 4], 0, true);
         fake_step(&mut s);
         // Its 5th token needs a third block that does not exist: it preempts itself.
         let p = fake_step(&mut s);
@@ -490,7 +513,7 @@ mod tests {
     #[test]
     fn forked_samples_share_blocks_and_copy_on_write() {
         let mut s = sched(10, 4, 100, 8);
-        s.add(1, vec![1; 6], 0); // blocks: full + partial
+        s.add(1, vec![1; 6], 0, true); // blocks: full + partial
         let p = s.schedule();
         s.advance(&p);
         for child in [2, 3, 4] {

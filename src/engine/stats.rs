@@ -22,6 +22,8 @@ pub struct EngineStats {
     aborted: AtomicU64,
     finished_stop: AtomicU64,
     finished_length: AtomicU64,
+    prefix_queried: AtomicU64,
+    prefix_hit: AtomicU64,
 }
 
 /// A consistent-enough copy of the stats.
@@ -40,6 +42,9 @@ pub struct StatsSnapshot {
     pub aborted_requests: u64,
     pub finished_stop: u64,
     pub finished_length: u64,
+    /// Prompt tokens looked up in the prefix cache, and found there.
+    pub prefix_cache_queries: u64,
+    pub prefix_cache_hits: u64,
 }
 
 impl EngineStats {
@@ -57,6 +62,8 @@ impl EngineStats {
             aborted_requests: self.aborted.load(Relaxed),
             finished_stop: self.finished_stop.load(Relaxed),
             finished_length: self.finished_length.load(Relaxed),
+            prefix_cache_queries: self.prefix_queried.load(Relaxed),
+            prefix_cache_hits: self.prefix_hit.load(Relaxed),
         }
     }
 
@@ -101,6 +108,11 @@ impl EngineStats {
         self.num_waiting.store(waiting, Relaxed);
         self.kv_usage_bits.store(kv_usage.to_bits(), Relaxed);
         self.preemptions.store(preemptions, Relaxed);
+    }
+
+    pub(super) fn set_prefix_cache(&self, queried: u64, hit: u64) {
+        self.prefix_queried.store(queried, Relaxed);
+        self.prefix_hit.store(hit, Relaxed);
     }
 
     pub(super) fn record_step(&self, tokens: usize) {

@@ -60,6 +60,15 @@ impl CacheSpec {
         }
     }
 
+    /// Whether a prefix's cached blocks can stand for computing it: true for
+    /// attention layers, whose per-token keys and values depend only on the
+    /// tokens before (a recurrent state would not be in blocks at all).
+    pub fn supports_prefix_caching(&self) -> bool {
+        self.layers
+            .iter()
+            .all(|l| matches!(l, LayerCache::FullAttention | LayerCache::SlidingWindow(_)))
+    }
+
     /// Bytes of cache one token takes in `dtype`.
     pub fn bytes_per_token(&self, dtype: DType) -> usize {
         KvLayout::bytes_per_token(self.layers.len(), self.num_kv_heads, self.head_dim, dtype)
