@@ -415,10 +415,131 @@ pub(super) fn mask(n: usize) -> u16 {
     }
 }
 
+/// AVX2 has 16 registers of 8 lanes, so the AVX-512 shape (R rows × 32
+/// columns) would need 4R accumulators and spill. Each panel (16 columns, two
+/// registers) is instead run over groups of at most [`AVX2_ROWS`] rows: 8
+/// accumulators, two weight registers and one broadcast, 8 FMAs per 6 loads,
+/// which keeps both FMA ports busy. The x rows are read once per panel; they
+/// sit in L1 (`KC` inputs of a few rows).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn tile_avx2<const R: usize>(t: &Tile) {
-    tile_portable::<R>(t)
+    for half in 0..NR {
+        let c = half * LANES;
+        let cols = t.cols.saturating_sub(c).min(LANES);
+        if cols == 0 {
+            break; // the second panel is padding only
+        }
+        let mut r = 0;
+        while r < R {
+            let h = (R - r).min(AVX2_ROWS);
+            let part = Avx2Part {
+                x: &t.x[r * t.k..(r + h) * t.k],
+                panel: &t.panel[half * t.k..(half + 1) * t.k],
+                init: match t.init {
+                    Init::Bias(b) => Init::Bias(&b[c..c + LANES]),
+                    other => other,
+                },
+                // SAFETY: row `r` and column `c` are inside the tile.
+                out: unsafe { t.out.add(r * t.ldo + c) },
+                cols,
+            };
+            // SAFETY: the part's rows and columns are inside the tile.
+            unsafe {
+                match h {
+                    1 => part_avx2::<1>(t, &part),
+                    2 => part_avx2::<2>(t, &part),
+                    3 => part_avx2::<3>(t, &part),
+                    _ => part_avx2::<AVX2_ROWS>(t, &part),
+                }
+            }
+            r += h;
+        }
+    }
+}
+
+/// Rows per register block of the AVX2 kernel.
+#[cfg(target_arch = "x86_64")]
+const AVX2_ROWS: usize = 4;
+
+/// `H` rows of a tile times one of its panels.
+#[cfg(target_arch = "x86_64")]
+struct Avx2Part<'a> {
+    /// `H` rows of `k`.
+    x: &'a [f32],
+    /// One panel of `k` lanes.
+    panel: &'a [Lane],
+    /// As the tile's, the bias narrowed to this panel's 16 columns.
+    init: Init<'a>,
+    out: *mut f32,
+    /// Valid columns of this panel (1 to 16).
+    cols: usize,
+}
+
+/// # Safety
+/// AVX2 and FMA are present; `p.out` has room for `H` rows of `p.cols`, `t.ldo` apart.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn part_avx2<const H: usize>(t: &Tile, p: &Avx2Part) {
+    use std::arch::x86_64::*;
+    const HALF: usize = LANES / 2;
+    let (k, ldo) = (t.k, t.ldo);
+    let mut acc = [[_mm256_setzero_ps(); 2]; H];
+    match p.init {
+        Init::Zero => {}
+        Init::Bias(b) => {
+            // SAFETY: the bias is narrowed to 16 values.
+            let row = unsafe {
+                [
+                    _mm256_loadu_ps(b.as_ptr()),
+                    _mm256_loadu_ps(b.as_ptr().add(HALF)),
+                ]
+            };
+            acc = [row; H];
+        }
+        Init::Out => {
+            for (r, row) in acc.iter_mut().enumerate() {
+                let mut buf = [0f32; LANES];
+                // SAFETY: each row has `cols` outputs.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(p.out.add(r * ldo), buf.as_mut_ptr(), p.cols);
+                    *row = [
+                        _mm256_loadu_ps(buf.as_ptr()),
+                        _mm256_loadu_ps(buf.as_ptr().add(HALF)),
+                    ];
+                }
+            }
+        }
+    }
+    let (x, w) = (p.x.as_ptr(), p.panel.as_ptr());
+    for i in t.k0..t.k1 {
+        // SAFETY: lanes are 64-byte aligned; `x` holds H rows of k.
+        unsafe {
+            let b = w.add(i).cast::<f32>();
+            let (b0, b1) = (_mm256_load_ps(b), _mm256_load_ps(b.add(HALF)));
+            for (r, row) in acc.iter_mut().enumerate() {
+                let a = _mm256_broadcast_ss(&*x.add(r * k + i));
+                row[0] = _mm256_fmadd_ps(a, b0, row[0]);
+                row[1] = _mm256_fmadd_ps(a, b1, row[1]);
+            }
+        }
+    }
+    for (r, row) in acc.iter().enumerate() {
+        // SAFETY: each row has room for `cols` outputs.
+        unsafe {
+            let out = p.out.add(r * ldo);
+            if p.cols == LANES {
+                _mm256_storeu_ps(out, row[0]);
+                _mm256_storeu_ps(out.add(HALF), row[1]);
+            } else {
+                let mut buf = [0f32; LANES];
+                _mm256_storeu_ps(buf.as_mut_ptr(), row[0]);
+                _mm256_storeu_ps(buf.as_mut_ptr().add(HALF), row[1]);
+                std::ptr::copy_nonoverlapping(buf.as_ptr(), out, p.cols);
+            }
+        }
+    }
 }
 
 /// The same tile in plain Rust; fixed-size accumulators let LLVM keep them in
@@ -511,6 +632,9 @@ mod tests {
                 (17, 33, 48, true),
                 (300, 40, 100, false),
                 (20, 700, 40, true),
+                (5, 300, 16, true),
+                (6, 50, 70, false),
+                (7, 64, 40, true),
             ] {
                 check(m, k, n, bias, kernel);
             }
