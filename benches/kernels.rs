@@ -1,11 +1,14 @@
-//! Micro-benchmarks of the CPU kernels on SmolLM2-135M's shapes:
-//! `cargo bench --bench kernels`. Prints GFLOP/s of the packed f32 matmul
-//! next to candle's matmul on the same (pre-transposed) weight.
+//! Micro-benchmarks of the CPU kernels: `cargo bench --bench kernels`.
+//! Prints GFLOP/s of the packed f32 matmul next to candle's matmul on the
+//! same (pre-transposed) weight on SmolLM2-135M's shapes, then the GGUF
+//! block-format matmuls on Llama-3.2-1B's shapes (GOP/s, and the weight
+//! bytes read per second at m = 1, where decoding is bound by memory).
 
 use std::time::{Duration, Instant};
 
 use candela::kernels::cpu::matmul::PackedMatrix;
 use candela::kernels::cpu::matmul_q8::Q8Matrix;
+use candela::kernels::cpu::quant::{self, QMatrix, QType};
 use candle_core::{Device, Tensor};
 
 fn time(mut f: impl FnMut()) -> Duration {
@@ -54,6 +57,55 @@ fn main() {
                 flops / theirs.as_secs_f64() / 1e9,
                 flops / quantized.as_secs_f64() / 1e9
             );
+        }
+    }
+    gguf_blocks();
+}
+
+fn gguf_blocks() {
+    let dev = Device::Cpu;
+    println!();
+    println!("| format | m | k | n | GOP/s | weight GB/s |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+    let mut byte = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed as u8
+    };
+    for ty in [
+        QType::Q4_0,
+        QType::Q4_1,
+        QType::Q8_0,
+        QType::Q4K,
+        QType::Q5K,
+        QType::Q6K,
+    ] {
+        for (k, n) in [(2048, 2048), (2048, 8192), (8192, 2048)] {
+            let mut data: Vec<u8> = (0..n * ty.row_bytes(k)).map(|_| byte()).collect();
+            // Finite scales (small f16 values) wherever a block keeps them.
+            for b in data.chunks_exact_mut(ty.block_bytes()) {
+                let at = if ty == QType::Q6K { 208 } else { 0 };
+                b[at..at + 2].copy_from_slice(&0x2000u16.to_le_bytes());
+                if matches!(ty, QType::Q4_1 | QType::Q4K | QType::Q5K) {
+                    b[2..4].copy_from_slice(&0x2000u16.to_le_bytes());
+                }
+            }
+            let w = QMatrix::new(ty, n, k, data).unwrap();
+            for m in [1, 8, 32, 128] {
+                let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
+                let t = time(|| {
+                    quant::matmul(&[&w], &x).unwrap();
+                });
+                let ops = 2.0 * (m * k * n) as f64;
+                println!(
+                    "| {} | {m} | {k} | {n} | {:.1} | {:.1} |",
+                    ty.name(),
+                    ops / t.as_secs_f64() / 1e9,
+                    w.bytes() as f64 / t.as_secs_f64() / 1e9
+                );
+            }
         }
     }
 }

@@ -13,7 +13,19 @@ const LATENCY_BUCKETS: &[f64] = &[
     20.0, 40.0, 80.0, 160.0, 640.0,
 ];
 
+/// The memory side of the configuration, for [`Metrics::set_memory`].
+#[derive(Debug, Clone)]
+pub struct MemoryInfo {
+    pub block_size: usize,
+    pub num_blocks: usize,
+    pub cache_dtype: String,
+    pub prefix_caching: bool,
+    pub kv_cache_bytes: u64,
+    pub weights_bytes: u64,
+}
+
 pub struct Metrics {
+    model_name: String,
     registry: Registry,
     ttft: Histogram,
     itl: Histogram,
@@ -122,6 +134,51 @@ impl Metrics {
             ),
             success,
             registry,
+            model_name: model_name.to_string(),
+        }
+    }
+
+    /// What the model and its cache hold, as fixed gauges: vLLM's
+    /// `cache_config_info` (labels, value 1) and the bytes of each.
+    pub fn set_memory(&self, mem: &MemoryInfo) {
+        let info = prometheus::Gauge::with_opts(
+            Opts::new(
+                "candela:cache_config_info",
+                "KV cache configuration (labels; value 1).",
+            )
+            .const_label("model_name", &self.model_name)
+            .const_label("block_size", mem.block_size.to_string())
+            .const_label("num_gpu_blocks", mem.num_blocks.to_string())
+            .const_label("num_cpu_blocks", "0")
+            .const_label("cache_dtype", &mem.cache_dtype)
+            .const_label("enable_prefix_caching", mem.prefix_caching.to_string()),
+        )
+        .expect("valid gauge");
+        info.set(1.0);
+        let bytes = |name: &str, help: &str, v: u64| {
+            let g = prometheus::Gauge::with_opts(
+                Opts::new(name, help).const_label("model_name", &self.model_name),
+            )
+            .expect("valid gauge");
+            g.set(v as f64);
+            g
+        };
+        let gauges = [
+            info,
+            bytes(
+                "candela:kv_cache_bytes",
+                "Bytes of the KV cache pool.",
+                mem.kv_cache_bytes,
+            ),
+            bytes(
+                "candela:model_weights_bytes",
+                "Resident memory the model took when it loaded (weights and tokenizer).",
+                mem.weights_bytes,
+            ),
+        ];
+        for g in gauges {
+            // Set once at startup; a second call keeps the first values.
+            let _ = self.registry.register(Box::new(g));
         }
     }
 
@@ -186,6 +243,14 @@ mod tests {
     fn renders_vllm_style_names() {
         let m = Metrics::new("m");
         m.record_finish(FinishReason::Length);
+        m.set_memory(&MemoryInfo {
+            block_size: 16,
+            num_blocks: 100,
+            cache_dtype: "f16".into(),
+            prefix_caching: true,
+            kv_cache_bytes: 1 << 20,
+            weights_bytes: 5 << 20,
+        });
         let text = m.render(&StatsSnapshot {
             num_running: 2,
             kv_cache_usage: 0.5,
@@ -196,6 +261,9 @@ mod tests {
             "candela:num_requests_running{model_name=\"m\"} 2",
             "candela:kv_cache_usage_perc{model_name=\"m\"} 0.5",
             "candela:request_success_total{finished_reason=\"length\",model_name=\"m\"} 1",
+            "candela:cache_config_info{block_size=\"16\",cache_dtype=\"f16\",enable_prefix_caching=\"true\",model_name=\"m\",num_cpu_blocks=\"0\",num_gpu_blocks=\"100\"} 1",
+            "candela:kv_cache_bytes{model_name=\"m\"} 1048576",
+            "candela:model_weights_bytes{model_name=\"m\"} 5242880",
         ] {
             assert!(text.contains(name), "{name} missing in\n{text}");
         }

@@ -145,6 +145,15 @@ pub fn build_app(args: &ServeArgs) -> anyhow::Result<(axum::Router, Arc<AppState
         .unwrap_or_else(|| args.model.display_name());
     let mut engine_cfg = args.engine.engine_config(max_model_len)?;
     engine_cfg.enable_prefix_caching = args.cache.prefix_caching();
+    let memory = crate::metrics::MemoryInfo {
+        block_size: sizing.block_size,
+        num_blocks: sizing.num_blocks,
+        cache_dtype: format!("{:?}", sizing.dtype.unwrap_or(loaded.model.spec().dtype))
+            .to_lowercase(),
+        prefix_caching: engine_cfg.enable_prefix_caching,
+        kv_cache_bytes: sizing.total_bytes(),
+        weights_bytes: loaded.resident_bytes.unwrap_or(0),
+    };
     let engine = EngineHandle::spawn(loaded, sizing, engine_cfg)?;
     let grammars = crate::engine::grammar::GrammarCompiler::new(engine.tokenizer_arc(), vocab_size);
     let parser = match &args.tool_call_parser {
@@ -171,7 +180,11 @@ pub fn build_app(args: &ServeArgs) -> anyhow::Result<(axum::Router, Arc<AppState
         .transpose()?;
     let state = Arc::new(AppState {
         engine,
-        metrics: Arc::new(Metrics::new(&model_name)),
+        metrics: {
+            let m = Metrics::new(&model_name);
+            m.set_memory(&memory);
+            Arc::new(m)
+        },
         model_name,
         model_root: args.model.display_name(),
         chat_template,

@@ -45,6 +45,7 @@ impl ModelArgs {
             dtype: parse_dtype(&self.dtype)?,
             quantization: crate::layers::Quantization::parse(&self.quantization)?,
             device: candle_core::Device::Cpu,
+            gguf_blocks: true,
         })
     }
 

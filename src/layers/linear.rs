@@ -1,12 +1,16 @@
-//! Linear layers: f32 weights are packed for our own kernel ([`super::matmul`])
-//! or quantized to 8 bits ([`super::matmul_q8`], `--quantization q8_0`); other
-//! dtypes keep candle's matmul on a transposed copy.
+//! Linear layers: GGUF matrices in their quantized blocks ([`quant`]), f32
+//! weights packed for our own kernel ([`PackedMatrix`]) or quantized to
+//! 8 bits at load ([`Q8Matrix`], `--quantization q8_0`); other dtypes keep
+//! candle's matmul on a transposed copy.
+
+use std::sync::Arc;
 
 use candle_core::{DType, Result, Tensor};
-use candle_nn::VarBuilder;
 
 use crate::kernels::cpu::matmul::PackedMatrix;
 use crate::kernels::cpu::matmul_q8::Q8Matrix;
+use crate::kernels::cpu::quant::{self, QMatrix};
+use crate::weights::Weights;
 
 /// How linear layers store their weights (`--quantization`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -35,6 +39,12 @@ impl Quantization {
 pub enum Linear {
     Packed(PackedMatrix),
     Q8(Q8Matrix),
+    /// GGUF blocks as the file holds them; several matrices side by side
+    /// for fused projections (their formats may differ).
+    Quant {
+        parts: Vec<Arc<QMatrix>>,
+        bias: Option<Tensor>,
+    },
     /// The weight transposed (`[in, out]`, contiguous) so candle's GEMM
     /// streams it row by row instead of gathering it with a stride.
     Candle {
@@ -60,8 +70,35 @@ impl Linear {
         })
     }
 
+    /// A matrix kept in its quantized blocks (`[out, in]`).
+    pub fn quantized(parts: Vec<Arc<QMatrix>>, bias: Option<Tensor>) -> Result<Self> {
+        let bias = bias.map(|b| b.to_dtype(DType::F32)).transpose()?;
+        Ok(Self::Quant { parts, bias })
+    }
+
+    /// Bytes the weights take.
+    pub fn weight_bytes(&self) -> usize {
+        match self {
+            Self::Packed(w) => w.bytes(),
+            Self::Q8(w) => w.bytes(),
+            Self::Quant { parts, .. } => parts.iter().map(|p| p.bytes()).sum(),
+            Self::Candle { weight_t, .. } => {
+                weight_t.elem_count() * weight_t.dtype().size_in_bytes()
+            }
+        }
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
+            Self::Quant { parts, bias } => {
+                let refs: Vec<&QMatrix> = parts.iter().map(|p| p.as_ref()).collect();
+                let y = quant::matmul(&refs, &x.to_dtype(DType::F32)?)?;
+                let y = match bias {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                };
+                y.to_dtype(x.dtype())
+            }
             Self::Packed(w) => w.forward(x),
             // Quantized layers compute in f32 whatever the working dtype.
             Self::Q8(w) => w.forward(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype()),
@@ -79,15 +116,11 @@ impl Linear {
 /// Several projections of the same input (q/k/v, gate/up) as one linear layer:
 /// one matmul instead of several. Weights keep their checkpoint names.
 pub fn fused_linear(
-    parts: &[(VarBuilder, usize)],
+    parts: &[(Weights, usize)],
     inp: usize,
     bias: bool,
     quant: Quantization,
 ) -> Result<Linear> {
-    let weights = parts
-        .iter()
-        .map(|(vb, out)| vb.get((*out, inp), "weight"))
-        .collect::<Result<Vec<_>>>()?;
     let bias = if bias {
         let b = parts
             .iter()
@@ -97,23 +130,47 @@ pub fn fused_linear(
     } else {
         None
     };
+    // Quantized only if every part is: a dense part makes the whole dense.
+    let q: Option<Vec<_>> = parts.iter().map(|(vb, _)| vb.quantized("weight")).collect();
+    if let Some(q) = q {
+        let q = q.into_iter().collect::<Result<Vec<_>>>()?;
+        for (m, (_, out)) in q.iter().zip(parts) {
+            check_dims(m, *out, inp)?;
+        }
+        return Linear::quantized(q, bias);
+    }
+    let weights = parts
+        .iter()
+        .map(|(vb, out)| vb.get((*out, inp), "weight"))
+        .collect::<Result<Vec<_>>>()?;
     Linear::new(Tensor::cat(&weights, 0)?, bias, quant)
 }
 
+fn check_dims(m: &QMatrix, out: usize, inp: usize) -> Result<()> {
+    if m.dims() != (out, inp) {
+        candle_core::bail!("{m:?}: expected [{out}, {inp}]");
+    }
+    Ok(())
+}
+
 pub fn linear(
-    vb: VarBuilder,
+    vb: Weights,
     inp: usize,
     out: usize,
     bias: bool,
     quant: Quantization,
 ) -> Result<Linear> {
-    let weight = vb.get((out, inp), "weight")?;
     let bias = if bias {
         Some(vb.get(out, "bias")?)
     } else {
         None
     };
-    Linear::new(weight, bias, quant)
+    if let Some(q) = vb.quantized("weight") {
+        let q = q?;
+        check_dims(&q, out, inp)?;
+        return Linear::quantized(vec![q], bias);
+    }
+    Linear::new(vb.get((out, inp), "weight")?, bias, quant)
 }
 
 #[cfg(test)]

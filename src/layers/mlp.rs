@@ -1,7 +1,7 @@
 //! Feed-forward blocks: gated (SwiGLU, GeGLU) and plain (GPT-2).
 
+use crate::weights::Weights;
 use candle_core::{Result, Tensor};
-use candle_nn::VarBuilder;
 
 use super::linear::{fused_linear, linear, Linear, Quantization};
 use crate::kernels::cpu::elementwise;
@@ -50,7 +50,7 @@ pub struct GatedMlp {
 impl GatedMlp {
     /// Weights under `gate_proj`, `up_proj` and `down_proj`.
     pub fn load(
-        vb: VarBuilder,
+        vb: Weights,
         hidden: usize,
         intermediate: usize,
         bias: bool,

@@ -1,7 +1,7 @@
 //! Normalization layers.
 
+use crate::weights::Weights;
 use candle_core::{DType, Result, Tensor};
-use candle_nn::VarBuilder;
 
 /// RMS normalization over the last dimension. Gemma stores its weights as
 /// offsets from one (the output is scaled by `1 + w`); `offset` folds the one
@@ -13,7 +13,7 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
-    pub fn load(vb: VarBuilder, size: usize, eps: f64) -> Result<Self> {
+    pub fn load(vb: Weights, size: usize, eps: f64) -> Result<Self> {
         Ok(Self {
             weight: vb.get(size, "weight")?,
             eps: eps as f32,
@@ -22,7 +22,7 @@ impl RmsNorm {
 
     /// Gemma's `(1 + w)` norm. The sum is taken in f32, as transformers does,
     /// then stored in the working dtype.
-    pub fn load_offset(vb: VarBuilder, size: usize, eps: f64) -> Result<Self> {
+    pub fn load_offset(vb: Weights, size: usize, eps: f64) -> Result<Self> {
         let w = vb.get(size, "weight")?;
         let dtype = w.dtype();
         Ok(Self {
@@ -45,7 +45,7 @@ pub struct LayerNorm {
 }
 
 impl LayerNorm {
-    pub fn load(vb: VarBuilder, size: usize, eps: f64) -> Result<Self> {
+    pub fn load(vb: Weights, size: usize, eps: f64) -> Result<Self> {
         Ok(Self {
             weight: vb.get(size, "weight")?,
             bias: vb.get(size, "bias")?,

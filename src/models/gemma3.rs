@@ -10,11 +10,9 @@
 //! Weight paths mirror `Gemma3ForCausalLM`; GGUF files (llama.cpp's `gemma3`)
 //! are renamed to them, and their norms already hold `1 + w`.
 
-use std::collections::HashMap;
-
+use crate::weights::Weights;
 use anyhow::{bail, Context};
 use candle_core::{DType, Result, Tensor};
-use candle_nn::VarBuilder;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -28,7 +26,7 @@ use crate::layers::{
     fused_linear, linear, Activation, Embedding, ForwardBatch, GatedMlp, Linear, PagedAttention,
     Quantization, RmsNorm, Rope, RopeScaling,
 };
-use crate::weights::gguf::{layer_part, Meta};
+use crate::weights::gguf::{layer_part, GgufFile, Layout, Meta};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Gemma3Config {
@@ -194,13 +192,13 @@ pub struct Gemma3 {
 
 impl Gemma3 {
     pub fn load(
-        vb: VarBuilder,
+        vb: Weights,
         cfg: &Gemma3Config,
         architecture: &'static str,
         quant: Quantization,
     ) -> Result<Self> {
         let eps = cfg.rms_norm_eps;
-        let norm = |vb: VarBuilder, size: usize| {
+        let norm = |vb: Weights, size: usize| {
             if cfg.norms_include_one {
                 RmsNorm::load(vb, size, eps)
             } else {
@@ -264,7 +262,7 @@ impl Gemma3 {
             .collect::<Result<Vec<_>>>()?;
         let final_norm = norm(m.pp("norm"), h)?;
         let lm_head = if cfg.tie_word_embeddings && !vb.contains_tensor("lm_head.weight") {
-            Linear::new(embed_tokens.table().clone(), None, quant)?
+            embed_tokens.as_linear(quant)?
         } else {
             linear(vb.pp("lm_head"), h, cfg.vocab_size, false, quant)?
         };
@@ -327,7 +325,7 @@ impl Model for Gemma3 {
     }
 
     fn forward(&self, batch: &ForwardBatch, cache: &mut KvStorage) -> Result<Tensor> {
-        let device = self.embed_tokens.table().device().clone();
+        let device = self.embed_tokens.device().clone();
         let dtype = self.spec.dtype;
         let ids = Tensor::new(batch.token_ids.as_slice(), &device)?;
         let global = self.rope_global.cos_sin(&batch.positions, dtype, &device)?;
@@ -394,10 +392,7 @@ fn hf_name(gguf: &str) -> Option<String> {
 /// is what llama.cpp itself assumes: local layers with RoPE base 10000, every
 /// sixth layer global, and scores scaled by the head size (the 27B model, with
 /// 62 layers, by hidden size over heads).
-fn config_from_gguf(
-    meta: &Meta,
-    tensors: &HashMap<String, Tensor>,
-) -> anyhow::Result<Gemma3Config> {
+fn config_from_gguf(meta: &Meta, file: &GgufFile) -> anyhow::Result<Gemma3Config> {
     let k = |s: &str| format!("gemma3.{s}");
     let hidden = meta.usize_req(&k("embedding_length"))?;
     let num_layers = meta.usize_req(&k("block_count"))?;
@@ -423,10 +418,9 @@ fn config_from_gguf(
         },
         Some(other) => bail!("GGUF rope scaling {other:?} is not supported for gemma3"),
     };
-    let vocab_size = tensors
-        .get("token_embd.weight")
-        .context("GGUF file lacks token_embd.weight")?
-        .dim(0)?;
+    let vocab_size = file
+        .dims("token_embd.weight")
+        .context("GGUF file lacks token_embd.weight")?[0];
     let query_pre_attn_scalar = if num_layers == 62 {
         (hidden / num_heads) as f64
     } else {
@@ -456,15 +450,15 @@ fn config_from_gguf(
         rope_local: (10_000.0, RopeScaling::None),
         final_logit_softcapping: meta.f32(&k("final_logit_softcapping"))?,
         attention_bias: false,
-        tie_word_embeddings: !tensors.contains_key("output.weight"),
+        tie_word_embeddings: !file.contains("output.weight"),
         norms_include_one: true,
     })
 }
 
-pub fn from_gguf(name: &'static str, mut ckpt: GgufCheckpoint) -> anyhow::Result<Box<dyn Model>> {
-    let cfg = config_from_gguf(&ckpt.file.meta(), &ckpt.file.tensors)?;
-    let tensors = ckpt.file.take_tensors(hf_name);
-    let vb = VarBuilder::from_tensors(tensors, ckpt.dtype, &ckpt.device);
+pub fn from_gguf(name: &'static str, ckpt: GgufCheckpoint) -> anyhow::Result<Box<dyn Model>> {
+    let file = ckpt.file;
+    let cfg = config_from_gguf(&file.meta(), &file)?;
+    let vb = file.into_weights(hf_name, |_| Layout::Same, ckpt.dtype, &ckpt.device);
     Ok(Box::new(Gemma3::load(vb, &cfg, name, ckpt.quantization)?))
 }
 

@@ -7,9 +7,9 @@
 //! (llama.cpp's `gpt2`, with standard `[out, in]` weights) are renamed and
 //! transposed back to the checkpoint's layout so that one load path serves.
 
+use crate::weights::Weights;
 use anyhow::{bail, Context};
 use candle_core::{DType, Result, Tensor};
-use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use super::config;
@@ -20,7 +20,7 @@ use crate::kv_cache::KvStorage;
 use crate::layers::{
     Activation, Embedding, ForwardBatch, LayerNorm, Linear, Mlp, PagedAttention, Quantization,
 };
-use crate::weights::gguf::{layer_part, Meta};
+use crate::weights::gguf::{layer_part, Layout, Meta};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Gpt2Config {
@@ -104,14 +104,19 @@ pub struct Gpt2 {
 }
 
 /// A `Conv1D` layer (`[in, out]` weight) as a linear layer.
-fn conv1d(vb: VarBuilder, inp: usize, out: usize, q: Quantization) -> Result<Linear> {
+fn conv1d(vb: Weights, inp: usize, out: usize, q: Quantization) -> Result<Linear> {
+    let bias = Some(vb.get(out, "bias")?);
+    // Quantized blocks (GGUF) are already [out, in].
+    if let Some(w) = vb.quantized("weight") {
+        return Linear::quantized(vec![w?], bias);
+    }
     let w = vb.get((inp, out), "weight")?.t()?.contiguous()?;
-    Linear::new(w, Some(vb.get(out, "bias")?), q)
+    Linear::new(w, bias, q)
 }
 
 impl Gpt2 {
     pub fn load(
-        vb: VarBuilder,
+        vb: Weights,
         cfg: &Gpt2Config,
         architecture: &'static str,
         quant: Quantization,
@@ -155,7 +160,7 @@ impl Gpt2 {
         let lm_head = if vb.contains_tensor("lm_head.weight") {
             Linear::new(vb.get((cfg.vocab_size, h), "lm_head.weight")?, None, quant)?
         } else {
-            Linear::new(wte.table().clone(), None, quant)?
+            wte.as_linear(quant)?
         };
         Ok(Self {
             wte,
@@ -188,7 +193,7 @@ impl Model for Gpt2 {
     }
 
     fn forward(&self, batch: &ForwardBatch, cache: &mut KvStorage) -> Result<Tensor> {
-        let device = self.wte.table().device().clone();
+        let device = self.wte.device().clone();
         let ids = Tensor::new(batch.token_ids.as_slice(), &device)?;
         if let Some(&p) = batch
             .positions
@@ -276,28 +281,30 @@ fn config_from_gguf(meta: &Meta, vocab_size: usize) -> anyhow::Result<Gpt2Config
     })
 }
 
-pub fn from_gguf(name: &'static str, mut ckpt: GgufCheckpoint) -> anyhow::Result<Box<dyn Model>> {
-    let vocab = ckpt
-        .file
-        .tensors
-        .get("token_embd.weight")
-        .context("GGUF file lacks token_embd.weight")?
-        .dim(0)?;
-    let cfg = config_from_gguf(&ckpt.file.meta(), vocab)?;
-    let mut conv = std::collections::HashSet::new();
-    let mut tensors = ckpt.file.take_tensors(|n| {
-        let (hf, is_conv) = hf_name(n)?;
-        if is_conv {
-            conv.insert(hf.clone());
+pub fn from_gguf(name: &'static str, ckpt: GgufCheckpoint) -> anyhow::Result<Box<dyn Model>> {
+    let file = ckpt.file;
+    let vocab = file
+        .dims("token_embd.weight")
+        .context("GGUF file lacks token_embd.weight")?[0];
+    let cfg = config_from_gguf(&file.meta(), vocab)?;
+    // Conv1D weights are [in, out] under their Hugging Face names.
+    let conv: std::collections::HashSet<String> = file
+        .tensor_names()
+        .filter_map(|n| hf_name(n).filter(|(_, conv)| *conv).map(|(hf, _)| hf))
+        .collect();
+    let layout = move |hf: &str| {
+        if conv.contains(hf) {
+            Layout::Transposed
+        } else {
+            Layout::Same
         }
-        Some(hf)
-    });
-    for name in conv {
-        if let Some(t) = tensors.get_mut(&name) {
-            *t = t.t()?.contiguous()?;
-        }
-    }
-    let vb = VarBuilder::from_tensors(tensors, ckpt.dtype, &ckpt.device);
+    };
+    let vb = file.into_weights(
+        |n| hf_name(n).map(|(hf, _)| hf),
+        layout,
+        ckpt.dtype,
+        &ckpt.device,
+    );
     Ok(Box::new(Gpt2::load(vb, &cfg, name, ckpt.quantization)?))
 }
 

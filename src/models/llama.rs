@@ -5,9 +5,9 @@
 //! Weight paths mirror the Hugging Face checkpoint names; GGUF files are
 //! renamed to them (and llama.cpp's interleaved q/k rows undone) on load.
 
+use crate::weights::Weights;
 use anyhow::{bail, Context};
 use candle_core::{DType, Result, Tensor};
-use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use super::config::{self, Common, RawRope};
@@ -19,7 +19,7 @@ use crate::layers::{
     fused_linear, linear, Activation, Embedding, ForwardBatch, GatedMlp, Linear, PagedAttention,
     Quantization, RmsNorm, Rope, RopeScaling,
 };
-use crate::weights::gguf::{layer_part, unpermute, Meta};
+use crate::weights::gguf::{layer_part, Layout, Meta};
 
 /// The members of the family, which differ in defaults only.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -228,7 +228,7 @@ struct Attention {
 }
 
 impl Attention {
-    fn load(vb: VarBuilder, cfg: &LlamaConfig, layer: usize, q: Quantization) -> Result<Self> {
+    fn load(vb: Weights, cfg: &LlamaConfig, layer: usize, q: Quantization) -> Result<Self> {
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
         let (q_norm, k_norm) = if cfg.qk_norm {
             (
@@ -326,7 +326,7 @@ impl Llama {
     /// Loads the weights; `quant` decides how linear layers (the LM head
     /// included) store them.
     pub fn load(
-        vb: VarBuilder,
+        vb: Weights,
         cfg: &LlamaConfig,
         architecture: &'static str,
         quant: Quantization,
@@ -362,7 +362,7 @@ impl Llama {
         let norm = RmsNorm::load(m.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
         // Checkpoints with tied embeddings usually omit lm_head.weight.
         let lm_head = if cfg.tie_word_embeddings && !vb.contains_tensor("lm_head.weight") {
-            Linear::new(embed_tokens.table().clone(), None, quant)?
+            embed_tokens.as_linear(quant)?
         } else {
             linear(
                 vb.pp("lm_head"),
@@ -411,7 +411,7 @@ impl Model for Llama {
     }
 
     fn forward(&self, batch: &ForwardBatch, cache: &mut KvStorage) -> Result<Tensor> {
-        let device = self.embed_tokens.table().device().clone();
+        let device = self.embed_tokens.device().clone();
         let ids = Tensor::new(batch.token_ids.as_slice(), &device)?;
         let (cos, sin) = self
             .rope
@@ -531,29 +531,37 @@ fn config_from_gguf(
 }
 
 /// Builds a model from a GGUF file of the family.
-pub fn from_gguf(name: &'static str, mut ckpt: GgufCheckpoint) -> anyhow::Result<Box<dyn Model>> {
-    let arch = ckpt.file.architecture()?.to_string();
+pub fn from_gguf(name: &'static str, ckpt: GgufCheckpoint) -> anyhow::Result<Box<dyn Model>> {
+    let file = ckpt.file;
+    let arch = file.architecture()?.to_string();
     let family = Family::from_name(&arch).unwrap_or(Family::Llama);
-    let has = |n: &str| ckpt.file.tensors.contains_key(n);
-    let mut cfg = config_from_gguf(&ckpt.file.meta(), &arch, family, &has)?;
-    if let Some(f) = ckpt.file.tensors.remove("rope_freqs.weight") {
-        cfg.rope_freq_factors = Some(f.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?);
+    let has = |n: &str| file.contains(n);
+    let mut cfg = config_from_gguf(&file.meta(), &arch, family, &has)?;
+    if file.contains("rope_freqs.weight") {
+        let f = file.dequantize("rope_freqs.weight", DType::F32, &ckpt.device)?;
+        cfg.rope_freq_factors = Some(f.flatten_all()?.to_vec1()?);
     }
-    let mut tensors = ckpt.file.take_tensors(hf_name);
+    if let Some(dims) = file.dims("token_embd.weight") {
+        cfg.vocab_size = dims[0];
+    }
     // llama.cpp stores Llama q/k rows interleaved for its RoPE.
-    if matches!(family, Family::Llama | Family::Mistral) {
-        for (name, t) in tensors.iter_mut() {
-            if name.ends_with("q_proj.weight") {
-                *t = unpermute(t, cfg.num_heads)?;
-            } else if name.ends_with("k_proj.weight") {
-                *t = unpermute(t, cfg.num_kv_heads)?;
-            }
+    let permuted = matches!(family, Family::Llama | Family::Mistral);
+    let (heads, kv_heads) = (cfg.num_heads, cfg.num_kv_heads);
+    let layout = move |hf: &str| {
+        if permuted && hf.ends_with("q_proj.weight") {
+            Layout::Permuted(heads)
+        } else if permuted && hf.ends_with("k_proj.weight") {
+            Layout::Permuted(kv_heads)
+        } else {
+            Layout::Same
         }
-    }
-    if let Some(emb) = tensors.get("model.embed_tokens.weight") {
-        cfg.vocab_size = emb.dim(0)?;
-    }
-    let vb = VarBuilder::from_tensors(tensors, ckpt.dtype, &ckpt.device);
+    };
+    let vb = file.into_weights(
+        |n| (n != "rope_freqs.weight").then(|| hf_name(n)).flatten(),
+        layout,
+        ckpt.dtype,
+        &ckpt.device,
+    );
     Ok(Box::new(Llama::load(vb, &cfg, name, ckpt.quantization)?))
 }
 

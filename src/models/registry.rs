@@ -16,7 +16,7 @@ pub struct Checkpoint<'a> {
     /// `config.json` text.
     pub config: &'a str,
     /// The weights under their checkpoint names, in the working dtype.
-    pub vb: VarBuilder<'a>,
+    pub vb: crate::weights::Weights<'a>,
     pub quantization: Quantization,
 }
 
@@ -136,6 +136,10 @@ pub struct LoadOptions {
     pub quantization: Quantization,
     /// Where the weights live and the forward pass runs.
     pub device: Device,
+    /// GGUF matrices stay in their quantized blocks (the default); `false`
+    /// dequantizes them to the working dtype at load, as transformers'
+    /// GGUF loader does (for comparisons with it).
+    pub gguf_blocks: bool,
 }
 
 impl Default for LoadOptions {
@@ -145,6 +149,7 @@ impl Default for LoadOptions {
             dtype: DType::F32,
             quantization: Quantization::None,
             device: Device::Cpu,
+            gguf_blocks: true,
         }
     }
 }
@@ -154,6 +159,18 @@ pub struct LoadedModel {
     pub model: Box<dyn Model>,
     pub tokenizer: Tokenizer,
     pub source: ModelSource,
+    /// How much the process's resident memory grew while loading (the
+    /// weights, plus the tokenizer): what the model costs the machine.
+    /// `None` where the OS does not say.
+    pub resident_bytes: Option<u64>,
+}
+
+/// The process's resident set size (Linux: `VmRSS` in `/proc/self/status`).
+pub fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 impl std::fmt::Debug for LoadedModel {
@@ -181,6 +198,7 @@ pub fn load_model(opts: &LoadOptions) -> anyhow::Result<LoadedModel> {
         None => ModelSource::Embedded,
         Some(m) => ModelSource::resolve(m)?,
     };
+    let (rss_before, started) = (resident_bytes(), std::time::Instant::now());
     let loaded = match &source {
         ModelSource::Embedded => load_embedded(opts),
         ModelSource::Dir(dir) => load_dir(dir, opts),
@@ -190,10 +208,23 @@ pub fn load_model(opts: &LoadOptions) -> anyhow::Result<LoadedModel> {
     if n > vocab {
         bail!("the tokenizer has {n} tokens but the model's vocab_size is {vocab}");
     }
+    let grown = rss_before
+        .zip(resident_bytes())
+        .map(|(a, b)| b.saturating_sub(a));
+    tracing::info!(
+        "loaded {} in {:.1} s: {} resident (weights and tokenizer)",
+        loaded.1.spec().architecture,
+        started.elapsed().as_secs_f64(),
+        grown.map_or("unknown".to_string(), |b| format!(
+            "{:.1} MiB",
+            b as f64 / (1u64 << 20) as f64
+        )),
+    );
     Ok(LoadedModel {
         tokenizer: loaded.0,
         model: loaded.1,
         source,
+        resident_bytes: grown,
     })
 }
 
@@ -204,7 +235,7 @@ fn build_hf(config: &str, vb: VarBuilder, opts: &LoadOptions) -> anyhow::Result<
         arch.name,
         Checkpoint {
             config,
-            vb,
+            vb: crate::weights::Weights::dense(vb),
             quantization: opts.quantization,
         },
     )
@@ -260,7 +291,13 @@ fn load_gguf(
     path: &std::path::Path,
     opts: &LoadOptions,
 ) -> anyhow::Result<(Tokenizer, Box<dyn Model>)> {
-    let file = GgufFile::read(path, opts.dtype, &opts.device)?;
+    let mut file = GgufFile::open(path)?;
+    tracing::info!(
+        "{}: {:.1} MiB of tensors",
+        path.display(),
+        file.tensor_bytes() as f64 / (1u64 << 20) as f64
+    );
+    file.keep_blocks(opts.gguf_blocks);
     let arch = find_gguf(file.architecture()?)?;
     let meta = file.meta();
     let special = SpecialTokens {

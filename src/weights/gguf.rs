@@ -1,22 +1,37 @@
-//! `.gguf` files: metadata and tensors, dequantized to the working dtype.
-//! Each architecture maps the metadata to its config and the tensor names to
-//! its Hugging Face names (`crate::models`); the tokenizer and chat template
-//! come from the `tokenizer.*` metadata (`crate::tokenizer`).
+//! `.gguf` files: the metadata up front, each tensor read from the file only
+//! when the model asks for it. Tensors in a format with a native kernel
+//! ([`crate::kernels::cpu::quant`]) stay in their blocks; the others are
+//! dequantized to the working dtype one at a time. Each architecture maps the
+//! metadata to its config and the tensor names to its Hugging Face names
+//! (`crate::models`); the tokenizer and chat template come from the
+//! `tokenizer.*` metadata (`crate::tokenizer`).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::BufReader;
-use std::path::Path;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context};
-use candle_core::quantized::gguf_file::{Content, Value};
-use candle_core::{DType, Device, Tensor};
+use candle_core::quantized::gguf_file::{Content, TensorInfo, Value};
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
 
-/// A GGUF file's contents.
+use super::{QuantSource, Weights};
+use crate::kernels::cpu::quant::{QMatrix, QType};
+
+/// A GGUF file: its metadata, and where each tensor's bytes are.
 pub struct GgufFile {
+    path: PathBuf,
+    file: File,
     pub metadata: HashMap<String, Value>,
-    /// Tensors under their GGUF names.
-    pub tensors: HashMap<String, Tensor>,
+    infos: HashMap<String, TensorInfo>,
+    data_offset: u64,
+    /// Whether matrices with a native kernel stay in their blocks.
+    blocks: bool,
 }
 
 /// Typed access to GGUF metadata with errors that name the key.
@@ -111,27 +126,39 @@ pub fn unpermute(w: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
 }
 
 impl GgufFile {
-    /// Reads the metadata and every tensor, dequantized to `dtype`.
-    pub fn read(path: &Path, dtype: DType, device: &Device) -> anyhow::Result<Self> {
+    /// Reads the metadata and the tensor directory; no tensor data yet.
+    pub fn open(path: &Path) -> anyhow::Result<Self> {
         let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-        let mut reader = BufReader::new(file);
+        let mut reader = BufReader::new(file.try_clone()?);
         let content = Content::read(&mut reader)
             .with_context(|| format!("{}: not a valid GGUF file", path.display()))?;
-        let mut tensors = HashMap::new();
-        for name in content.tensor_infos.keys() {
-            let q = content
-                .tensor(&mut reader, name, device)
-                .with_context(|| format!("{}: reading tensor {name}", path.display()))?;
-            tensors.insert(name.clone(), q.dequantize(device)?.to_dtype(dtype)?);
+        let len = file.metadata()?.len();
+        for (name, info) in &content.tensor_infos {
+            let end = content.tensor_data_offset + info.offset + tensor_bytes(info) as u64;
+            if end > len {
+                bail!(
+                    "{}: tensor {name} ends past the end of the file",
+                    path.display()
+                );
+            }
         }
         Ok(Self {
+            path: path.to_path_buf(),
+            file,
             metadata: content.metadata,
-            tensors,
+            infos: content.tensor_infos,
+            data_offset: content.tensor_data_offset,
+            blocks: true,
         })
     }
 
     pub fn meta(&self) -> Meta<'_> {
         Meta(&self.metadata)
+    }
+
+    /// `false`: every tensor is dequantized to the working dtype.
+    pub fn keep_blocks(&mut self, blocks: bool) {
+        self.blocks = blocks;
     }
 
     /// `general.architecture`.
@@ -141,23 +168,246 @@ impl GgufFile {
             .context("GGUF metadata lacks general.architecture")
     }
 
-    /// Takes the tensors, renamed by `rename` (GGUF name to Hugging Face
-    /// name); those it returns `None` for are dropped with a warning.
-    pub fn take_tensors(
-        &mut self,
-        mut rename: impl FnMut(&str) -> Option<String>,
-    ) -> HashMap<String, Tensor> {
-        let mut out = HashMap::new();
-        for (name, t) in self.tensors.drain() {
-            match rename(&name) {
+    pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
+        self.infos.keys().map(String::as_str)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.infos.contains_key(name)
+    }
+
+    /// A tensor's dimensions, outermost first (as candle and Hugging Face
+    /// order them).
+    pub fn dims(&self, name: &str) -> Option<&[usize]> {
+        self.infos.get(name).map(|i| i.shape.dims())
+    }
+
+    /// Bytes of all tensor data in the file.
+    pub fn tensor_bytes(&self) -> usize {
+        self.infos.values().map(tensor_bytes).sum()
+    }
+
+    fn info(&self, name: &str) -> candle_core::Result<&TensorInfo> {
+        self.infos.get(name).ok_or_else(|| {
+            candle_core::Error::Msg(format!("{}: no tensor {name}", self.path.display()))
+        })
+    }
+
+    /// A tensor's bytes as stored.
+    fn raw(&self, name: &str) -> candle_core::Result<Vec<u8>> {
+        let info = self.info(name)?;
+        let mut buf = vec![0u8; tensor_bytes(info)];
+        self.file
+            .read_exact_at(&mut buf, self.data_offset + info.offset)
+            .map_err(|e| {
+                candle_core::Error::Msg(format!("{}: reading {name}: {e}", self.path.display()))
+            })?;
+        Ok(buf)
+    }
+
+    /// A tensor's bytes, `rows` rows of equal size, with row `dst` of the
+    /// result read from row `src(dst)` of the file.
+    fn raw_rows(
+        &self,
+        name: &str,
+        rows: usize,
+        src: impl Fn(usize) -> candle_core::Result<usize>,
+    ) -> candle_core::Result<Vec<u8>> {
+        let info = self.info(name)?;
+        let len = tensor_bytes(info);
+        if rows == 0 || !len.is_multiple_of(rows) {
+            candle_core::bail!("{name}: {len} bytes are not {rows} rows");
+        }
+        let rb = len / rows;
+        let mut buf = vec![0u8; len];
+        for (dst, row) in buf.chunks_exact_mut(rb).enumerate() {
+            let at = self.data_offset + info.offset + (src(dst)? * rb) as u64;
+            self.file.read_exact_at(row, at).map_err(|e| {
+                candle_core::Error::Msg(format!("{}: reading {name}: {e}", self.path.display()))
+            })?;
+        }
+        Ok(buf)
+    }
+
+    /// A tensor dequantized to `dtype`.
+    pub fn dequantize(
+        &self,
+        name: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let info = self.info(name)?;
+        let raw = self.raw(name)?;
+        let storage = QStorage::from_data(Cow::Owned(raw), device, info.ggml_dtype)?;
+        QTensor::new(storage, info.shape.clone())?
+            .dequantize(device)?
+            .to_dtype(dtype)
+    }
+
+    /// Weights under Hugging Face names. `rename` maps GGUF names to them
+    /// (unknown tensors are skipped with a warning); `layout` says which
+    /// need their rows rearranged to the Hugging Face layout.
+    pub fn into_weights(
+        self,
+        rename: impl Fn(&str) -> Option<String>,
+        layout: impl Fn(&str) -> Layout,
+        dtype: DType,
+        device: &Device,
+    ) -> Weights<'static> {
+        let mut names = HashMap::new();
+        let mut fallback = Vec::new();
+        for (name, info) in &self.infos {
+            match rename(name) {
                 Some(hf) => {
-                    out.insert(hf, t);
+                    if self.blocks
+                        && QType::from_ggml(info.ggml_dtype).is_none()
+                        && !matches!(
+                            info.ggml_dtype,
+                            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
+                        )
+                    {
+                        fallback.push(format!("{name} ({:?})", info.ggml_dtype));
+                    }
+                    let l = layout(&hf);
+                    names.insert(hf, (name.clone(), l));
                 }
                 None => tracing::warn!("ignoring unknown GGUF tensor {name}"),
             }
         }
-        out
+        if !fallback.is_empty() {
+            fallback.sort();
+            tracing::warn!(
+                "{} GGUF tensors have no native kernel and are dequantized at load (then follow --quantization): {}",
+                fallback.len(),
+                fallback.join(", ")
+            );
+        }
+        let blocks = self.blocks;
+        let source = Arc::new(GgufSource {
+            file: self,
+            names,
+            cache: Mutex::new(HashMap::new()),
+        });
+        let backend: Box<dyn SimpleBackend> = Box::new(Dense(source.clone()));
+        let vb = candle_nn::VarBuilder::from_backend(backend, dtype, device.clone());
+        match blocks {
+            true => Weights::new(vb, Some(source)),
+            false => Weights::dense(vb),
+        }
     }
+}
+
+fn tensor_bytes(info: &TensorInfo) -> usize {
+    info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size()
+}
+
+/// How a GGUF tensor's rows differ from the Hugging Face layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    Same,
+    /// llama.cpp's interleaved q/k rows for its RoPE, over this many heads.
+    Permuted(usize),
+    /// GPT-2's `Conv1D` weights are `[in, out]` in Hugging Face checkpoints
+    /// and `[out, in]` in GGUF. Quantized blocks always come as `[out, in]`.
+    Transposed,
+}
+
+/// A GGUF file seen through Hugging Face names.
+struct GgufSource {
+    file: GgufFile,
+    names: HashMap<String, (String, Layout)>,
+    /// Quantized matrices already read: a tied output head shares the
+    /// embedding table's blocks.
+    cache: Mutex<HashMap<String, Arc<QMatrix>>>,
+}
+
+impl GgufSource {
+    fn lookup(&self, hf: &str) -> candle_core::Result<&(String, Layout)> {
+        self.names.get(hf).ok_or_else(|| {
+            candle_core::Error::CannotFindTensor {
+                path: hf.to_string(),
+            }
+            .bt()
+        })
+    }
+}
+
+impl QuantSource for GgufSource {
+    fn quantized(&self, hf: &str) -> Option<candle_core::Result<Arc<QMatrix>>> {
+        let (name, layout) = self.names.get(hf)?;
+        let info = self.file.infos.get(name)?;
+        let ty = QType::from_ggml(info.ggml_dtype)?;
+        let &[n, k] = info.shape.dims() else {
+            return None;
+        };
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(m) = cache.get(name) {
+            return Some(Ok(m.clone()));
+        }
+        let raw = match layout {
+            // Rows read straight into their places: no second copy of the
+            // tensor, whose freed buffer would linger in the heap.
+            Layout::Permuted(heads) => self
+                .file
+                .raw_rows(name, n, |dst| unpermuted_row(dst, n, *heads)),
+            _ => self.file.raw(name),
+        };
+        let m = raw.and_then(|raw| QMatrix::new(ty, n, k, raw));
+        Some(m.map(|m| {
+            let m = Arc::new(m);
+            cache.insert(name.clone(), m.clone());
+            m
+        }))
+    }
+}
+
+/// The dense side, for candle's `VarBuilder`.
+struct Dense(Arc<GgufSource>);
+
+impl SimpleBackend for Dense {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = self.get_unchecked(name, dtype, dev)?;
+        if t.shape() != &s {
+            candle_core::bail!(
+                "{name}: shape {:?} in the GGUF file, expected {s:?}",
+                t.shape()
+            );
+        }
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let (gguf, layout) = self.0.lookup(name)?;
+        let t = self.0.file.dequantize(gguf, dtype, dev)?;
+        match layout {
+            Layout::Same => Ok(t),
+            Layout::Permuted(heads) => unpermute(&t, *heads),
+            Layout::Transposed => t.t()?.contiguous(),
+        }
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.names.contains_key(name)
+    }
+}
+
+/// The file row that [`unpermute`] puts at row `dst` of `rows` rows over
+/// `heads` heads.
+fn unpermuted_row(dst: usize, rows: usize, heads: usize) -> candle_core::Result<usize> {
+    if heads == 0 || !rows.is_multiple_of(2 * heads) {
+        candle_core::bail!("cannot unpermute {rows} rows over {heads} heads");
+    }
+    let half = rows / heads / 2;
+    let (h, rest) = (dst / (2 * half), dst % (2 * half));
+    let (j, i) = (rest / half, rest % half);
+    Ok(h * 2 * half + i * 2 + j)
 }
 
 /// The `blk.N.` layer index and the rest of a per-layer GGUF tensor name.
@@ -190,5 +440,25 @@ mod tests {
             .unwrap();
         let back = unpermute(&permuted, h).unwrap();
         assert_eq!(back.to_vec2::<f32>().unwrap(), w.to_vec2::<f32>().unwrap());
+        // The same on rows of bytes, as quantized blocks are rearranged.
+        let bytes: Vec<u8> = permuted
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let rows: Vec<u8> = (0..h * d)
+            .flat_map(|dst| {
+                let src = unpermuted_row(dst, h * d, h).unwrap();
+                bytes[src * 4 * inp..(src + 1) * 4 * inp].to_vec()
+            })
+            .collect();
+        let floats: Vec<f32> = rows
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        assert_eq!(floats, w.flatten_all().unwrap().to_vec1::<f32>().unwrap());
     }
 }

@@ -1,10 +1,78 @@
 //! Where weights come from: Hugging Face folders of safetensors (local or
 //! downloaded from the hub), GGUF files, and the model compiled into the
-//! binary. Architectures see a `VarBuilder` under Hugging Face names,
-//! whatever the source.
+//! binary. Architectures see [`Weights`] under Hugging Face names, whatever
+//! the source.
 
 pub mod embedded;
 pub mod gguf;
 pub mod source;
 
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Result, Shape, Tensor};
+use candle_nn::VarBuilder;
+
 pub use source::ModelSource;
+
+use crate::kernels::cpu::quant::QMatrix;
+
+/// Tensors kept in a quantized block format, by Hugging Face name.
+pub trait QuantSource: Send + Sync {
+    /// The blocks of a `[out, in]` matrix if the source stores it in a
+    /// format with a native kernel; `None` means "ask for it densely".
+    fn quantized(&self, name: &str) -> Option<Result<Arc<QMatrix>>>;
+}
+
+/// A model's weights under a name prefix: dense tensors through candle's
+/// `VarBuilder` (in the working dtype), and, for GGUF files, the quantized
+/// blocks of the matrices that stay quantized.
+#[derive(Clone)]
+pub struct Weights<'a> {
+    vb: VarBuilder<'a>,
+    quant: Option<Arc<dyn QuantSource>>,
+}
+
+impl<'a> Weights<'a> {
+    pub fn new(vb: VarBuilder<'a>, quant: Option<Arc<dyn QuantSource>>) -> Self {
+        Self { vb, quant }
+    }
+
+    /// Everything dense (safetensors, the embedded model, tests).
+    pub fn dense(vb: VarBuilder<'a>) -> Self {
+        Self { vb, quant: None }
+    }
+
+    pub fn pp<S: ToString>(&self, s: S) -> Self {
+        Self {
+            vb: self.vb.pp(s),
+            quant: self.quant.clone(),
+        }
+    }
+
+    /// A dense tensor (dequantized if the source holds it in blocks).
+    pub fn get<S: Into<Shape>>(&self, shape: S, name: &str) -> Result<Tensor> {
+        self.vb.get(shape, name)
+    }
+
+    pub fn contains_tensor(&self, name: &str) -> bool {
+        self.vb.contains_tensor(name)
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.vb.dtype()
+    }
+
+    pub fn device(&self) -> &Device {
+        self.vb.device()
+    }
+
+    /// The quantized blocks of matrix `name` (`[out, in]`), if it has them.
+    pub fn quantized(&self, name: &str) -> Option<Result<Arc<QMatrix>>> {
+        let full = if self.vb.prefix().is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.vb.prefix())
+        };
+        self.quant.as_ref()?.quantized(&full)
+    }
+}

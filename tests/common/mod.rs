@@ -44,6 +44,18 @@ pub fn load(path: &Path, dtype: DType) -> LoadedModel {
     .unwrap_or_else(|e| panic!("loading {}: {e:#}", path.display()))
 }
 
+/// A GGUF file with every tensor dequantized to `dtype`, as transformers'
+/// GGUF loader reads it.
+pub fn load_dequantized(path: &Path, dtype: DType) -> LoadedModel {
+    load_model(&LoadOptions {
+        model: Some(path.to_str().unwrap().to_string()),
+        dtype,
+        gguf_blocks: false,
+        ..Default::default()
+    })
+    .unwrap_or_else(|e| panic!("loading {}: {e:#}", path.display()))
+}
+
 pub fn runner(m: &LoadedModel, block_size: usize, num_blocks: usize) -> StepRunner {
     runner_with_cache_dtype(m, block_size, num_blocks, m.model.spec().dtype)
 }

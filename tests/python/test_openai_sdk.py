@@ -156,9 +156,12 @@ def test_real_chat_model_answers():
     try:
         c = openai.OpenAI(base_url=s.base + "/v1", api_key="none", max_retries=0)
         r = c.chat.completions.create(
-            model=str(SMOL), messages=[{"role": "user", "content": "What is the capital of France?"}],
+            model=str(SMOL), messages=[{"role": "user", "content": "What is the capital of Germany?"}],
             max_tokens=32, temperature=0)
-        assert r.choices[0].message.content == "The capital of France is Paris."
+        # Served from the file's Q4_1 blocks with 8-bit activations, as llama.cpp's server
+        # computes it (and answers the same). "France" is a near tie that 8-bit activations
+        # flip (../shared/models/README.md; tests/real_models.rs covers it).
+        assert r.choices[0].message.content == "The capital of Germany is Berlin."
         assert r.choices[0].finish_reason == "stop"
         assert r.usage.prompt_tokens == 37 and r.usage.completion_tokens == 8
     finally:

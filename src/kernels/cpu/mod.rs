@@ -10,6 +10,7 @@ mod attention_avx512;
 pub mod elementwise;
 pub mod matmul;
 pub mod matmul_q8;
+pub mod quant;
 #[cfg(target_arch = "x86_64")]
 mod vmath;
 

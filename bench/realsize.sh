@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Real-size benchmark: random-weight models with Llama-3.2-1B's and Llama-3.1-8B's shapes, quantized
+# by llama.cpp's own llama-quantize (from an f16 GGUF that bench/make_llama_gguf.py writes), served by
+# Candela (the file's blocks, native kernels) and by llama.cpp's server on the same file: load time,
+# peak RSS, and output tok/s / TTFT / TPOT at each concurrency with 128 prompt + 128 output tokens.
+#
+#   bench/realsize.sh                                # MODELS="1b:Q4_K_M 1b:Q8_0" CONCURRENCY=1,8,32
+#   MODELS=8b:Q4_K_M CONCURRENCY=1 bench/realsize.sh # the 8B shape (16 GB f16 + 4.9 GB on disk)
+#
+# Needs what bench/run.sh builds (bench/.venv, llama.cpp's build in bench/.cache); builds
+# llama-quantize. Results: bench/results/<date>-realsize/ (JSON lines) and stdout.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CACHE=bench/.cache
+MODELS=${MODELS:-1b:Q4_K_M 1b:Q8_0}
+CONCURRENCY=${CONCURRENCY:-1,8,32}
+THREADS=${THREADS:-2}
+PY=bench/.venv/bin/python
+LLAMA=$CACHE/llama.cpp/build/bin
+OUT=bench/results/$(date +%Y-%m-%d-%H%M)-realsize
+PORT=18557
+mkdir -p "$OUT" "$CACHE/realsize"
+[ -x "$LLAMA/llama-server" ] || { echo "build llama-server first (bench/run.sh)" >&2; exit 1; }
+[ -x "$LLAMA/llama-quantize" ] || cmake --build "$CACHE/llama.cpp/build" --target llama-quantize -j "$THREADS" >/dev/null
+[ -n "${CANDELA_PREBUILT:-}" ] || cargo build --release --bin candela
+CANDELA=${CANDELA:-target/release/candela}
+MAXC=$(echo "$CONCURRENCY" | tr ',' '\n' | sort -n | tail -1)
+
+PID=
+trap '[ -n "$PID" ] && kill "$PID" 2>/dev/null || true' EXIT
+serve() { # name, command...: start, time until healthy, load, peak RSS, stop
+    local name=$1
+    shift
+    local start
+    start=$(date +%s.%N)
+    "$@" >"$OUT/$name.log" 2>&1 &
+    PID=$!
+    for _ in $(seq 1 3000); do
+        curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && break
+        kill -0 "$PID" 2>/dev/null || { echo "$name exited; see $OUT/$name.log" >&2; return 1; }
+        sleep 0.1
+    done
+    local ready rss_loaded
+    ready=$(echo "$(date +%s.%N) - $start" | bc)
+    rss_loaded=$(awk '/VmHWM/ {printf "%.0f", $2 / 1024}' "/proc/$PID/status")
+    "$PY" bench/loadgen.py --base "http://127.0.0.1:$PORT" --model m --concurrency "$CONCURRENCY" \
+        --prompt-len 128 --output-len 128 >"$OUT/$name.jsonl"
+    local peak
+    peak=$(awk '/VmHWM/ {printf "%.0f", $2 / 1024}' "/proc/$PID/status")
+    echo "{\"server\": \"$name\", \"load_s\": $ready, \"peak_rss_mib_after_load\": $rss_loaded, \"peak_rss_mib\": $peak}" | tee "$OUT/$name.load.json"
+    cat "$OUT/$name.jsonl"
+    kill "$PID"
+    wait "$PID" 2>/dev/null || true
+    PID=
+}
+
+for spec in $MODELS; do
+    shape=${spec%%:*}
+    quant=${spec##*:}
+    f16=$CACHE/realsize/llama-$shape-f16.gguf
+    file=$CACHE/realsize/llama-$shape-$(echo "$quant" | tr 'A-Z' 'a-z').gguf
+    [ -f "$file" ] || {
+        [ -f "$f16" ] || "$PY" bench/make_llama_gguf.py "$shape" "$f16"
+        "$LLAMA/llama-quantize" "$f16" "$file" "$quant" "$THREADS" >"$OUT/quantize-$shape-$quant.log" 2>&1
+    }
+    echo "== $shape $quant: $(du -m "$file" | cut -f1) MiB"
+    # Page cache warm for both (the first reader would pay the disk).
+    cat "$file" >/dev/null
+    # KV cache: float16 in both, the same MAXC * 320 tokens (llama.cpp's -c): 32 KiB per token
+    # for the 1B shape (16 layers x 8 KV heads x 64 x K and V x 2 bytes), 128 KiB for the 8B.
+    kv_kib=$([ "$shape" = 8b ] && echo 128 || echo 32)
+    serve "candela-$shape-$quant" "$CANDELA" serve --model "$file" --served-model-name m --port "$PORT" \
+        --max-model-len 4096 --max-num-seqs "$MAXC" --kv-cache-dtype float16 \
+        --kv-cache-memory $((MAXC * 320 * kv_kib))KiB
+    serve "llamacpp-$shape-$quant" "$LLAMA/llama-server" -m "$file" --port "$PORT" -t "$THREADS" -tb "$THREADS" \
+        -np "$MAXC" -c $((MAXC * 320)) -b 2048 -ub 512 -ctk f16 -ctv f16 --cont-batching --no-webui
+done
+echo "results in $OUT"

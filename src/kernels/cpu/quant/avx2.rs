@@ -1,0 +1,314 @@
+//! AVX2 dot products of a GGUF weight row with up to four 8-bit activation
+//! rows at once, as ggml's AVX2 kernels compute them: each 32-value
+//! sub-block is unpacked to bytes in registers once, multiplied with every
+//! activation row by `vpmaddubsw` (unsigned × signed bytes, so signed
+//! weights go through the `vpsignb` trick) and widened by `vpmaddwd`. The
+//! K formats multiply by their integer sub-block scales inside `vpmaddwd`
+//! and accumulate integers over a whole 256-value super-block (one float
+//! multiply-add per super-block and row); minima and offsets use the
+//! activations' per-16 sums.
+//!
+//! Every function requires AVX2, FMA and F16C and inputs checked by
+//! `Kernel::dot_rows`: a weight row of whole blocks matching the activation
+//! rows' length, quantized in the block size the format takes.
+
+use std::arch::x86_64::*;
+
+use super::{ActRow, QType, QK, QK_K};
+
+const Q4_0: u8 = 0;
+const Q4_1: u8 = 1;
+const Q5_0: u8 = 2;
+const Q5_1: u8 = 3;
+const Q8_0: u8 = 4;
+
+/// # Safety
+/// AVX2, FMA and F16C are present; the inputs are as `Kernel::dot_rows`
+/// checks them; `1 <= x.len() <= 4 == out.len()`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_rows(ty: QType, w: &[u8], x: &[ActRow], out: &mut [f32]) {
+    macro_rules! rows {
+        ($f:ident $(, $c:expr)?) => {
+            match x.len() {
+                1 => $f::<$($c,)? 1>(w, x, out),
+                2 => $f::<$($c,)? 2>(w, x, out),
+                3 => $f::<$($c,)? 3>(w, x, out),
+                _ => $f::<$($c,)? 4>(w, x, out),
+            }
+        };
+    }
+    // SAFETY: per the caller.
+    unsafe {
+        match ty {
+            QType::Q4_0 => rows!(legacy, Q4_0),
+            QType::Q4_1 => rows!(legacy, Q4_1),
+            QType::Q5_0 => rows!(legacy, Q5_0),
+            QType::Q5_1 => rows!(legacy, Q5_1),
+            QType::Q8_0 => rows!(legacy, Q8_0),
+            QType::Q4K => rows!(q45k, false),
+            QType::Q5K => rows!(q45k, true),
+            QType::Q6K => rows!(q6k),
+        }
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f16_at(b: *const u8) -> f32 {
+    // SAFETY: two readable bytes, per the callers.
+    let bits = unsafe { b.cast::<u16>().read_unaligned() };
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+/// Σ w·x over pairs of bytes into 8 i32 lanes, `w` unsigned (< 128).
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn mul_sum_u8(w: __m256i, x: __m256i) -> __m256i {
+    _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1))
+}
+
+/// 32 bits to 32 bytes: 0xFF where the bit is set.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn bytes_from_bits(bits: u32) -> __m256i {
+    let shuf = _mm256_set_epi64x(
+        0x0303_0303_0303_0303,
+        0x0202_0202_0202_0202,
+        0x0101_0101_0101_0101,
+        0,
+    );
+    let b = _mm256_shuffle_epi8(_mm256_set1_epi32(bits as i32), shuf);
+    let b = _mm256_or_si256(b, _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe));
+    _mm256_cmpeq_epi8(b, _mm256_set1_epi64x(-1))
+}
+
+/// The eight 6-bit scales of a Q4_K/Q5_K super-block (`s`: its 12 packed
+/// bytes) as bytes, and its eight minima each twice as 16-bit lanes (to
+/// multiply pairs of per-16 activation sums with `vpmaddwd`).
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn scales_mins_k4(s: &[u8]) -> ([u8; 8], __m256i) {
+    const KMASK1: u32 = 0x3f3f_3f3f;
+    const KMASK2: u32 = 0x0f0f_0f0f;
+    const KMASK3: u32 = 0x0303_0303;
+    let word = |i: usize| u32::from_le_bytes([s[4 * i], s[4 * i + 1], s[4 * i + 2], s[4 * i + 3]]);
+    let (u0, u1, u2) = (word(0), word(1), word(2));
+    let scales = [u0 & KMASK1, (u2 & KMASK2) | (((u0 >> 6) & KMASK3) << 4)];
+    let mins = [
+        u1 & KMASK1,
+        ((u2 >> 4) & KMASK2) | (((u1 >> 6) & KMASK3) << 4),
+    ];
+    let mut sc = [0u8; 8];
+    sc[..4].copy_from_slice(&scales[0].to_le_bytes());
+    sc[4..].copy_from_slice(&scales[1].to_le_bytes());
+    let m = _mm_set_epi32(0, 0, mins[1] as i32, mins[0] as i32);
+    let dup = _mm_shuffle_epi8(
+        m,
+        _mm_set_epi8(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0),
+    );
+    (sc, _mm256_cvtepu8_epi16(dup))
+}
+
+/// The fifth bits of a Q5 block (32 bits at `p`) as 0x10 per value.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn high_bits(p: *const u8) -> __m256i {
+    // SAFETY: 4 readable bytes, per the callers.
+    let bits = unsafe { p.cast::<u32>().read_unaligned() };
+    _mm256_and_si256(bytes_from_bits(bits), _mm256_set1_epi8(0x10))
+}
+
+/// 16 bytes of nibbles to 32 bytes: low nibbles first, then high ones.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn nibbles(p: *const u8) -> __m256i {
+    // SAFETY: 16 readable bytes, per the callers.
+    let q = unsafe { _mm_loadu_si128(p.cast()) };
+    let q = _mm256_set_m128i(_mm_srli_epi16(q, 4), q);
+    _mm256_and_si256(q, _mm256_set1_epi8(0x0F))
+}
+
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn load(p: *const i8) -> __m256i {
+    // SAFETY: 32 readable bytes, per the callers.
+    unsafe { _mm256_loadu_si256(p.cast()) }
+}
+
+/// The 32-value formats: one f16 scale (and minimum) per block, one float
+/// multiply-add per block and row.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn legacy<const F: u8, const R: usize>(w: &[u8], x: &[ActRow], out: &mut [f32]) {
+    let size = match F {
+        Q4_0 => 18,
+        Q4_1 => 20,
+        Q5_0 => 22,
+        Q5_1 => 24,
+        _ => 34,
+    };
+    let signed = matches!(F, Q4_0 | Q5_0 | Q8_0);
+    let mut acc = [_mm256_setzero_ps(); R];
+    let mut min = [0f32; R];
+    for (g, b) in w.chunks_exact(size).enumerate() {
+        // SAFETY: the block holds `size` bytes; activation block g exists in
+        // every row.
+        unsafe {
+            let p = b.as_ptr();
+            let q = match F {
+                Q4_0 => _mm256_sub_epi8(nibbles(p.add(2)), _mm256_set1_epi8(8)),
+                Q4_1 => nibbles(p.add(4)),
+                Q5_0 => _mm256_sub_epi8(
+                    _mm256_or_si256(nibbles(p.add(6)), high_bits(p.add(2))),
+                    _mm256_set1_epi8(16),
+                ),
+                Q5_1 => _mm256_or_si256(nibbles(p.add(8)), high_bits(p.add(4))),
+                _ => load(p.add(2).cast()),
+            };
+            let wq = if signed { _mm256_sign_epi8(q, q) } else { q };
+            let dw = f16_at(p);
+            let m = if signed { 0.0 } else { f16_at(p.add(2)) };
+            for r in 0..R {
+                let xr = &x[r];
+                let xv = load(xr.q.as_ptr().add(QK * g));
+                let xv = if signed { _mm256_sign_epi8(xv, q) } else { xv };
+                let prod = mul_sum_u8(wq, xv);
+                let xd = *xr.d.get_unchecked(g);
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(prod), _mm256_set1_ps(dw * xd), acc[r]);
+                if !signed {
+                    let s = *xr.sum16.get_unchecked(2 * g) as i32
+                        + *xr.sum16.get_unchecked(2 * g + 1) as i32;
+                    min[r] += m * xd * s as f32;
+                }
+            }
+        }
+    }
+    for r in 0..R {
+        // SAFETY: AVX2 and FMA, per the caller.
+        out[r] = unsafe { hsum(acc[r]) } + min[r];
+    }
+}
+
+/// Q4_K (`HIGH` false) and Q5_K (a fifth bit per value from `qh`): 6-bit
+/// scales and minima per 32 values, integer sums over the super-block.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q45k<const HIGH: bool, const R: usize>(w: &[u8], x: &[ActRow], out: &mut [f32]) {
+    let size = if HIGH { 176 } else { 144 };
+    let qs_at = if HIGH { 48 } else { 16 };
+    let mask = _mm256_set1_epi8(0x0F);
+    let one = _mm256_set1_epi8(1);
+    // One float accumulator per row (the minima go in too): with four rows,
+    // accumulators and temporaries must fit in 16 registers.
+    let mut acc = [_mm256_setzero_ps(); R];
+    for (blk, b) in w.chunks_exact(size).enumerate() {
+        // SAFETY: the block holds `size` bytes; super-block `blk` exists in
+        // every activation row.
+        unsafe {
+            let p = b.as_ptr();
+            let (d, dmin) = (f16_at(p), f16_at(p.add(2)));
+            let (sc, mins) = scales_mins_k4(&b[4..16]);
+            let qh = if HIGH {
+                load(p.add(16).cast())
+            } else {
+                _mm256_setzero_si256()
+            };
+            let mut sumi = [_mm256_setzero_si256(); R];
+            for j in 0..4 {
+                let q = load(p.add(qs_at + 32 * j).cast());
+                let mut lo = _mm256_and_si256(q, mask);
+                let mut hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), mask);
+                if HIGH {
+                    let b0 = _mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * j as i32));
+                    let b1 = _mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * j as i32 + 1));
+                    lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(b0, one), 4));
+                    hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(b1, one), 4));
+                }
+                let s0 = _mm256_set1_epi16(sc[2 * j] as i16);
+                let s1 = _mm256_set1_epi16(sc[2 * j + 1] as i16);
+                for r in 0..R {
+                    let xp = x[r].q.as_ptr().add(QK_K * blk + 64 * j);
+                    let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, load(xp)), s0);
+                    let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, load(xp.add(32))), s1);
+                    sumi[r] = _mm256_add_epi32(sumi[r], _mm256_add_epi32(p0, p1));
+                }
+            }
+            for r in 0..R {
+                let xr = &x[r];
+                let dx = *xr.d.get_unchecked(blk);
+                acc[r] =
+                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[r]), _mm256_set1_ps(d * dx), acc[r]);
+                // Σ minimum · (sum of its 32 activations), as 8 lanes.
+                let bs = load(xr.sum16.as_ptr().add(16 * blk).cast());
+                let m = _mm256_cvtepi32_ps(_mm256_madd_epi16(bs, mins));
+                acc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(-dmin * dx), acc[r]);
+            }
+        }
+    }
+    for r in 0..R {
+        // SAFETY: AVX2 and FMA, per the caller.
+        out[r] = unsafe { hsum(acc[r]) };
+    }
+}
+
+/// Q6_K: 6-bit values offset by 32, a signed 8-bit scale per 16 values.
+/// Values go in unsigned (0..63); the offset comes off through the
+/// activations' per-16 sums.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q6k<const R: usize>(w: &[u8], x: &[ActRow], out: &mut [f32]) {
+    let mask = _mm256_set1_epi8(0x0F);
+    let three = _mm256_set1_epi8(3);
+    // One accumulator per row, offsets included (register pressure, as above).
+    let mut acc = [_mm256_setzero_ps(); R];
+    for (blk, b) in w.chunks_exact(210).enumerate() {
+        // SAFETY: the block holds 210 bytes; super-block `blk` exists in
+        // every activation row.
+        unsafe {
+            let p = b.as_ptr();
+            let d = f16_at(p.add(208));
+            let sc: [i16; 16] = std::array::from_fn(|i| b[192 + i] as i8 as i16);
+            let sc16 = _mm256_loadu_si256(sc.as_ptr().cast());
+            let mut sumi = [_mm256_setzero_si256(); R];
+            for half in 0..2 {
+                let qh = load(p.add(128 + 32 * half).cast());
+                for t in 0..4 {
+                    // Values 32t.. of this half: low nibbles of ql[0..32]
+                    // and ql[32..64], then their high nibbles.
+                    let ql = load(p.add(64 * half + 32 * (t % 2)).cast());
+                    let ql = if t < 2 { ql } else { _mm256_srli_epi16(ql, 4) };
+                    let lo = _mm256_and_si256(ql, mask);
+                    let hi = _mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * t as i32));
+                    let q = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(hi, three), 4));
+                    let i = 8 * half + 2 * t;
+                    let scales = _mm256_set_m128i(_mm_set1_epi16(sc[i + 1]), _mm_set1_epi16(sc[i]));
+                    for r in 0..R {
+                        let xv = load(x[r].q.as_ptr().add(QK_K * blk + 128 * half + 32 * t));
+                        let prod = _mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), scales);
+                        sumi[r] = _mm256_add_epi32(sumi[r], prod);
+                    }
+                }
+            }
+            for r in 0..R {
+                let xr = &x[r];
+                let dx = *xr.d.get_unchecked(blk);
+                acc[r] =
+                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[r]), _mm256_set1_ps(d * dx), acc[r]);
+                // The offset: 32 · Σ scale · (sum of its 16 activations).
+                let bs = load(xr.sum16.as_ptr().add(16 * blk).cast());
+                let o = _mm256_cvtepi32_ps(_mm256_madd_epi16(bs, sc16));
+                acc[r] = _mm256_fmadd_ps(o, _mm256_set1_ps(-32.0 * d * dx), acc[r]);
+            }
+        }
+    }
+    for r in 0..R {
+        // SAFETY: AVX2 and FMA, per the caller.
+        out[r] = unsafe { hsum(acc[r]) };
+    }
+}
