@@ -33,7 +33,8 @@ pub struct ModelArgs {
 
     /// Weight quantization applied at load time: none, or q8_0 (8-bit blocks of 32 with a
     /// scale, as GGUF's Q8_0; activations are quantized on the fly). q8_0 reads a quarter
-    /// of float32's bytes per token and uses AVX-512 VNNI where the CPU has it.
+    /// of float32's bytes per token and uses AVX-512 VNNI where the CPU has it. Applies to
+    /// dense weights: GGUF matrices already quantized keep the file's blocks.
     #[arg(long, short = 'q', default_value = "none")]
     pub quantization: String,
 }

@@ -185,17 +185,26 @@ fn kernel<T: KvElem>(
 #[cfg(target_arch = "x86_64")]
 pub(super) trait KvElem: WithDType + super::attention_avx512::Lanes {
     fn f32(self) -> f32;
+    /// A cache row as f32: itself, or widened into `buf` (a whole row per
+    /// call, so 16-bit caches convert with the crate's SIMD instead of a
+    /// call per element).
+    fn row<'a>(src: &'a [Self], buf: &'a mut Vec<f32>) -> &'a [f32];
 }
 
 #[cfg(not(target_arch = "x86_64"))]
 pub(super) trait KvElem: WithDType {
     fn f32(self) -> f32;
+    fn row<'a>(src: &'a [Self], buf: &'a mut Vec<f32>) -> &'a [f32];
 }
 
 impl KvElem for f32 {
     #[inline(always)]
     fn f32(self) -> f32 {
         self
+    }
+    #[inline(always)]
+    fn row<'a>(src: &'a [Self], _: &'a mut Vec<f32>) -> &'a [f32] {
+        src
     }
 }
 
@@ -204,12 +213,29 @@ impl KvElem for half::f16 {
     fn f32(self) -> f32 {
         self.to_f32()
     }
+    #[inline(always)]
+    fn row<'a>(src: &'a [Self], buf: &'a mut Vec<f32>) -> &'a [f32] {
+        use half::slice::HalfFloatSliceExt;
+        buf.resize(src.len(), 0.0);
+        src.convert_to_f32_slice(buf);
+        buf
+    }
 }
 
 impl KvElem for half::bf16 {
     #[inline(always)]
     fn f32(self) -> f32 {
         self.to_f32()
+    }
+    #[inline(always)]
+    fn row<'a>(src: &'a [Self], buf: &'a mut Vec<f32>) -> &'a [f32] {
+        // bf16 is the top half of an f32: a shift, which vectorizes.
+        buf.clear();
+        buf.extend(
+            src.iter()
+                .map(|x| f32::from_bits((x.to_bits() as u32) << 16)),
+        );
+        buf
     }
 }
 
@@ -236,6 +262,8 @@ pub(super) struct Item<'a, T> {
 pub(super) struct Scratch {
     /// Scores, key-major: `scores[i * group + j]` for key `i`, query head `j`.
     pub(super) scores: Vec<f32>,
+    /// One cache row widened to f32 (16-bit caches).
+    pub(super) row: Vec<f32>,
     pub(super) q: Vec<f32>,
     pub(super) acc: Vec<f32>,
     pub(super) max: Vec<f32>,
@@ -258,7 +286,7 @@ fn attend_group<T: KvElem>(it: &Item<'_, T>, s: &mut Scratch, out: &mut [f32]) {
     s.max.resize(g, f32::NEG_INFINITY);
     for_each_key(it.table, it.lo, it.pos, bs, |block, off| {
         let base = it.layout.index(block * bs + off, it.kv_head);
-        let k = &it.kc[base..base + hd];
+        let k = T::row(&it.kc[base..base + hd], &mut s.row);
         for j in 0..g {
             let mut v = dot(&s.q[j * hd..(j + 1) * hd], k);
             if let Some(cap) = it.softcap {
@@ -275,7 +303,7 @@ fn attend_group<T: KvElem>(it: &Item<'_, T>, s: &mut Scratch, out: &mut [f32]) {
     let mut i = 0;
     for_each_key(it.table, it.lo, it.pos, bs, |block, off| {
         let base = it.layout.index(block * bs + off, it.kv_head);
-        let v = &it.vc[base..base + hd];
+        let v = T::row(&it.vc[base..base + hd], &mut s.row);
         for j in 0..g {
             let w = (s.scores[i] - s.max[j]).exp();
             i += 1;
