@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """OpenAI-compatible load generator: streaming /v1/completions at fixed concurrency.
 
-Each request sends PROMPT_LEN random token ids and asks for exactly OUTPUT_LEN tokens
-(ignore_eos), streamed. For each concurrency level, `concurrency` workers each run
+Each request sends PROMPT_LEN random token ids (after a SHARED_PREFIX_LEN-token prefix that
+every request of the run shares, like a system prompt; none by default) and asks for exactly
+OUTPUT_LEN tokens (ignore_eos), streamed. For each concurrency level, `concurrency` workers each run
 `requests_per_worker` requests back to back (closed loop). Reports output tokens/s,
 requests/s, TTFT p50/p99 and ITL/TPOT p50/p99 as JSON on stdout.
 """
@@ -50,18 +51,21 @@ async def one_request(client, url, model, prompt, output_len):
     return {"tokens": n, "ttft": ttft, "itls": itls, "tpot": tpot, "latency": end - start}
 
 
-async def level(base, model, concurrency, prompt_len, output_len, vocab, requests_per_worker, seed):
+async def level(base, model, concurrency, prompt_len, output_len, vocab, requests_per_worker, seed,
+                shared_prefix_len=0):
     rng = random.Random(seed)
+    prefix = [random.Random(12345).randrange(100, vocab) for _ in range(shared_prefix_len)]
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
     async with httpx.AsyncClient(limits=limits, timeout=600) as client:
         url = base + "/v1/completions"
-        # Warm-up, not measured.
-        await one_request(client, url, model, [rng.randrange(100, vocab) for _ in range(prompt_len)], 4)
+        # Warm-up, not measured (with a shared prefix, it also computes the prefix once).
+        await one_request(client, url, model,
+                          prefix + [rng.randrange(100, vocab) for _ in range(prompt_len)], 4)
         results = []
 
         async def worker():
             for _ in range(requests_per_worker):
-                prompt = [rng.randrange(100, vocab) for _ in range(prompt_len)]
+                prompt = prefix + [rng.randrange(100, vocab) for _ in range(prompt_len)]
                 results.append(await one_request(client, url, model, prompt, output_len))
 
         start = time.perf_counter()
@@ -81,6 +85,17 @@ async def level(base, model, concurrency, prompt_len, output_len, vocab, request
     }
 
 
+async def repeat_ttft(base, model, n, vocab):
+    """The same prompt twice: the first computes it, the second may find it cached."""
+    prompt = [random.Random(n).randrange(100, vocab) for _ in range(n)]
+    async with httpx.AsyncClient(timeout=600) as client:
+        url = base + "/v1/completions"
+        first = await one_request(client, url, model, prompt, 2)
+        second = await one_request(client, url, model, prompt, 2)
+    return {"prompt_len": n, "ttft_first_s": first["ttft"], "ttft_repeat_s": second["ttft"],
+            "speedup": first["ttft"] / second["ttft"]}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--base", required=True)
@@ -90,11 +105,17 @@ def main():
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--vocab", type=int, default=49152)
     ap.add_argument("--requests-per-worker", type=int, default=1)
+    ap.add_argument("--shared-prefix-len", type=int, default=0)
+    ap.add_argument("--repeat-ttft", type=int, default=0,
+                    help="instead: time to first token of one N-token prompt, sent twice in a row")
     args = ap.parse_args()
+    if args.repeat_ttft:
+        print(json.dumps(asyncio.run(repeat_ttft(args.base, args.model, args.repeat_ttft, args.vocab))))
+        return
     out = []
     for c in [int(x) for x in args.concurrency.split(",")]:
         r = asyncio.run(level(args.base, args.model, c, args.prompt_len, args.output_len, args.vocab,
-                              args.requests_per_worker, seed=c))
+                              args.requests_per_worker, seed=c, shared_prefix_len=args.shared_prefix_len))
         print(json.dumps(r), flush=True)
         out.append(r)
 
