@@ -50,8 +50,16 @@ if [ ! -x "$LLAMA_SERVER" ]; then
     rm -rf "$CACHE/llama-cpp-python" && mkdir -p "$CACHE/llama-cpp-python"
     tar -xzf "$SDIST" -C "$CACHE/llama-cpp-python" --strip-components=1
     rm -rf "$CACHE/llama.cpp" && cp -r "$CACHE/llama-cpp-python/vendor/llama.cpp" "$CACHE/llama.cpp"
+    # Not GGML_NATIVE: on VMs whose CPU advertises AMX that the OS does not enable, a native build
+    # dies with an illegal instruction in its AMX kernels. The instruction sets it would detect are
+    # named instead, from /proc/cpuinfo, with AMX off.
+    has() { grep -qw "$1" /proc/cpuinfo && echo ON || echo OFF; }
     cmake -S "$CACHE/llama.cpp" -B "$CACHE/llama.cpp/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
-        -DGGML_NATIVE=ON -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF >/dev/null
+        -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2="$(has avx2)" -DGGML_FMA="$(has fma)" -DGGML_F16C="$(has f16c)" \
+        -DGGML_BMI2="$(has bmi2)" -DGGML_AVX512="$(has avx512f)" -DGGML_AVX512_VBMI="$(has avx512vbmi)" \
+        -DGGML_AVX512_VNNI="$(has avx512_vnni)" -DGGML_AVX512_BF16="$(has avx512_bf16)" \
+        -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF \
+        -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF >/dev/null
     cmake --build "$CACHE/llama.cpp/build" --target llama-server -j "$THREADS" >/dev/null
 fi
 case $PRECISION in

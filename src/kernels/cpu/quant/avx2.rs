@@ -144,56 +144,88 @@ unsafe fn load(p: *const i8) -> __m256i {
     unsafe { _mm256_loadu_si256(p.cast()) }
 }
 
-/// The 32-value formats: one f16 scale (and minimum) per block, one float
-/// multiply-add per block and row.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn legacy<const F: u8, const R: usize>(w: &[u8], x: &[ActRow], out: &mut [f32]) {
-    let size = match F {
+/// Bytes per block of the 32-value formats.
+const fn legacy_size(f: u8) -> usize {
+    match f {
         Q4_0 => 18,
         Q4_1 => 20,
         Q5_0 => 22,
         Q5_1 => 24,
         _ => 34,
-    };
-    let signed = matches!(F, Q4_0 | Q5_0 | Q8_0);
-    let mut acc = [_mm256_setzero_ps(); R];
+    }
+}
+
+/// The 32-value formats: one f16 scale (and minimum) per block, one float
+/// multiply-add per block and row. Even and odd blocks go to separate
+/// accumulators: with one activation row, a single chain of dependent
+/// multiply-adds (4-5 cycles each) would bound the loop, not the loads.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn legacy<const F: u8, const R: usize>(w: &[u8], x: &[ActRow], out: &mut [f32]) {
+    let size = legacy_size(F);
+    let mut acc = [[_mm256_setzero_ps(); R]; 2];
     let mut min = [0f32; R];
-    for (g, b) in w.chunks_exact(size).enumerate() {
-        // SAFETY: the block holds `size` bytes; activation block g exists in
-        // every row.
+    let pairs = w.chunks_exact(2 * size);
+    let last = pairs.remainder();
+    for (i, pair) in pairs.enumerate() {
+        // SAFETY: per the caller: blocks 2i and 2i + 1 exist in every row.
         unsafe {
-            let p = b.as_ptr();
-            let q = match F {
-                Q4_0 => _mm256_sub_epi8(nibbles(p.add(2)), _mm256_set1_epi8(8)),
-                Q4_1 => nibbles(p.add(4)),
-                Q5_0 => _mm256_sub_epi8(
-                    _mm256_or_si256(nibbles(p.add(6)), high_bits(p.add(2))),
-                    _mm256_set1_epi8(16),
-                ),
-                Q5_1 => _mm256_or_si256(nibbles(p.add(8)), high_bits(p.add(4))),
-                _ => load(p.add(2).cast()),
-            };
-            let wq = if signed { _mm256_sign_epi8(q, q) } else { q };
-            let dw = f16_at(p);
-            let m = if signed { 0.0 } else { f16_at(p.add(2)) };
-            for r in 0..R {
-                let xr = &x[r];
-                let xv = load(xr.q.as_ptr().add(QK * g));
-                let xv = if signed { _mm256_sign_epi8(xv, q) } else { xv };
-                let prod = mul_sum_u8(wq, xv);
-                let xd = *xr.d.get_unchecked(g);
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(prod), _mm256_set1_ps(dw * xd), acc[r]);
-                if !signed {
-                    let s = *xr.sum16.get_unchecked(2 * g) as i32
-                        + *xr.sum16.get_unchecked(2 * g + 1) as i32;
-                    min[r] += m * xd * s as f32;
-                }
-            }
+            legacy_block::<F, R>(&pair[..size], 2 * i, x, &mut acc[0], &mut min);
+            legacy_block::<F, R>(&pair[size..], 2 * i + 1, x, &mut acc[1], &mut min);
         }
+    }
+    if !last.is_empty() {
+        // SAFETY: as above, for the last block.
+        unsafe { legacy_block::<F, R>(last, w.len() / size - 1, x, &mut acc[0], &mut min) };
     }
     for r in 0..R {
         // SAFETY: AVX2 and FMA, per the caller.
-        out[r] = unsafe { hsum(acc[r]) } + min[r];
+        out[r] = unsafe { hsum(_mm256_add_ps(acc[0][r], acc[1][r])) } + min[r];
+    }
+}
+
+/// One block `b` (block `g` of the row) of [`legacy`].
+///
+/// # Safety
+/// AVX2, FMA, F16C; `b` holds a whole block; every row has activation block `g`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn legacy_block<const F: u8, const R: usize>(
+    b: &[u8],
+    g: usize,
+    x: &[ActRow],
+    acc: &mut [__m256; R],
+    min: &mut [f32; R],
+) {
+    let signed = matches!(F, Q4_0 | Q5_0 | Q8_0);
+    // SAFETY: per the caller.
+    unsafe {
+        let p = b.as_ptr();
+        let q = match F {
+            Q4_0 => _mm256_sub_epi8(nibbles(p.add(2)), _mm256_set1_epi8(8)),
+            Q4_1 => nibbles(p.add(4)),
+            Q5_0 => _mm256_sub_epi8(
+                _mm256_or_si256(nibbles(p.add(6)), high_bits(p.add(2))),
+                _mm256_set1_epi8(16),
+            ),
+            Q5_1 => _mm256_or_si256(nibbles(p.add(8)), high_bits(p.add(4))),
+            _ => load(p.add(2).cast()),
+        };
+        let wq = if signed { _mm256_sign_epi8(q, q) } else { q };
+        let dw = f16_at(p);
+        let m = if signed { 0.0 } else { f16_at(p.add(2)) };
+        for r in 0..R {
+            let xr = &x[r];
+            let xv = load(xr.q.as_ptr().add(QK * g));
+            let xv = if signed { _mm256_sign_epi8(xv, q) } else { xv };
+            let prod = mul_sum_u8(wq, xv);
+            let xd = *xr.d.get_unchecked(g);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(prod), _mm256_set1_ps(dw * xd), acc[r]);
+            if !signed {
+                let s = *xr.sum16.get_unchecked(2 * g) as i32
+                    + *xr.sum16.get_unchecked(2 * g + 1) as i32;
+                min[r] += m * xd * s as f32;
+            }
+        }
     }
 }
 
