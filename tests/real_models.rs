@@ -204,19 +204,16 @@ fn gemma3_270m_gguf_continues_like_transformers() {
         .unwrap();
     assert_eq!(prompt, ids(&g["prompt_ids"]));
     // The last position's top logits, and the greedy continuation.
-    let mut r = runner(&m, 16, 64);
-    let out = r
-        .step(
-            m.model.as_ref(),
-            &[candela::runner::SeqWork {
-                seq: 0,
-                tokens: prompt.clone(),
-                logits: candela::layers::Logits::Last,
-            }],
-        )
-        .unwrap();
-    r.free(0);
-    let logits = &out[0][0];
+    let last_logits = |m: &LoadedModel| {
+        let work = candela::runner::SeqWork {
+            seq: 0,
+            tokens: prompt.clone(),
+            logits: candela::layers::Logits::Last,
+        };
+        let mut out = runner(m, 16, 64).step(m.model.as_ref(), &[work]).unwrap();
+        out.remove(0).remove(0)
+    };
+    let logits = last_logits(&m);
     for (id, want) in ids(&g["top_ids"]).iter().zip(floats(&g["top_logits"])) {
         let got = logits[*id as usize];
         assert!((got - want).abs() < 2e-3, "token {id}: {got} vs {want}");
@@ -232,19 +229,9 @@ fn gemma3_270m_gguf_continues_like_transformers() {
     // the same top logits within the activations' rounding, and the same
     // text for 11 tokens (the 12th is a near tie that goes the other way).
     let native = load(&path, DType::F32);
-    let mut r = runner(&native, 16, 64);
-    let out = r
-        .step(
-            native.model.as_ref(),
-            &[candela::runner::SeqWork {
-                seq: 0,
-                tokens: prompt.clone(),
-                logits: candela::layers::Logits::Last,
-            }],
-        )
-        .unwrap();
+    let logits = last_logits(&native);
     for (id, want) in ids(&g["top_ids"]).iter().zip(floats(&g["top_logits"])) {
-        let got = out[0][0][*id as usize];
+        let got = logits[*id as usize];
         assert!(
             (got - want).abs() < 0.5,
             "native, token {id}: {got} vs {want}"

@@ -76,18 +76,6 @@ impl Linear {
         Ok(Self::Quant { parts, bias })
     }
 
-    /// Bytes the weights take.
-    pub fn weight_bytes(&self) -> usize {
-        match self {
-            Self::Packed(w) => w.bytes(),
-            Self::Q8(w) => w.bytes(),
-            Self::Quant { parts, .. } => parts.iter().map(|p| p.bytes()).sum(),
-            Self::Candle { weight_t, .. } => {
-                weight_t.elem_count() * weight_t.dtype().size_in_bytes()
-            }
-        }
-    }
-
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Self::Quant { parts, bias } => {
@@ -153,6 +141,7 @@ fn check_dims(m: &QMatrix, out: usize, inp: usize) -> Result<()> {
     Ok(())
 }
 
+/// One projection: [`fused_linear`] with a single part.
 pub fn linear(
     vb: Weights,
     inp: usize,
@@ -160,17 +149,7 @@ pub fn linear(
     bias: bool,
     quant: Quantization,
 ) -> Result<Linear> {
-    let bias = if bias {
-        Some(vb.get(out, "bias")?)
-    } else {
-        None
-    };
-    if let Some(q) = vb.quantized("weight") {
-        let q = q?;
-        check_dims(&q, out, inp)?;
-        return Linear::quantized(vec![q], bias);
-    }
-    Linear::new(vb.get((out, inp), "weight")?, bias, quant)
+    fused_linear(&[(vb, out)], inp, bias, quant)
 }
 
 #[cfg(test)]

@@ -193,15 +193,25 @@ impl GgufFile {
         })
     }
 
+    /// `buf.len()` bytes of tensor `name`'s data from byte `at` of it.
+    fn read(
+        &self,
+        name: &str,
+        info: &TensorInfo,
+        at: usize,
+        buf: &mut [u8],
+    ) -> candle_core::Result<()> {
+        let offset = self.data_offset + info.offset + at as u64;
+        self.file.read_exact_at(buf, offset).map_err(|e| {
+            candle_core::Error::Msg(format!("{}: reading {name}: {e}", self.path.display()))
+        })
+    }
+
     /// A tensor's bytes as stored.
     fn raw(&self, name: &str) -> candle_core::Result<Vec<u8>> {
         let info = self.info(name)?;
         let mut buf = vec![0u8; tensor_bytes(info)];
-        self.file
-            .read_exact_at(&mut buf, self.data_offset + info.offset)
-            .map_err(|e| {
-                candle_core::Error::Msg(format!("{}: reading {name}: {e}", self.path.display()))
-            })?;
+        self.read(name, info, 0, &mut buf)?;
         Ok(buf)
     }
 
@@ -221,10 +231,7 @@ impl GgufFile {
         let rb = len / rows;
         let mut buf = vec![0u8; len];
         for (dst, row) in buf.chunks_exact_mut(rb).enumerate() {
-            let at = self.data_offset + info.offset + (src(dst)? * rb) as u64;
-            self.file.read_exact_at(row, at).map_err(|e| {
-                candle_core::Error::Msg(format!("{}: reading {name}: {e}", self.path.display()))
-            })?;
+            self.read(name, info, src(dst)? * rb, row)?;
         }
         Ok(buf)
     }

@@ -56,11 +56,6 @@ impl std::fmt::Debug for PackedMatrix {
 }
 
 impl PackedMatrix {
-    /// Bytes the packed weights take.
-    pub fn bytes(&self) -> usize {
-        std::mem::size_of_val(self.data.as_slice())
-    }
-
     /// Packs `weight` (`[n, k]`, f32) and an optional bias (`[n]`).
     pub fn new(weight: &Tensor, bias: Option<&Tensor>) -> Result<Self> {
         let (n, k) = weight.dims2()?;

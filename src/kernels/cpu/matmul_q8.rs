@@ -126,11 +126,6 @@ fn quantize_row_avx512(x: &[f32], q: &mut [u8], s: &mut [f32]) {
 }
 
 impl Q8Matrix {
-    /// Bytes the quantized weights and their scales take.
-    pub fn bytes(&self) -> usize {
-        std::mem::size_of_val(self.data.as_slice()) + 8 * self.scale.len()
-    }
-
     /// Whether an input width can be quantized in whole blocks.
     pub fn supports(k: usize) -> bool {
         k > 0 && k.is_multiple_of(BLOCK)

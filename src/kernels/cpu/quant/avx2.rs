@@ -272,21 +272,44 @@ unsafe fn q45k<const HIGH: bool, const R: usize>(w: &[u8], x: &[ActRow], out: &m
                     sumi[r] = _mm256_add_epi32(sumi[r], _mm256_add_epi32(p0, p1));
                 }
             }
+            // Minus Σ minimum · (sum of its 32 activations).
             for r in 0..R {
-                let xr = &x[r];
-                let dx = *xr.d.get_unchecked(blk);
-                acc[r] =
-                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[r]), _mm256_set1_ps(d * dx), acc[r]);
-                // Σ minimum · (sum of its 32 activations), as 8 lanes.
-                let bs = load(xr.sum16.as_ptr().add(16 * blk).cast());
-                let m = _mm256_cvtepi32_ps(_mm256_madd_epi16(bs, mins));
-                acc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(-dmin * dx), acc[r]);
+                acc[r] = super_block(acc[r], sumi[r], &x[r], blk, d, mins, -dmin);
             }
         }
     }
     for r in 0..R {
         // SAFETY: AVX2 and FMA, per the caller.
         out[r] = unsafe { hsum(acc[r]) };
+    }
+}
+
+/// A K super-block's share of one row's sum, added to `acc`: the integer
+/// dot products `sumi` times `d · dx`, plus `c · dx` times the activations'
+/// sixteen per-16 sums weighted by `w16` (the minima, each twice, for
+/// Q4_K/Q5_K; the scales for Q6_K's offset). `dx` is the row's scale for
+/// super-block `blk`.
+///
+/// # Safety
+/// AVX2 and FMA; the row has super-block `blk`.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn super_block(
+    acc: __m256,
+    sumi: __m256i,
+    xr: &ActRow,
+    blk: usize,
+    d: f32,
+    w16: __m256i,
+    c: f32,
+) -> __m256 {
+    // SAFETY: per the caller, `d` and `sum16` hold super-block `blk`.
+    unsafe {
+        let dx = *xr.d.get_unchecked(blk);
+        let acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), _mm256_set1_ps(d * dx), acc);
+        let bs = load(xr.sum16.as_ptr().add(16 * blk).cast());
+        let side = _mm256_cvtepi32_ps(_mm256_madd_epi16(bs, w16));
+        _mm256_fmadd_ps(side, _mm256_set1_ps(c * dx), acc)
     }
 }
 
@@ -327,15 +350,9 @@ unsafe fn q6k<const R: usize>(w: &[u8], x: &[ActRow], out: &mut [f32]) {
                     }
                 }
             }
+            // Minus the offset: 32 · Σ scale · (sum of its 16 activations).
             for r in 0..R {
-                let xr = &x[r];
-                let dx = *xr.d.get_unchecked(blk);
-                acc[r] =
-                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[r]), _mm256_set1_ps(d * dx), acc[r]);
-                // The offset: 32 · Σ scale · (sum of its 16 activations).
-                let bs = load(xr.sum16.as_ptr().add(16 * blk).cast());
-                let o = _mm256_cvtepi32_ps(_mm256_madd_epi16(bs, sc16));
-                acc[r] = _mm256_fmadd_ps(o, _mm256_set1_ps(-32.0 * d * dx), acc[r]);
+                acc[r] = super_block(acc[r], sumi[r], &x[r], blk, d, sc16, -32.0 * d);
             }
         }
     }

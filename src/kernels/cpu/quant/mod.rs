@@ -145,10 +145,6 @@ impl QMatrix {
         Ok(Self { ty, n, k, data })
     }
 
-    pub fn qtype(&self) -> QType {
-        self.ty
-    }
-
     /// `(rows, values per row)`.
     pub fn dims(&self) -> (usize, usize) {
         (self.n, self.k)
@@ -254,14 +250,6 @@ pub struct ActRow<'a> {
     pub block: usize,
 }
 
-/// The activation block size a format's kernels take.
-fn act_block(ty: QType) -> usize {
-    match ty {
-        QType::Q4K | QType::Q5K | QType::Q6K => QK_K,
-        _ => QK,
-    }
-}
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kernel {
     Scalar,
@@ -282,7 +270,7 @@ impl Kernel {
     }
 
     /// The dot products of a weight row (whole blocks of `ty`) with up to
-    /// four activation rows, into `out`.
+    /// four activation rows, into `out` (one value per row).
     ///
     /// # Safety
     /// The caller has checked what [`check_rows`] checks.
@@ -301,13 +289,13 @@ impl Kernel {
     }
 }
 
-/// What the kernels rely on: 1-4 activation rows quantized in the block
-/// size `ty` takes, each as long as the weight row `w` (whole blocks).
-fn check_rows(ty: QType, w: &[u8], x: &[ActRow], out: &[f32]) -> bool {
+/// What the kernels rely on: 1-4 activation rows quantized in blocks of
+/// the weight format's own size (32, or 256 for the K formats), each as long
+/// as the weight row `w` (whole blocks).
+fn check_rows(ty: QType, w: &[u8], x: &[ActRow]) -> bool {
     (1..=4).contains(&x.len())
-        && out.len() == x.len()
         && x.iter().all(|x| {
-            x.block == act_block(ty)
+            x.block == ty.block_values()
                 && w.len() == ty.row_bytes(x.q.len())
                 && x.d.len() * x.block == x.q.len()
                 && x.sum16.len() * 16 == x.q.len()
@@ -348,12 +336,12 @@ fn matmul_with(kernel: Kernel, parts: &[&QMatrix], x: &Tensor) -> Result<Tensor>
     let (mut acts32, mut acts256) = (None, None);
     with_slice::<f32, _>(&x, |xv| {
         for p in parts {
-            let slot = match act_block(p.ty) {
+            let slot = match p.ty.block_values() {
                 QK => &mut acts32,
                 _ => &mut acts256,
             };
             if slot.is_none() {
-                *slot = Some(QActs::quantize(xv, k, act_block(p.ty)));
+                *slot = Some(QActs::quantize(xv, k, p.ty.block_values()));
             }
         }
     })?;
@@ -362,7 +350,7 @@ fn matmul_with(kernel: Kernel, parts: &[&QMatrix], x: &Tensor) -> Result<Tensor>
             .map_or(Vec::new(), |a| (0..m).map(|j| a.row(j)).collect())
     }
     let (rows32, rows256) = (rows(&acts32, m), rows(&acts256, m));
-    let rows_for = |ty: QType| match act_block(ty) {
+    let rows_for = |ty: QType| match ty.block_values() {
         QK => &rows32,
         _ => &rows256,
     };
@@ -370,12 +358,7 @@ fn matmul_with(kernel: Kernel, parts: &[&QMatrix], x: &Tensor) -> Result<Tensor>
     for p in parts.iter().filter(|p| p.n > 0) {
         for j in (0..m).step_by(4) {
             let h = (m - j).min(4);
-            assert!(check_rows(
-                p.ty,
-                p.row(0),
-                &rows_for(p.ty)[j..j + h],
-                &[0.0; 4][..h]
-            ));
+            assert!(check_rows(p.ty, p.row(0), &rows_for(p.ty)[j..j + h]));
         }
     }
     // (part, first row) of each output row, in order.

@@ -140,7 +140,7 @@ fn matmul_matches_dequantized_reference() {
                     QMatrix::new(ty, 2, k, d2).unwrap(),
                 ];
                 let x: Vec<f32> = (0..m * k).map(|_| (rng.unit() - 0.5) * 4.0).collect();
-                let acts = QActs::quantize(&x, k, act_block(ty));
+                let acts = QActs::quantize(&x, k, ty.block_values());
                 let xd: Vec<f32> = (0..m * k).map(|i| acts.value(i / k, i % k)).collect();
                 let xt = Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).unwrap();
                 let nt = n + 2;
