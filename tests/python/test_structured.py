@@ -207,7 +207,7 @@ def test_responses_api_plain_streamed_and_structured(smol):
     assert text == r.output_text
     schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"],
               "additionalProperties": False}
-    r = smol.responses.create(model=MODEL, input="Pick a number.", max_output_tokens=20,
+    r = smol.responses.create(model=MODEL, input="Pick a number.", max_output_tokens=60, temperature=0,
                               text={"format": {"type": "json_schema", "name": "n", "schema": schema}})
     assert isinstance(json.loads(r.output_text)["n"], int)
     r = smol.responses.create(
