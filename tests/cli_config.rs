@@ -120,10 +120,23 @@ fn kv_cache_dtype_sizes_the_cache_and_rejects_unknown_names() {
     };
     let f32 = args("auto").sizing(m.model.as_ref(), 256, 4).unwrap();
     let f16 = args("float16").sizing(m.model.as_ref(), 256, 4).unwrap();
-    assert_eq!(f32.dtype, Some(candle_core::DType::F32));
-    assert_eq!(f16.dtype, Some(candle_core::DType::F16));
+    assert_eq!(f32.dtype, Some(candela::kv_cache::KvDtype::F32));
+    assert_eq!(f16.dtype, Some(candela::kv_cache::KvDtype::F16));
     assert_eq!(f16.bytes_per_token * 2, f32.bytes_per_token);
-    let err = args("fp8").sizing(m.model.as_ref(), 256, 4).unwrap_err();
+    // The 8-bit caches take a byte per value plus their scales (a larger
+    // share in this tiny model's small heads).
+    for (name, dt) in [
+        ("fp8", candela::kv_cache::KvDtype::Fp8E4M3),
+        ("q8_0", candela::kv_cache::KvDtype::Q8_0),
+    ] {
+        let s = args(name).sizing(m.model.as_ref(), 256, 4).unwrap();
+        assert_eq!(s.dtype, Some(dt));
+        assert!(s.bytes_per_token * 4 > f32.bytes_per_token, "{name}");
+        assert!(s.bytes_per_token < f16.bytes_per_token, "{name}");
+    }
+    let err = args("fp8_e5m2")
+        .sizing(m.model.as_ref(), 256, 4)
+        .unwrap_err();
     assert!(err.to_string().contains("--kv-cache-dtype"), "{err}");
 }
 

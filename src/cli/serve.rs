@@ -148,8 +148,11 @@ pub fn build_app(args: &ServeArgs) -> anyhow::Result<(axum::Router, Arc<AppState
     let memory = crate::metrics::MemoryInfo {
         block_size: sizing.block_size,
         num_blocks: sizing.num_blocks,
-        cache_dtype: format!("{:?}", sizing.dtype.unwrap_or(loaded.model.spec().dtype))
-            .to_lowercase(),
+        cache_dtype: sizing
+            .dtype
+            .unwrap_or(loaded.model.spec().dtype.into())
+            .name()
+            .into(),
         prefix_caching: engine_cfg.enable_prefix_caching,
         kv_cache_bytes: sizing.total_bytes(),
         weights_bytes: loaded.resident_bytes.unwrap_or(0),

@@ -92,9 +92,11 @@ pub struct CacheArgs {
     #[arg(long)]
     pub kv_cache_memory: Option<String>,
 
-    /// KV cache dtype: auto (the model's --dtype), float32, bfloat16, float16.
+    /// KV cache dtype: auto (the model's --dtype), float32, bfloat16, float16,
+    /// fp8 (e4m3, a scale per row) or q8_0 (llama.cpp's, a scale per 32 values).
     /// float16 halves the cache's memory and the attention's memory traffic
-    /// (llama.cpp's default), at a small cost in accuracy.
+    /// (llama.cpp's default); fp8 and q8_0 halve them again, at a measured
+    /// accuracy cost (docs/benchmarks.md).
     #[arg(long, default_value = "auto")]
     pub kv_cache_dtype: String,
 
@@ -128,14 +130,7 @@ impl CacheArgs {
             .as_deref()
             .map(parse_memory_size)
             .transpose()?;
-        let dtype = match self.kv_cache_dtype.to_ascii_lowercase().as_str() {
-            "auto" => model.spec().dtype,
-            other => parse_dtype(other).map_err(|_| {
-                anyhow::anyhow!(
-                    "invalid --kv-cache-dtype {other:?}: choose auto, float32, bfloat16 or float16"
-                )
-            })?,
-        };
+        let dtype = crate::kv_cache::KvDtype::parse(&self.kv_cache_dtype, model.spec().dtype)?;
         let bytes_per_token = model.spec().cache.bytes_per_token(dtype);
         let useful = (max_seqs.saturating_mul(max_model_len) + self.block_size) as u64
             * bytes_per_token as u64;
@@ -148,14 +143,14 @@ impl CacheArgs {
         )?
         .with_dtype(dtype);
         tracing::info!(
-            "KV cache: {} blocks x {} tokens = {} tokens ({:.1} MiB, {} bytes/token, {:?}); \
+            "KV cache: {} blocks x {} tokens = {} tokens ({:.1} MiB, {} bytes/token, {}); \
              max concurrency at {} tokens per request: {:.2}x",
             sizing.num_blocks,
             sizing.block_size,
             sizing.max_tokens(),
             sizing.total_bytes() as f64 / (1u64 << 20) as f64,
             bytes_per_token,
-            dtype,
+            dtype.name(),
             max_model_len,
             sizing.max_tokens() as f64 / max_model_len.max(1) as f64,
         );

@@ -48,7 +48,7 @@ impl ModelRunner {
         let spec = model.spec();
         let layout = spec.cache.layout(sizing);
         Ok(Self {
-            storage: KvStorage::new(layout, sizing.dtype.unwrap_or(spec.dtype))?,
+            storage: KvStorage::new(layout, sizing.dtype.unwrap_or(spec.dtype.into()))?,
             compute: rayon::ThreadPoolBuilder::new()
                 .num_threads(rayon::current_num_threads())
                 .thread_name(|i| format!("candela-compute-{i}"))

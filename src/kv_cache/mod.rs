@@ -13,4 +13,4 @@ mod storage;
 pub use block_pool::{BlockHash, BlockId, BlockPool};
 pub use manager::{KvCacheManager, NoFreeBlocks, SeqId};
 pub use sizing::{parse_memory_size, KvCacheSizing};
-pub use storage::{KvBuffer, KvLayout, KvStorage, LayerKv};
+pub use storage::{KvBuffer, KvDtype, KvLayout, KvStorage, LayerKv};

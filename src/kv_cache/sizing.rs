@@ -1,7 +1,8 @@
 //! How many KV blocks to allocate.
 
 use anyhow::{bail, Context};
-use candle_core::DType;
+
+use super::KvDtype;
 
 /// The pool's size, as decided at start-up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -11,7 +12,7 @@ pub struct KvCacheSizing {
     /// Bytes of key + value storage one token takes across all layers.
     pub bytes_per_token: usize,
     /// Element type of the cache; `None`: the model's dtype.
-    pub dtype: Option<DType>,
+    pub dtype: Option<KvDtype>,
 }
 
 impl KvCacheSizing {
@@ -50,9 +51,9 @@ impl KvCacheSizing {
     }
 
     /// Stores the cache as `dtype` (whose size `bytes_per_token` must reflect).
-    pub fn with_dtype(self, dtype: DType) -> Self {
+    pub fn with_dtype(self, dtype: impl Into<KvDtype>) -> Self {
         Self {
-            dtype: Some(dtype),
+            dtype: Some(dtype.into()),
             ..self
         }
     }

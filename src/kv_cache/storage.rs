@@ -6,6 +6,70 @@ use candle_core::{DType, WithDType};
 use half::{bf16, f16};
 
 use super::block_pool::BlockId;
+use crate::kernels::cpu::kv_quant::q8_group;
+
+/// How the cache stores keys and values (`--kv-cache-dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvDtype {
+    F32,
+    F16,
+    BF16,
+    /// llama.cpp's q8_0: i8 values, an f16 scale per 32.
+    Q8_0,
+    /// e4m3 values, an f32 scale per row (one head's vector at one position).
+    Fp8E4M3,
+}
+
+impl KvDtype {
+    /// Parses `--kv-cache-dtype`; `auto` is the model's dtype.
+    pub fn parse(s: &str, model: DType) -> anyhow::Result<Self> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "auto" => model.into(),
+            "float32" | "fp32" | "f32" | "float" => Self::F32,
+            "float16" | "fp16" | "f16" | "half" => Self::F16,
+            "bfloat16" | "bf16" => Self::BF16,
+            "q8_0" => Self::Q8_0,
+            "fp8" | "fp8_e4m3" => Self::Fp8E4M3,
+            other => anyhow::bail!(
+                "invalid --kv-cache-dtype {other:?}: choose auto, float32, bfloat16, float16, \
+                 fp8 (fp8_e4m3) or q8_0"
+            ),
+        })
+    }
+
+    /// Bytes of one row of `head_dim` values.
+    pub fn row_bytes(self, head_dim: usize) -> usize {
+        match self {
+            Self::F32 => 4 * head_dim,
+            Self::F16 | Self::BF16 => 2 * head_dim,
+            Self::Q8_0 => head_dim + 2 * (head_dim / q8_group(head_dim)),
+            Self::Fp8E4M3 => head_dim + 4,
+        }
+    }
+
+    /// The name metrics and logs use (vLLM's spelling where it has one).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "float32",
+            Self::F16 => "float16",
+            Self::BF16 => "bfloat16",
+            Self::Q8_0 => "q8_0",
+            Self::Fp8E4M3 => "fp8_e4m3",
+        }
+    }
+}
+
+impl From<DType> for KvDtype {
+    /// A float dtype (the model's working dtype); other dtypes are not
+    /// working dtypes, and store as f32.
+    fn from(d: DType) -> Self {
+        match d {
+            DType::F16 => Self::F16,
+            DType::BF16 => Self::BF16,
+            _ => Self::F32,
+        }
+    }
+}
 
 /// Shape of the cache. Per layer, keys (and likewise values) are stored as
 /// `[num_blocks, num_kv_heads, block_size, head_dim]`: one head's keys inside a
@@ -25,9 +89,9 @@ impl KvLayout {
         num_layers: usize,
         num_kv_heads: usize,
         head_dim: usize,
-        dtype: DType,
+        dtype: KvDtype,
     ) -> usize {
-        2 * num_layers * num_kv_heads * head_dim * dtype.size_in_bytes()
+        2 * num_layers * num_kv_heads * dtype.row_bytes(head_dim)
     }
 
     /// Elements of one layer's key (or value) storage.
@@ -49,55 +113,85 @@ impl KvLayout {
     }
 }
 
-/// Key or value storage of one layer, in the model's working dtype.
+/// Key or value storage of one layer. Element `i` of the layout is `data[i]`;
+/// the 8-bit formats keep its scale at `scales[i / group]`, where `group`
+/// divides the head size (so a row's scales are its own).
 #[derive(Debug)]
 pub enum KvBuffer {
     F32(Vec<f32>),
     F16(Vec<f16>),
     BF16(Vec<bf16>),
+    Q8_0 {
+        qs: Vec<i8>,
+        scales: Vec<f16>,
+        group: usize,
+    },
+    Fp8 {
+        codes: Vec<u8>,
+        /// One per row: `group` is the head size.
+        scales: Vec<f32>,
+        group: usize,
+    },
 }
 
 impl KvBuffer {
-    fn zeros(dtype: DType, len: usize) -> anyhow::Result<Self> {
-        Ok(match dtype {
-            DType::F32 => Self::F32(vec![0.0; len]),
-            DType::F16 => Self::F16(vec![f16::ZERO; len]),
-            DType::BF16 => Self::BF16(vec![bf16::ZERO; len]),
-            other => anyhow::bail!("unsupported KV cache dtype {other:?}"),
-        })
-    }
-
-    pub fn dtype(&self) -> DType {
-        match self {
-            Self::F32(_) => DType::F32,
-            Self::F16(_) => DType::F16,
-            Self::BF16(_) => DType::BF16,
+    fn zeros(dtype: KvDtype, len: usize, head_dim: usize) -> Self {
+        match dtype {
+            KvDtype::F32 => Self::F32(vec![0.0; len]),
+            KvDtype::F16 => Self::F16(vec![f16::ZERO; len]),
+            KvDtype::BF16 => Self::BF16(vec![bf16::ZERO; len]),
+            KvDtype::Q8_0 => {
+                let group = q8_group(head_dim);
+                Self::Q8_0 {
+                    qs: vec![0; len],
+                    scales: vec![f16::ZERO; len / group],
+                    group,
+                }
+            }
+            KvDtype::Fp8E4M3 => Self::Fp8 {
+                codes: vec![0; len],
+                scales: vec![0.0; len / head_dim.max(1)],
+                group: head_dim.max(1),
+            },
         }
     }
 
-    fn as_any_mut(&mut self) -> &mut dyn Any {
+    pub fn dtype(&self) -> KvDtype {
         match self {
-            Self::F32(v) => v,
-            Self::F16(v) => v,
-            Self::BF16(v) => v,
+            Self::F32(_) => KvDtype::F32,
+            Self::F16(_) => KvDtype::F16,
+            Self::BF16(_) => KvDtype::BF16,
+            Self::Q8_0 { .. } => KvDtype::Q8_0,
+            Self::Fp8 { .. } => KvDtype::Fp8E4M3,
         }
     }
 
-    fn as_any(&self) -> &dyn Any {
+    fn as_any_mut(&mut self) -> Option<&mut dyn Any> {
         match self {
-            Self::F32(v) => v,
-            Self::F16(v) => v,
-            Self::BF16(v) => v,
+            Self::F32(v) => Some(v),
+            Self::F16(v) => Some(v),
+            Self::BF16(v) => Some(v),
+            // The 8-bit formats are not slices of one element type.
+            Self::Q8_0 { .. } | Self::Fp8 { .. } => None,
         }
     }
 
-    /// The elements, if they are of type `T`.
+    fn as_any(&self) -> Option<&dyn Any> {
+        match self {
+            Self::F32(v) => Some(v),
+            Self::F16(v) => Some(v),
+            Self::BF16(v) => Some(v),
+            Self::Q8_0 { .. } | Self::Fp8 { .. } => None,
+        }
+    }
+
+    /// The elements, if they are of float type `T`.
     pub fn as_slice<T: WithDType>(&self) -> Option<&[T]> {
-        self.as_any().downcast_ref::<Vec<T>>().map(Vec::as_slice)
+        self.as_any()?.downcast_ref::<Vec<T>>().map(Vec::as_slice)
     }
 
     pub fn as_mut_slice<T: WithDType>(&mut self) -> Option<&mut [T]> {
-        self.as_any_mut()
+        self.as_any_mut()?
             .downcast_mut::<Vec<T>>()
             .map(Vec::as_mut_slice)
     }
@@ -107,6 +201,20 @@ impl KvBuffer {
             Self::F32(v) => v.copy_within(src, dst),
             Self::F16(v) => v.copy_within(src, dst),
             Self::BF16(v) => v.copy_within(src, dst),
+            Self::Q8_0 { qs, scales, group } => {
+                let g = *group;
+                scales.copy_within(src.start / g..src.end / g, dst / g);
+                qs.copy_within(src, dst);
+            }
+            Self::Fp8 {
+                codes,
+                scales,
+                group,
+            } => {
+                let g = *group;
+                scales.copy_within(src.start / g..src.end / g, dst / g);
+                codes.copy_within(src, dst);
+            }
         }
     }
 }
@@ -126,16 +234,14 @@ pub struct KvStorage {
 }
 
 impl KvStorage {
-    pub fn new(layout: KvLayout, dtype: DType) -> anyhow::Result<Self> {
-        let len = layout.layer_len();
+    pub fn new(layout: KvLayout, dtype: impl Into<KvDtype>) -> anyhow::Result<Self> {
+        let (dtype, len, hd) = (dtype.into(), layout.layer_len(), layout.head_dim);
         let layers = (0..layout.num_layers)
-            .map(|_| {
-                Ok(LayerKv {
-                    k: KvBuffer::zeros(dtype, len)?,
-                    v: KvBuffer::zeros(dtype, len)?,
-                })
+            .map(|_| LayerKv {
+                k: KvBuffer::zeros(dtype, len, hd),
+                v: KvBuffer::zeros(dtype, len, hd),
             })
-            .collect::<anyhow::Result<_>>()?;
+            .collect();
         Ok(Self { layout, layers })
     }
 

@@ -18,7 +18,7 @@ use candle_core::{DType, Result, Tensor};
 
 pub use registry::{load_model, parse_dtype, LoadOptions, LoadedModel};
 
-use crate::kv_cache::{KvCacheSizing, KvLayout, KvStorage};
+use crate::kv_cache::{KvCacheSizing, KvDtype, KvLayout, KvStorage};
 use crate::layers::ForwardBatch;
 
 /// What a model computes.
@@ -70,7 +70,8 @@ impl CacheSpec {
     }
 
     /// Bytes of cache one token takes in `dtype`.
-    pub fn bytes_per_token(&self, dtype: DType) -> usize {
+    pub fn bytes_per_token(&self, dtype: impl Into<KvDtype>) -> usize {
+        let dtype = dtype.into();
         KvLayout::bytes_per_token(self.layers.len(), self.num_kv_heads, self.head_dim, dtype)
     }
 }

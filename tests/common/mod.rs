@@ -65,8 +65,9 @@ pub fn runner_with_cache_dtype(
     m: &LoadedModel,
     block_size: usize,
     num_blocks: usize,
-    dtype: DType,
+    dtype: impl Into<candela::kv_cache::KvDtype>,
 ) -> StepRunner {
+    let dtype = dtype.into();
     let bpt = m.model.spec().cache.bytes_per_token(dtype);
     let sizing = KvCacheSizing::new(block_size, bpt, Some(num_blocks), None, 0)
         .unwrap()

@@ -12,12 +12,13 @@
 use candle_core::{DType, Device, Result, Tensor, WithDType};
 use rayon::prelude::*;
 
+use super::kv_quant;
 use super::with_slice;
-use crate::kv_cache::{KvLayout, LayerKv};
+use crate::kv_cache::{KvBuffer, KvDtype, KvLayout, LayerKv};
 use crate::layers::batch::ForwardBatch;
 
 /// Writes `k`, `v` (`[tokens, num_kv_heads, head_dim]`) into `cache` at the
-/// batch's slots.
+/// batch's slots, converted to the cache's dtype (`--kv-cache-dtype`).
 pub fn write_kv(
     k: &Tensor,
     v: &Tensor,
@@ -26,39 +27,80 @@ pub fn write_kv(
     batch: &ForwardBatch,
 ) -> Result<()> {
     check_batch(batch, layout, k.dim(0)?)?;
-    // The cache may be narrower than the activations (`--kv-cache-dtype`).
-    let dt = cache.k.dtype();
-    let (k, v) = (&k.to_dtype(dt)?, &v.to_dtype(dt)?);
-    match dt {
-        DType::F32 => write_typed::<f32>(k, v, cache, layout, batch),
-        DType::F16 => write_typed::<half::f16>(k, v, cache, layout, batch),
-        DType::BF16 => write_typed::<half::bf16>(k, v, cache, layout, batch),
-        dt => candle_core::bail!("unsupported KV dtype {dt:?}"),
+    let as_dt = |dt| Ok::<_, candle_core::Error>((k.to_dtype(dt)?, v.to_dtype(dt)?));
+    match cache.k.dtype() {
+        KvDtype::F32 => write_typed::<f32>(as_dt(DType::F32)?, cache, layout, batch),
+        KvDtype::F16 => write_typed::<half::f16>(as_dt(DType::F16)?, cache, layout, batch),
+        KvDtype::BF16 => write_typed::<half::bf16>(as_dt(DType::BF16)?, cache, layout, batch),
+        KvDtype::Q8_0 | KvDtype::Fp8E4M3 => {
+            write_quantized(as_dt(DType::F32)?, cache, layout, batch)
+        }
+    }
+}
+
+/// Calls `f(source row, destination element)` for every token and KV head.
+fn for_each_row(
+    layout: &KvLayout,
+    batch: &ForwardBatch,
+    mut f: impl FnMut(std::ops::Range<usize>, usize),
+) {
+    let (hd, nkv) = (layout.head_dim, layout.num_kv_heads);
+    for (t, &slot) in batch.slot_mapping.iter().enumerate() {
+        for h in 0..nkv {
+            let from = (t * nkv + h) * hd;
+            f(from..from + hd, layout.index(slot as usize, h));
+        }
     }
 }
 
 fn write_typed<T: WithDType>(
-    k: &Tensor,
-    v: &Tensor,
+    (k, v): (Tensor, Tensor),
     cache: &mut LayerKv,
     layout: &KvLayout,
     batch: &ForwardBatch,
 ) -> Result<()> {
-    let (hd, nkv) = (layout.head_dim, layout.num_kv_heads);
+    let hd = layout.head_dim;
     let (k, v) = (k.contiguous()?, v.contiguous()?);
     for (src, dst) in [(&k, &mut cache.k), (&v, &mut cache.v)] {
         let Some(dst) = dst.as_mut_slice::<T>() else {
-            candle_core::bail!("KV cache dtype differs from the model's ({:?})", T::DTYPE);
+            candle_core::bail!("the keys and values of the KV cache differ in dtype");
         };
         with_slice::<T, _>(src, |src| {
-            for (t, &slot) in batch.slot_mapping.iter().enumerate() {
-                for h in 0..nkv {
-                    let from = (t * nkv + h) * hd;
-                    let to = layout.index(slot as usize, h);
-                    dst[to..to + hd].copy_from_slice(&src[from..from + hd]);
-                }
-            }
+            for_each_row(layout, batch, |from, to| {
+                dst[to..to + hd].copy_from_slice(&src[from]);
+            })
         })?;
+    }
+    Ok(())
+}
+
+/// Quantizes each row into an 8-bit cache with its own scale(s).
+fn write_quantized(
+    (k, v): (Tensor, Tensor),
+    cache: &mut LayerKv,
+    layout: &KvLayout,
+    batch: &ForwardBatch,
+) -> Result<()> {
+    let hd = layout.head_dim;
+    let (k, v) = (k.contiguous()?, v.contiguous()?);
+    for (src, dst) in [(&k, &mut cache.k), (&v, &mut cache.v)] {
+        with_slice::<f32, _>(src, |src| match dst {
+            KvBuffer::Q8_0 { qs, scales, group } => {
+                let g = *group;
+                for_each_row(layout, batch, |from, to| {
+                    let d = &mut scales[to / g..(to + hd) / g];
+                    kv_quant::quantize_q8_0(&src[from], g, &mut qs[to..to + hd], d);
+                });
+                Ok(())
+            }
+            KvBuffer::Fp8 { codes, scales, .. } => {
+                for_each_row(layout, batch, |from, to| {
+                    scales[to / hd] = kv_quant::quantize_fp8(&src[from], &mut codes[to..to + hd]);
+                });
+                Ok(())
+            }
+            _ => candle_core::bail!("the keys and values of the KV cache differ in dtype"),
+        })??;
     }
     Ok(())
 }
@@ -129,41 +171,89 @@ pub fn paged_attention(
     let q = q.to_dtype(DType::F32)?.contiguous()?;
     check_batch(batch, layout, q.dim(0)?)?;
     let (hd, cap) = (layout.head_dim, params.softcap);
-    let out = match cache.k.dtype() {
-        DType::F32 => attend_typed(&q, cache, layout, batch, params, kernel::<f32>(hd, cap))?,
-        DType::F16 => attend_typed(
+    macro_rules! float {
+        ($k:expr, $v:expr, $t:ty) => {
+            attend_typed(
+                &q,
+                $k.as_slice(),
+                $v.as_slice(),
+                layout,
+                batch,
+                params,
+                kernel::<$t>(hd, cap),
+            )?
+        };
+    }
+    let out = match (&cache.k, &cache.v) {
+        (KvBuffer::F32(k), KvBuffer::F32(v)) => float!(k, v, f32),
+        (KvBuffer::F16(k), KvBuffer::F16(v)) => float!(k, v, half::f16),
+        (KvBuffer::BF16(k), KvBuffer::BF16(v)) => float!(k, v, half::bf16),
+        (
+            KvBuffer::Q8_0 { qs, scales, group },
+            KvBuffer::Q8_0 {
+                qs: vqs,
+                scales: vscales,
+                ..
+            },
+        ) => {
+            let rows = |qs, scales| Q8Rows {
+                qs,
+                scales,
+                group: *group,
+            };
+            attend_typed(
+                &q,
+                rows(qs, scales),
+                rows(vqs, vscales),
+                layout,
+                batch,
+                params,
+                simd_kernel(hd),
+            )?
+        }
+        (
+            KvBuffer::Fp8 { codes, scales, .. },
+            KvBuffer::Fp8 {
+                codes: vcodes,
+                scales: vscales,
+                ..
+            },
+        ) => attend_typed(
             &q,
-            cache,
+            Fp8Rows {
+                codes,
+                scales,
+                head_dim: hd,
+            },
+            Fp8Rows {
+                codes: vcodes,
+                scales: vscales,
+                head_dim: hd,
+            },
             layout,
             batch,
             params,
-            kernel::<half::f16>(hd, cap),
+            simd_kernel(hd),
         )?,
-        DType::BF16 => attend_typed(
-            &q,
-            cache,
-            layout,
-            batch,
-            params,
-            kernel::<half::bf16>(hd, cap),
-        )?,
-        dt => candle_core::bail!("unsupported KV cache dtype {dt:?}"),
+        _ => candle_core::bail!("the keys and values of the KV cache differ in dtype"),
     };
     out.to_dtype(dtype)
 }
 
-/// The fastest kernel this CPU runs for cache elements `T` and this head size
-/// (soft-capped scores take the portable loops, vectorized with AVX2).
+/// The fastest kernel this CPU runs for float cache elements `T` and this
+/// head size (AVX-512 skips soft-capped scores; the AVX2 one takes them).
 #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
-fn kernel<T: KvElem>(
+fn kernel<'a, T: KvElem>(
     head_dim: usize,
     softcap: Option<f32>,
-) -> impl Fn(&Item<T>, &mut Scratch, &mut [f32]) + Sync {
+) -> impl Fn(&Item<&'a [T]>, &mut Scratch, &mut [f32]) + Sync
+where
+    &'a [T]: KvRowsSimd,
+{
     #[cfg(target_arch = "x86_64")]
-    let (avx512, avx2) = (
-        softcap.is_none() && super::attention_avx512::supported(head_dim),
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
-    );
+    let avx512 =
+        softcap.is_none() && super::attention_avx512::supported(head_dim) && simd_allowed();
+    let simd = simd_kernel(head_dim);
     move |it, s, o| {
         #[cfg(target_arch = "x86_64")]
         {
@@ -171,20 +261,58 @@ fn kernel<T: KvElem>(
                 // SAFETY: `supported` checked the CPU and the head size.
                 return unsafe { super::attention_avx512::attend(it, s, o) };
             }
+        }
+        simd(it, s, o)
+    }
+}
+
+/// The AVX2 kernel where the CPU and the head size allow it, else the
+/// portable one (any cache format).
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+fn simd_kernel<R: KvRowsSimd>(
+    head_dim: usize,
+) -> impl Fn(&Item<R>, &mut Scratch, &mut [f32]) + Sync {
+    #[cfg(target_arch = "x86_64")]
+    let avx2 = super::attention_avx2::supported(head_dim) && simd_allowed();
+    move |it, s, o| {
+        #[cfg(target_arch = "x86_64")]
+        {
             if avx2 {
-                // SAFETY: checked at run time just above.
-                return unsafe { attend_group_avx2(it, s, o) };
+                // SAFETY: `supported` checked the CPU and the head size;
+                // `check_batch` the item's blocks and range.
+                return unsafe { super::attention_avx2::attend(it, s, o) };
             }
         }
         attend_group(it, s, o)
     }
 }
 
-/// An element of the KV cache, widened to f32 for arithmetic (a no-op for f32);
+/// Tests set this to check the portable kernel on a CPU with SIMD.
+#[cfg(test)]
+static FORCE_PORTABLE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn simd_allowed() -> bool {
+    #[cfg(test)]
+    if FORCE_PORTABLE.load(std::sync::atomic::Ordering::Relaxed) {
+        return false;
+    }
+    true
+}
+
+/// Row sources the SIMD kernels read (eight lanes at a time on x86-64).
+#[cfg(target_arch = "x86_64")]
+pub(super) trait KvRowsSimd: KvRows + super::attention_avx2::Rows8 {}
+#[cfg(target_arch = "x86_64")]
+impl<R: KvRows + super::attention_avx2::Rows8> KvRowsSimd for R {}
+#[cfg(not(target_arch = "x86_64"))]
+pub(super) trait KvRowsSimd: KvRows {}
+#[cfg(not(target_arch = "x86_64"))]
+impl<R: KvRows> KvRowsSimd for R {}
+
+/// A float element of the KV cache, widened to f32 a row at a time (a no-op for f32);
 /// on x86-64 each also loads sixteen at a time for the AVX-512 kernel.
 #[cfg(target_arch = "x86_64")]
 pub(super) trait KvElem: WithDType + super::attention_avx512::Lanes {
-    fn f32(self) -> f32;
     /// A cache row as f32: itself, or widened into `buf` (a whole row per
     /// call, so 16-bit caches convert with the crate's SIMD instead of a
     /// call per element).
@@ -193,15 +321,10 @@ pub(super) trait KvElem: WithDType + super::attention_avx512::Lanes {
 
 #[cfg(not(target_arch = "x86_64"))]
 pub(super) trait KvElem: WithDType {
-    fn f32(self) -> f32;
     fn row<'a>(src: &'a [Self], buf: &'a mut Vec<f32>) -> &'a [f32];
 }
 
 impl KvElem for f32 {
-    #[inline(always)]
-    fn f32(self) -> f32 {
-        self
-    }
     #[inline(always)]
     fn row<'a>(src: &'a [Self], _: &'a mut Vec<f32>) -> &'a [f32] {
         src
@@ -209,10 +332,6 @@ impl KvElem for f32 {
 }
 
 impl KvElem for half::f16 {
-    #[inline(always)]
-    fn f32(self) -> f32 {
-        self.to_f32()
-    }
     #[inline(always)]
     fn row<'a>(src: &'a [Self], buf: &'a mut Vec<f32>) -> &'a [f32] {
         use half::slice::HalfFloatSliceExt;
@@ -223,10 +342,6 @@ impl KvElem for half::f16 {
 }
 
 impl KvElem for half::bf16 {
-    #[inline(always)]
-    fn f32(self) -> f32 {
-        self.to_f32()
-    }
     #[inline(always)]
     fn row<'a>(src: &'a [Self], buf: &'a mut Vec<f32>) -> &'a [f32] {
         // bf16 is the top half of an f32: a shift, which vectorizes.
@@ -239,15 +354,67 @@ impl KvElem for half::bf16 {
     }
 }
 
+/// Where a kernel reads cache rows from: a slice of one element type, or an
+/// 8-bit buffer with its scales.
+pub(super) trait KvRows: Sync {
+    /// The `hd` values from element `base` on, as f32 (widened into `buf`
+    /// unless they already are f32).
+    fn row<'a>(&'a self, base: usize, hd: usize, buf: &'a mut Vec<f32>) -> &'a [f32];
+}
+
+impl<T: KvElem> KvRows for &[T] {
+    #[inline(always)]
+    fn row<'a>(&'a self, base: usize, hd: usize, buf: &'a mut Vec<f32>) -> &'a [f32] {
+        T::row(&self[base..base + hd], buf)
+    }
+}
+
+/// A q8_0 cache: scale `i / group` for element `i`.
+#[derive(Clone, Copy)]
+pub(super) struct Q8Rows<'a> {
+    pub(super) qs: &'a [i8],
+    pub(super) scales: &'a [half::f16],
+    pub(super) group: usize,
+}
+
+impl KvRows for Q8Rows<'_> {
+    #[inline(always)]
+    fn row<'a>(&'a self, base: usize, hd: usize, buf: &'a mut Vec<f32>) -> &'a [f32] {
+        let g = self.group;
+        buf.resize(hd, 0.0);
+        let d = &self.scales[base / g..(base + hd) / g];
+        kv_quant::dequantize_q8_0(&self.qs[base..base + hd], d, g, &mut buf[..hd]);
+        &buf[..hd]
+    }
+}
+
+/// An e4m3 cache: one scale per row.
+#[derive(Clone, Copy)]
+pub(super) struct Fp8Rows<'a> {
+    pub(super) codes: &'a [u8],
+    pub(super) scales: &'a [f32],
+    pub(super) head_dim: usize,
+}
+
+impl KvRows for Fp8Rows<'_> {
+    #[inline(always)]
+    fn row<'a>(&'a self, base: usize, hd: usize, buf: &'a mut Vec<f32>) -> &'a [f32] {
+        buf.resize(hd, 0.0);
+        let scale = self.scales[base / self.head_dim];
+        kv_quant::dequantize_fp8(&self.codes[base..base + hd], scale, &mut buf[..hd]);
+        &buf[..hd]
+    }
+}
+
 /// What one work item reads: the query heads of one token that share a KV
 /// head (the GQA group), so each cached key and value is loaded once for all of them.
-pub(super) struct Item<'a, T> {
+pub(super) struct Item<'a, R> {
     /// `group` query heads, `head_dim` each.
     /// Already f32, unscaled.
     pub(super) q: &'a [f32],
     pub(super) group: usize,
-    pub(super) kc: &'a [T],
-    pub(super) vc: &'a [T],
+    pub(super) kc: R,
+    pub(super) vc: R,
     pub(super) table: &'a [u32],
     pub(super) layout: &'a KvLayout,
     pub(super) kv_head: usize,
@@ -276,7 +443,7 @@ pub(super) struct Scratch {
 /// to `out`. Two passes (scores with their max, then exp-weighted values) keep
 /// the softmax exact without rescaling the accumulators.
 #[inline(always)]
-fn attend_group<T: KvElem>(it: &Item<'_, T>, s: &mut Scratch, out: &mut [f32]) {
+fn attend_group<R: KvRows>(it: &Item<'_, R>, s: &mut Scratch, out: &mut [f32]) {
     let (hd, g) = (it.layout.head_dim, it.group);
     let bs = it.layout.block_size;
     s.q.clear();
@@ -286,7 +453,7 @@ fn attend_group<T: KvElem>(it: &Item<'_, T>, s: &mut Scratch, out: &mut [f32]) {
     s.max.resize(g, f32::NEG_INFINITY);
     for_each_key(it.table, it.lo, it.pos, bs, |block, off| {
         let base = it.layout.index(block * bs + off, it.kv_head);
-        let k = T::row(&it.kc[base..base + hd], &mut s.row);
+        let k = it.kc.row(base, hd, &mut s.row);
         for j in 0..g {
             let mut v = dot(&s.q[j * hd..(j + 1) * hd], k);
             if let Some(cap) = it.softcap {
@@ -303,7 +470,7 @@ fn attend_group<T: KvElem>(it: &Item<'_, T>, s: &mut Scratch, out: &mut [f32]) {
     let mut i = 0;
     for_each_key(it.table, it.lo, it.pos, bs, |block, off| {
         let base = it.layout.index(block * bs + off, it.kv_head);
-        let v = T::row(&it.vc[base..base + hd], &mut s.row);
+        let v = it.vc.row(base, hd, &mut s.row);
         for j in 0..g {
             let w = (s.scores[i] - s.max[j]).exp();
             i += 1;
@@ -322,23 +489,14 @@ fn attend_group<T: KvElem>(it: &Item<'_, T>, s: &mut Scratch, out: &mut [f32]) {
     }
 }
 
-/// The same, compiled with AVX2 and FMA so the 8-lane loops become vector code.
-///
-/// # Safety
-/// The CPU must support AVX2 and FMA.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn attend_group_avx2<T: KvElem>(it: &Item<'_, T>, s: &mut Scratch, out: &mut [f32]) {
-    attend_group(it, s, out)
-}
-
-fn attend_typed<T: KvElem>(
+fn attend_typed<R: KvRows + Copy>(
     q: &Tensor,
-    cache: &LayerKv,
+    kc: R,
+    vc: R,
     layout: &KvLayout,
     batch: &ForwardBatch,
     p: AttnParams,
-    kernel: impl Fn(&Item<T>, &mut Scratch, &mut [f32]) + Sync,
+    kernel: impl Fn(&Item<R>, &mut Scratch, &mut [f32]) + Sync,
 ) -> Result<Tensor> {
     let (n_tokens, nh, hd) = q.dims3()?;
     let nkv = layout.num_kv_heads;
@@ -348,9 +506,6 @@ fn attend_typed<T: KvElem>(
             q.shape()
         );
     }
-    let (Some(kc), Some(vc)) = (cache.k.as_slice::<T>(), cache.v.as_slice::<T>()) else {
-        candle_core::bail!("KV cache dtype differs from the model's ({:?})", T::DTYPE);
-    };
     // Which sequence each flat token belongs to.
     let mut token_seq = vec![0u32; n_tokens];
     for (s, seq) in batch.seqs.iter().enumerate() {
@@ -402,26 +557,26 @@ fn for_each_key(table: &[u32], lo: usize, hi: usize, bs: usize, mut f: impl FnMu
 
 /// `q · k` with eight independent partial sums, so it vectorizes.
 #[inline(always)]
-fn dot<T: KvElem>(q: &[f32], k: &[T]) -> f32 {
+fn dot(q: &[f32], k: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
     let n = q.len() / 8 * 8;
     for (qc, kc) in q[..n].chunks_exact(8).zip(k[..n].chunks_exact(8)) {
         for i in 0..8 {
-            lanes[i] += qc[i] * kc[i].f32();
+            lanes[i] += qc[i] * kc[i];
         }
     }
     let mut sum: f32 = lanes.iter().sum();
     for i in n..q.len() {
-        sum += q[i] * k[i].f32();
+        sum += q[i] * k[i];
     }
     sum
 }
 
 /// `acc += w * v`.
 #[inline(always)]
-fn axpy<T: KvElem>(w: f32, v: &[T], acc: &mut [f32]) {
+fn axpy(w: f32, v: &[f32], acc: &mut [f32]) {
     for (a, x) in acc.iter_mut().zip(v) {
-        *a += w * x.f32();
+        *a += w * x;
     }
 }
 
@@ -488,28 +643,78 @@ mod tests {
 
     #[test]
     fn chunked_paged_attention_matches_contiguous_reference() {
-        // Head sizes 8 (portable kernel), 32, 64 and 128 (the AVX-512 kernel's
-        // runtime-length, 4- and 8-register variants where the CPU has it);
-        // 7 query heads per KV head exceed one register pass of the 64 variant.
-        // Each with an f32, f16 and bf16 cache under f32 activations.
-        for (nh, nkv, hd) in [(4, 2, 8), (4, 1, 32), (14, 2, 64), (4, 4, 128), (8, 2, 128)] {
-            for dt in [DType::F32, DType::F16, DType::BF16] {
+        // Head sizes 8, 32, 40, 64 and 128 (the AVX-512 kernel's runtime-length,
+        // 4- and 8-register variants where the CPU has it; the AVX2 kernel's
+        // one- and four-chunk tiles); 7 query heads per KV head exceed one
+        // register pass of the 64 variant and take the AVX2 kernel's 4-, 2-
+        // and 1-head paths. Each with an f32, f16, bf16, q8_0 and fp8 cache
+        // under f32 activations, through the fastest kernel and then the
+        // portable one.
+        for (nh, nkv, hd) in [
+            (4, 2, 8),
+            (4, 1, 32),
+            (6, 2, 40),
+            (14, 2, 64),
+            (4, 4, 128),
+            (8, 2, 128),
+        ] {
+            for dt in [
+                KvDtype::F32,
+                KvDtype::F16,
+                KvDtype::BF16,
+                KvDtype::Q8_0,
+                KvDtype::Fp8E4M3,
+            ] {
                 check_chunked(nh, nkv, hd, dt);
             }
         }
+        FORCE_PORTABLE.store(true, std::sync::atomic::Ordering::Relaxed);
+        for (nh, nkv, hd) in [(4, 2, 8), (6, 2, 40), (8, 2, 128)] {
+            for dt in [KvDtype::F32, KvDtype::F16, KvDtype::Q8_0, KvDtype::Fp8E4M3] {
+                check_chunked(nh, nkv, hd, dt);
+            }
+        }
+        FORCE_PORTABLE.store(false, std::sync::atomic::Ordering::Relaxed);
     }
 
-    fn check_chunked(nh: usize, nkv: usize, hd: usize, cache_dtype: DType) {
+    /// `x` as a cache of `dtype` stores it, rows of `hd` values.
+    fn stored(x: &[f32], hd: usize, dtype: KvDtype) -> Vec<f32> {
+        let float = |dt| {
+            Tensor::new(x, &Device::Cpu)
+                .and_then(|t| t.to_dtype(dt)?.to_dtype(DType::F32)?.to_vec1())
+                .unwrap()
+        };
+        let mut out = vec![0f32; x.len()];
+        match dtype {
+            KvDtype::F32 => return x.to_vec(),
+            KvDtype::F16 => return float(DType::F16),
+            KvDtype::BF16 => return float(DType::BF16),
+            KvDtype::Q8_0 => {
+                let g = kv_quant::q8_group(hd);
+                for (x, o) in x.chunks(hd).zip(out.chunks_mut(hd)) {
+                    let (mut q, mut d) = (vec![0i8; hd], vec![half::f16::ZERO; hd / g]);
+                    kv_quant::quantize_q8_0(x, g, &mut q, &mut d);
+                    kv_quant::dequantize_q8_0(&q, &d, g, o);
+                }
+            }
+            KvDtype::Fp8E4M3 => {
+                for (x, o) in x.chunks(hd).zip(out.chunks_mut(hd)) {
+                    let mut c = vec![0u8; hd];
+                    let scale = kv_quant::quantize_fp8(x, &mut c);
+                    kv_quant::dequantize_fp8(&c, scale, o);
+                }
+            }
+        }
+        out
+    }
+
+    fn check_chunked(nh: usize, nkv: usize, hd: usize, cache_dtype: KvDtype) {
         let (n, bs) = (11, 4);
         let q = pseudo_random(n * nh * hd, 1);
         let k = pseudo_random(n * nkv * hd, 2);
         let v = pseudo_random(n * nkv * hd, 3);
         // The reference sees the keys and values as the cache stores them.
-        let stored = |x: &[f32]| -> Vec<f32> {
-            Tensor::new(x, &Device::Cpu)
-                .and_then(|t| t.to_dtype(cache_dtype)?.to_dtype(DType::F32)?.to_vec1())
-                .unwrap()
-        };
+        let stored = |x: &[f32]| stored(x, hd, cache_dtype);
         for (window, softcap) in [(None, None), (Some(3), None), (None, Some(0.5))] {
             let want = reference(
                 &q,

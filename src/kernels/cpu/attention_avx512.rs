@@ -59,7 +59,7 @@ pub(super) fn supported(head_dim: usize) -> bool {
 /// # Safety
 /// [`supported`] returned true for the item's head size.
 #[target_feature(enable = "avx512f")]
-pub(super) unsafe fn attend<T: Lanes>(it: &Item<'_, T>, s: &mut Scratch, out: &mut [f32]) {
+pub(super) unsafe fn attend<T: Lanes>(it: &Item<'_, &[T]>, s: &mut Scratch, out: &mut [f32]) {
     match it.layout.head_dim / 16 {
         4 => unsafe { attend_v::<T, 4, 6>(it, s, out) },
         8 => unsafe { attend_v::<T, 8, 3>(it, s, out) },
@@ -75,7 +75,7 @@ pub(super) unsafe fn attend<T: Lanes>(it: &Item<'_, T>, s: &mut Scratch, out: &m
 #[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx512f")]
 unsafe fn attend_v<T: Lanes, const V: usize, const H: usize>(
-    it: &Item<'_, T>,
+    it: &Item<'_, &[T]>,
     s: &mut Scratch,
     out: &mut [f32],
 ) {

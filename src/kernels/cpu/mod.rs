@@ -6,8 +6,11 @@
 
 pub mod attention;
 #[cfg(target_arch = "x86_64")]
+mod attention_avx2;
+#[cfg(target_arch = "x86_64")]
 mod attention_avx512;
 pub mod elementwise;
+pub mod kv_quant;
 pub mod matmul;
 pub mod matmul_q8;
 pub mod quant;
