@@ -6,6 +6,7 @@
 #
 #   bench/realsize.sh                                # MODELS="1b:Q4_K_M 1b:Q8_0" CONCURRENCY=1,8,32
 #   MODELS=8b:Q4_K_M CONCURRENCY=1 bench/realsize.sh # the 8B shape (16 GB f16 + 4.9 GB on disk)
+#   PROMPT_LEN=2048 OUTPUT_LEN=64 KV=q8_0 bench/realsize.sh  # long context, 8-bit KV cache in both
 #
 # Needs what bench/run.sh builds (bench/.venv, llama.cpp's build in bench/.cache); builds
 # llama-quantize. Results: bench/results/<date>-realsize/ (JSON lines) and stdout.
@@ -15,6 +16,10 @@ CACHE=bench/.cache
 MODELS=${MODELS:-1b:Q4_K_M 1b:Q8_0}
 CONCURRENCY=${CONCURRENCY:-1,8,32}
 THREADS=${THREADS:-2}
+PROMPT_LEN=${PROMPT_LEN:-128}
+OUTPUT_LEN=${OUTPUT_LEN:-128}
+KV=${KV:-f16} # f16 or q8_0 (llama.cpp's quantized V cache needs flash attention: -fa on)
+CTX=$((PROMPT_LEN + OUTPUT_LEN + 64))
 PY=bench/.venv/bin/python
 LLAMA=$CACHE/llama.cpp/build/bin
 OUT=bench/results/$(date +%Y-%m-%d-%H%M)-realsize
@@ -44,7 +49,7 @@ serve() { # name, command...: start, time until healthy, load, peak RSS, stop
     ready=$(echo "$(date +%s.%N) - $start" | bc)
     rss_loaded=$(awk '/VmHWM/ {printf "%.0f", $2 / 1024}' "/proc/$PID/status")
     "$PY" bench/loadgen.py --base "http://127.0.0.1:$PORT" --model m --concurrency "$CONCURRENCY" \
-        --prompt-len 128 --output-len 128 >"$OUT/$name.jsonl"
+        --prompt-len "$PROMPT_LEN" --output-len "$OUTPUT_LEN" >"$OUT/$name.jsonl"
     local peak
     peak=$(awk '/VmHWM/ {printf "%.0f", $2 / 1024}' "/proc/$PID/status")
     echo "{\"server\": \"$name\", \"load_s\": $ready, \"peak_rss_mib_after_load\": $rss_loaded, \"peak_rss_mib\": $peak}" | tee "$OUT/$name.load.json"
@@ -66,13 +71,20 @@ for spec in $MODELS; do
     echo "== $shape $quant: $(du -m "$file" | cut -f1) MiB"
     # Page cache warm for both (the first reader would pay the disk).
     cat "$file" >/dev/null
-    # KV cache: float16 in both, the same MAXC * 320 tokens (llama.cpp's -c): 32 KiB per token
-    # for the 1B shape (16 layers x 8 KV heads x 64 x K and V x 2 bytes), 128 KiB for the 8B.
+    # KV cache: the same type in both, the same MAXC * CTX tokens (llama.cpp's -c). In float16 32 KiB
+    # per token for the 1B shape (16 layers x 8 KV heads x 64 x K and V x 2 bytes), 128 KiB for the
+    # 8B; q8_0 takes 34/64 of that.
     kv_kib=$([ "$shape" = 8b ] && echo 128 || echo 32)
-    serve "candela-$shape-$quant" "$CANDELA" serve --model "$file" --served-model-name m --port "$PORT" \
-        --max-model-len 4096 --max-num-seqs "$MAXC" --kv-cache-dtype float16 \
-        --kv-cache-memory $((MAXC * 320 * kv_kib))KiB
-    serve "llamacpp-$shape-$quant" "$LLAMA/llama-server" -m "$file" --port "$PORT" -t "$THREADS" -tb "$THREADS" \
-        -np "$MAXC" -c $((MAXC * 320)) -b 2048 -ub 512 -ctk f16 -ctv f16 --cont-batching --no-webui
+    if [ "$KV" = q8_0 ]; then
+        kv_kib=$((kv_kib * 34 / 64)) cdt=q8_0 lfa="-fa on"
+    else
+        cdt=float16 lfa=
+    fi
+    serve "candela-$shape-$quant-$KV" "$CANDELA" serve --model "$file" --served-model-name m --port "$PORT" \
+        --max-model-len 4096 --max-num-seqs "$MAXC" --kv-cache-dtype "$cdt" \
+        --kv-cache-memory $((MAXC * CTX * kv_kib))KiB
+    # shellcheck disable=SC2086 # $lfa is empty or two words
+    serve "llamacpp-$shape-$quant-$KV" "$LLAMA/llama-server" -m "$file" --port "$PORT" -t "$THREADS" -tb "$THREADS" \
+        -np "$MAXC" -c $((MAXC * CTX)) -b 2048 -ub 512 -ctk "$KV" -ctv "$KV" $lfa --cont-batching --no-webui
 done
 echo "results in $OUT"

@@ -31,10 +31,12 @@ pub struct ModelArgs {
     #[arg(long)]
     pub max_model_len: Option<usize>,
 
-    /// Weight quantization applied at load time: none, or q8_0 (8-bit blocks of 32 with a
-    /// scale, as GGUF's Q8_0; activations are quantized on the fly). q8_0 reads a quarter
-    /// of float32's bytes per token and uses AVX-512 VNNI where the CPU has it. Applies to
-    /// dense weights: GGUF matrices already quantized keep the file's blocks.
+    /// Weight quantization applied at load time, one tensor at a time: none, q8_0 (8-bit
+    /// blocks of 32 with a scale, as GGUF's Q8_0) or q4_k (GGUF's Q4_K, 4.5 bits per weight;
+    /// layers narrower than its 256-value blocks take q8_0). Activations are quantized on the
+    /// fly; the embedding table (and a tied output head) takes q8_0 under either. The way to
+    /// serve bfloat16/float16 checkpoints on a CPU. Applies to dense weights: GGUF matrices
+    /// already quantized keep the file's blocks.
     #[arg(long, short = 'q', default_value = "none")]
     pub quantization: String,
 }

@@ -4,8 +4,8 @@ use std::sync::Arc;
 
 use candle_core::{DType, Module, Result, Tensor};
 
-use super::linear::{Linear, Quantization};
-use crate::kernels::cpu::quant::QMatrix;
+use super::linear::{quantize_blocks, Linear, Quantization};
+use crate::kernels::cpu::quant::{QMatrix, QType};
 use crate::weights::Weights;
 
 #[derive(Debug, Clone)]
@@ -27,7 +27,12 @@ pub struct Embedding {
 }
 
 impl Embedding {
-    pub fn load(vb: Weights, rows: usize, width: usize) -> Result<Self> {
+    /// A dense table under `--quantization` other than `none` is kept as
+    /// GGUF Q8_0 blocks (rows of a multiple of 32 values): the vocabulary
+    /// table is a large share of a small model, and as a tied output head it
+    /// decides every token, so it gets 8 bits whatever the layers get (as
+    /// llama.cpp's Q4_K_M keeps it in Q6_K).
+    pub fn load(vb: Weights, rows: usize, width: usize, quant: Quantization) -> Result<Self> {
         let table = match vb.quantized("weight") {
             Some(q) => {
                 let q = q?;
@@ -36,10 +41,14 @@ impl Embedding {
                 }
                 Table::Quant(q)
             }
-            None => Table::Dense(candle_nn::Embedding::new(
-                vb.get((rows, width), "weight")?,
-                width,
-            )),
+            None => {
+                let w = vb.get((rows, width), "weight")?;
+                if quant != Quantization::None && width.is_multiple_of(32) {
+                    Table::Quant(Arc::new(quantize_blocks(&w, QType::Q8_0)?))
+                } else {
+                    Table::Dense(candle_nn::Embedding::new(w, width))
+                }
+            }
         };
         Ok(Self {
             table,

@@ -9,8 +9,10 @@ use candle_core::{DType, Result, Tensor};
 
 use crate::kernels::cpu::matmul::PackedMatrix;
 use crate::kernels::cpu::matmul_q8::Q8Matrix;
-use crate::kernels::cpu::quant::{self, QMatrix};
+use crate::kernels::cpu::quant::{self, QMatrix, QType};
+use crate::kernels::cpu::with_slice;
 use crate::weights::Weights;
+use rayon::prelude::*;
 
 /// How linear layers store their weights (`--quantization`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -23,6 +25,12 @@ pub enum Quantization {
     /// the same way on the fly. Layers whose input width is not a multiple of
     /// 32 stay in f32.
     Q8_0,
+    /// GGUF's Q4_K (super-blocks of 256 values in eight sub-blocks, each with
+    /// a 6-bit scale and minimum; 4.5 bits per weight), quantized at load as
+    /// llama.cpp's reference quantizer does and multiplied by the same
+    /// kernels as a GGUF file's Q4_K blocks. Layers whose input width is not
+    /// a multiple of 256 take q8_0 (or f32 below 32).
+    Q4K,
 }
 
 impl Quantization {
@@ -30,7 +38,8 @@ impl Quantization {
         Ok(match s.to_ascii_lowercase().as_str() {
             "" | "none" => Self::None,
             "q8_0" | "q8" => Self::Q8_0,
-            other => anyhow::bail!("invalid --quantization {other:?}: choose none or q8_0"),
+            "q4_k" | "q4k" | "q4_k_m" => Self::Q4K,
+            other => anyhow::bail!("invalid --quantization {other:?}: choose none, q8_0 or q4_k"),
         })
     }
 }
@@ -56,7 +65,18 @@ pub enum Linear {
 impl Linear {
     /// `weight` is `[out, in]` as in the checkpoints.
     pub fn new(weight: Tensor, bias: Option<Tensor>, quant: Quantization) -> Result<Self> {
-        if quant == Quantization::Q8_0 && Q8Matrix::supports(weight.dim(1)?) {
+        let k = weight.dim(1)?;
+        if quant == Quantization::Q4K && k.is_multiple_of(quant::QK_K) {
+            let m = quantize_blocks(&weight, QType::Q4K)?;
+            return Self::quantized(vec![Arc::new(m)], bias);
+        }
+        let q8 = matches!(quant, Quantization::Q8_0 | Quantization::Q4K);
+        if q8 && !Q8Matrix::has_simd() && k.is_multiple_of(32) {
+            // Without AVX-512 VNNI, GGUF's Q8_0 blocks and their AVX2 kernel.
+            let m = quantize_blocks(&weight, QType::Q8_0)?;
+            return Self::quantized(vec![Arc::new(m)], bias);
+        }
+        if q8 && Q8Matrix::supports(k) {
             // The bias is kept in f32 by the matrix itself.
             let weight = weight.to_dtype(DType::F32)?;
             return Ok(Self::Q8(Q8Matrix::new(&weight, bias.as_ref())?));
@@ -99,6 +119,29 @@ impl Linear {
             }
         }
     }
+}
+
+/// `weight` (`[n, k]`, any float dtype) quantized row by row, on all cores,
+/// into GGUF blocks of `ty` (Q4_K or Q8_0; `k` a multiple of its block).
+pub fn quantize_blocks(weight: &Tensor, ty: QType) -> Result<QMatrix> {
+    let (n, k) = weight.dims2()?;
+    let w = weight.to_dtype(DType::F32)?.contiguous()?;
+    let rb = ty.row_bytes(k);
+    let mut data = vec![0u8; n * rb];
+    with_slice::<f32, _>(&w, |w| {
+        data.par_chunks_mut(rb)
+            .zip(w.par_chunks(k))
+            .for_each(|(q, row)| match ty {
+                QType::Q4K => quant::quantize_row_q4k(row, q),
+                _ => quant::quantize_row_q8_0(row, q),
+            });
+    })?;
+    // The float copy is garbage now: give it back at once rather than let
+    // the allocator keep it (a minute) while the next tensors pile up
+    // beside it, which doubled the peak of a quantizing load.
+    drop(w);
+    crate::release_free_memory();
+    QMatrix::new(ty, n, k, data)
 }
 
 /// Several projections of the same input (q/k/v, gate/up) as one linear layer:
@@ -160,6 +203,7 @@ mod tests {
     fn quantization_names() {
         assert_eq!(Quantization::parse("none").unwrap(), Quantization::None);
         assert_eq!(Quantization::parse("Q8_0").unwrap(), Quantization::Q8_0);
+        assert_eq!(Quantization::parse("q4_k").unwrap(), Quantization::Q4K);
         let err = Quantization::parse("awq").unwrap_err().to_string();
         assert!(err.contains("--quantization"), "{err}");
     }

@@ -207,8 +207,8 @@ impl Gemma3 {
         };
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
         let m = vb.pp("model");
-        let embed_tokens =
-            Embedding::load(m.pp("embed_tokens"), cfg.vocab_size, h)?.with_scale((h as f64).sqrt());
+        let embed_tokens = Embedding::load(m.pp("embed_tokens"), cfg.vocab_size, h, quant)?
+            .with_scale((h as f64).sqrt());
         let layers = (0..cfg.num_layers)
             .map(|i| {
                 let l = m.pp(format!("layers.{i}"));

@@ -129,8 +129,8 @@ impl Gpt2 {
             vb.clone()
         };
         let (h, eps) = (cfg.hidden_size, cfg.layer_norm_eps);
-        let wte = Embedding::load(t.pp("wte"), cfg.vocab_size, h)?;
-        let wpe = Embedding::load(t.pp("wpe"), cfg.n_positions, h)?;
+        let wte = Embedding::load(t.pp("wte"), cfg.vocab_size, h, quant)?;
+        let wpe = Embedding::load(t.pp("wpe"), cfg.n_positions, h, Quantization::None)?;
         let blocks = (0..cfg.num_layers)
             .map(|i| {
                 let b = t.pp(format!("h.{i}"));

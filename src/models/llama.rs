@@ -332,7 +332,8 @@ impl Llama {
         quant: Quantization,
     ) -> Result<Self> {
         let m = vb.pp("model");
-        let embed_tokens = Embedding::load(m.pp("embed_tokens"), cfg.vocab_size, cfg.hidden_size)?;
+        let embed_tokens =
+            Embedding::load(m.pp("embed_tokens"), cfg.vocab_size, cfg.hidden_size, quant)?;
         let layers = (0..cfg.num_layers)
             .map(|i| {
                 let l = m.pp(format!("layers.{i}"));

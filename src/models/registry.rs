@@ -204,6 +204,11 @@ pub fn load_model(opts: &LoadOptions) -> anyhow::Result<LoadedModel> {
         ModelSource::Dir(dir) => load_dir(dir, opts),
         ModelSource::Gguf(path) => load_gguf(path, opts),
     }?;
+    // The buffers tensors passed through on their way to their final form
+    // are free now; hand them back instead of keeping them for reuse (the
+    // allocator's purge delay is a minute), so that the footprint reported
+    // and the one a container limit sees are the model's.
+    crate::release_free_memory();
     let (n, vocab) = (loaded.0.vocab_size(), loaded.1.spec().vocab_size);
     if n > vocab {
         bail!("the tokenizer has {n} tokens but the model's vocab_size is {vocab}");
@@ -278,9 +283,7 @@ fn load_dir(
             bail!("missing weights file {}", f.display());
         }
     }
-    // SAFETY: the files are memory-mapped read-only; like every mmap user we
-    // rely on them not being truncated while the server runs.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, opts.dtype, &opts.device) }
+    let vb = crate::weights::safetensors::var_builder(&files, opts.dtype, &opts.device)
         .with_context(|| format!("reading safetensors in {}", dir.display()))?;
     let model = build_hf(&text, vb, opts)
         .with_context(|| format!("loading the model in {}", dir.display()))?;

@@ -5,6 +5,7 @@
 
 pub mod embedded;
 pub mod gguf;
+pub mod safetensors;
 pub mod source;
 
 use std::sync::Arc;

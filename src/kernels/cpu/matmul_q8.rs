@@ -127,6 +127,16 @@ fn quantize_row_avx512(x: &[f32], q: &mut [u8], s: &mut [f32]) {
 
 impl Q8Matrix {
     /// Whether an input width can be quantized in whole blocks.
+    /// Whether this CPU runs the vectorized kernel (AVX-512 VNNI); elsewhere
+    /// the portable loops are several times slower than GGUF Q8_0 blocks
+    /// with their AVX2 kernel.
+    pub fn has_simd() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        return matches!(Kernel::detect(), Kernel::Vnni);
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    }
+
     pub fn supports(k: usize) -> bool {
         k > 0 && k.is_multiple_of(BLOCK)
     }

@@ -14,7 +14,10 @@
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+mod quantize;
 mod scalar;
+
+pub use quantize::{quantize_row_q4k, quantize_row_q8_0};
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{Result, Tensor};
