@@ -234,13 +234,21 @@ pub fn load_model(opts: &LoadOptions) -> anyhow::Result<LoadedModel> {
 }
 
 fn build_hf(config: &str, vb: VarBuilder, opts: &LoadOptions) -> anyhow::Result<Box<dyn Model>> {
+    build_hf_weights(config, crate::weights::Weights::dense(vb), opts)
+}
+
+fn build_hf_weights(
+    config: &str,
+    vb: crate::weights::Weights<'_>,
+    opts: &LoadOptions,
+) -> anyhow::Result<Box<dyn Model>> {
     let common: super::config::Common = super::config::parse(config)?;
     let arch = find_hf(&common.architecture()?)?;
     (arch.from_hf)(
         arch.name,
         Checkpoint {
             config,
-            vb: crate::weights::Weights::dense(vb),
+            vb,
             quantization: opts.quantization,
         },
     )
@@ -283,9 +291,17 @@ fn load_dir(
             bail!("missing weights file {}", f.display());
         }
     }
-    let vb = crate::weights::safetensors::var_builder(&files, opts.dtype, &opts.device)
-        .with_context(|| format!("reading safetensors in {}", dir.display()))?;
-    let model = build_hf(&text, vb, opts)
+    let arch = super::config::parse::<super::config::Common>(&text)?.architecture()?;
+    let weights = crate::weights::safetensors::weights(
+        &files,
+        opts.dtype,
+        &opts.device,
+        opts.quantization,
+        // GPT-2's Conv1D weights are [in, out]: quantized after transposing.
+        arch != "GPT2LMHeadModel",
+    )
+    .with_context(|| format!("reading safetensors in {}", dir.display()))?;
+    let model = build_hf_weights(&text, weights, opts)
         .with_context(|| format!("loading the model in {}", dir.display()))?;
     Ok((tokenizer, model))
 }

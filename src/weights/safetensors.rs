@@ -17,6 +17,11 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 
+use super::{QuantSource, Weights};
+use crate::kernels::cpu::matmul_q8::Q8Matrix;
+use crate::kernels::cpu::quant::{self, QMatrix, QType, QK_K};
+use crate::layers::Quantization;
+
 /// Bytes read at a time when a 16-bit tensor is widened to f32.
 const CHUNK: usize = 4 << 20;
 
@@ -195,18 +200,148 @@ impl SimpleBackend for SafetensorsFiles {
     }
 }
 
-/// A `VarBuilder` over the safetensors files of a folder.
-pub fn var_builder(
+/// The [`SafetensorsFiles`] shared by the `VarBuilder` and the quantizer.
+struct Shared(Arc<SafetensorsFiles>);
+
+impl SimpleBackend for Shared {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.0.get(s, name, h, dtype, dev)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.0.get_unchecked(name, dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.contains_tensor(name)
+    }
+}
+
+/// The weights of a folder of safetensors. Under `--quantization`, the
+/// matrices come as GGUF blocks quantized straight from the file a few rows
+/// at a time ([`QuantizeOnLoad`]), so no float copy of a whole matrix
+/// exists (the largest, the vocabulary table, is 1-2 GiB in f32).
+/// `rows_are_outputs`: the checkpoint stores linear weights as `[out, in]`
+/// (everything but GPT-2's `Conv1D`).
+pub fn weights(
     paths: &[PathBuf],
     dtype: DType,
     device: &Device,
-) -> anyhow::Result<candle_nn::VarBuilder<'static>> {
-    let files = SafetensorsFiles::open(paths)?;
-    Ok(candle_nn::VarBuilder::from_backend(
-        Box::new(files),
-        dtype,
-        device.clone(),
-    ))
+    quantization: Quantization,
+    rows_are_outputs: bool,
+) -> anyhow::Result<Weights<'static>> {
+    let files = Arc::new(SafetensorsFiles::open(paths)?);
+    let vb =
+        candle_nn::VarBuilder::from_backend(Box::new(Shared(files.clone())), dtype, device.clone());
+    let quant: Option<Arc<dyn QuantSource>> = match quantization {
+        Quantization::None => None,
+        _ if !rows_are_outputs => None,
+        q => Some(Arc::new(QuantizeOnLoad { files, quant: q })),
+    };
+    Ok(Weights::new(vb, quant))
+}
+
+/// Quantizes 2-D float tensors into GGUF blocks as they are asked for.
+struct QuantizeOnLoad {
+    files: Arc<SafetensorsFiles>,
+    quant: Quantization,
+}
+
+impl QuantizeOnLoad {
+    /// The block format for matrix `name` of rows of `k` values, if any:
+    /// vocabulary tables (embedding, output head) take Q8_0 whatever the
+    /// layers take, as llama.cpp's mixes keep them wider; q8_0 layers on a
+    /// CPU with AVX-512 VNNI are left to its own Q8 kernel (`Linear::new`).
+    fn format(&self, name: &str, k: usize) -> Option<QType> {
+        let vocab = name.contains("embed") || name.contains("lm_head") || name.contains("wte");
+        let q8 = k.is_multiple_of(32).then_some(QType::Q8_0);
+        if vocab {
+            return q8;
+        }
+        match self.quant {
+            Quantization::Q4K if k.is_multiple_of(QK_K) => Some(QType::Q4K),
+            Quantization::Q4K => q8,
+            Quantization::Q8_0 if Q8Matrix::has_simd() => None,
+            _ => q8,
+        }
+    }
+}
+
+impl QuantSource for QuantizeOnLoad {
+    fn quantized(&self, name: &str) -> Option<candle_core::Result<Arc<QMatrix>>> {
+        let e = self.files.tensors.get(name)?;
+        let [n, k] = e.shape[..] else {
+            return None;
+        };
+        if !matches!(e.dtype, DType::F32 | DType::F16 | DType::BF16) || n == 0 {
+            return None;
+        }
+        let ty = self.format(name, k)?;
+        Some(quantize_from_file(e, name, n, k, ty).map(Arc::new))
+    }
+}
+
+/// Rows of `e` read, widened and quantized a chunk at a time.
+fn quantize_from_file(
+    e: &Entry,
+    name: &str,
+    n: usize,
+    k: usize,
+    ty: QType,
+) -> candle_core::Result<QMatrix> {
+    use rayon::prelude::*;
+    let (rb, esize) = (ty.row_bytes(k), e.dtype.size_in_bytes());
+    let rows_per_chunk = (CHUNK / (k * esize)).max(1);
+    let mut data = vec![0u8; n * rb];
+    let mut raw = vec![0u8; rows_per_chunk * k * esize];
+    let mut wide = vec![0f32; rows_per_chunk * k];
+    for (c, out) in data.chunks_mut(rows_per_chunk * rb).enumerate() {
+        let rows = out.len() / rb;
+        let raw = &mut raw[..rows * k * esize];
+        e.file
+            .0
+            .read_exact_at(raw, e.offset + (c * rows_per_chunk * k * esize) as u64)
+            .map_err(|err| {
+                candle_core::Error::Msg(format!("{}: reading {name}: {err}", e.file.1.display()))
+            })?;
+        let wide = &mut wide[..rows * k];
+        widen(e.dtype, raw, wide);
+        out.par_chunks_mut(rb)
+            .zip(wide.par_chunks(k))
+            .for_each(|(q, row)| match ty {
+                QType::Q4K => quant::quantize_row_q4k(row, q),
+                _ => quant::quantize_row_q8_0(row, q),
+            });
+    }
+    QMatrix::new(ty, n, k, data)
+}
+
+/// Little-endian `dtype` values (f32, f16 or bf16) as f32.
+fn widen(dtype: DType, raw: &[u8], out: &mut [f32]) {
+    match dtype {
+        DType::F32 => {
+            for (o, b) in out.iter_mut().zip(raw.chunks_exact(4)) {
+                *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        }
+        DType::BF16 => {
+            for (o, b) in out.iter_mut().zip(raw.chunks_exact(2)) {
+                *o = f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16);
+            }
+        }
+        _ => {
+            for (o, b) in out.iter_mut().zip(raw.chunks_exact(2)) {
+                *o = half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -262,6 +397,78 @@ mod tests {
         {
             let p = write(&dir, &format!("bad{i}.safetensors"), h, &[0u8; 8]);
             assert!(SafetensorsFiles::open(&[p]).is_err(), "{h}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn matrices_quantized_from_the_file_equal_the_dense_path() {
+        // 4,200 rows of 256 f32 values span two 4 MiB read chunks; the bf16
+        // matrix and the vocabulary-named one take the other branches.
+        let dir = std::env::temp_dir().join(format!("candela-stq-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (n, k) = (4200, 256);
+        let vals: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0 + (i / k) as f32 * 1e-3)
+            .collect();
+        let f32_bytes: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let bf_bytes: Vec<u8> = vals[..64 * k]
+            .iter()
+            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+            .collect();
+        let (a, b) = (f32_bytes.len(), bf_bytes.len());
+        let header = format!(
+            r#"{{"w":{{"dtype":"F32","shape":[{n},{k}],"data_offsets":[0,{a}]}},"h":{{"dtype":"BF16","shape":[64,{k}],"data_offsets":[{a},{}]}},"model.embed_tokens.weight":{{"dtype":"BF16","shape":[64,{k}],"data_offsets":[{a},{}]}}}}"#,
+            a + b,
+            a + b
+        );
+        let path = write(
+            &dir,
+            "m.safetensors",
+            &header,
+            &[f32_bytes, bf_bytes].concat(),
+        );
+        let dev = Device::Cpu;
+        for quant in [Quantization::Q4K, Quantization::Q8_0] {
+            let w = weights(std::slice::from_ref(&path), DType::F32, &dev, quant, true).unwrap();
+            for (name, rows, ty) in [
+                ("w", n, QType::Q4K),
+                ("h", 64, QType::Q4K),
+                ("model.embed_tokens.weight", 64, QType::Q8_0),
+            ] {
+                let ty = if quant == Quantization::Q8_0 {
+                    QType::Q8_0
+                } else {
+                    ty
+                };
+                let Some(got) = w.quantized(name) else {
+                    // q8_0 on a VNNI CPU is left to the dense path.
+                    assert!(quant == Quantization::Q8_0 && Q8Matrix::has_simd());
+                    continue;
+                };
+                let got = got.unwrap();
+                let dense = w.get((rows, k), name).unwrap();
+                let want = crate::layers::linear::quantize_blocks(&dense, ty).unwrap();
+                assert_eq!(got.dims(), (rows, k));
+                let (mut g, mut e) = (vec![0f32; k], vec![0f32; k]);
+                for r in [0, 1, rows / 2, rows - 1] {
+                    got.dequantize_row(r, &mut g);
+                    want.dequantize_row(r, &mut e);
+                    assert_eq!(g, e, "{name} {quant:?} row {r}");
+                }
+            }
+        }
+        // No quantization, or GPT-2's [in, out] Conv1D layout: dense only.
+        for (quant, rows_are_outputs) in [(Quantization::None, true), (Quantization::Q4K, false)] {
+            let w = weights(
+                std::slice::from_ref(&path),
+                DType::F32,
+                &dev,
+                quant,
+                rows_are_outputs,
+            )
+            .unwrap();
+            assert!(w.quantized("w").is_none());
         }
         std::fs::remove_dir_all(&dir).unwrap();
     }
