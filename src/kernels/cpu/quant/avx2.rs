@@ -22,9 +22,20 @@ const Q5_0: u8 = 2;
 const Q5_1: u8 = 3;
 const Q8_0: u8 = 4;
 
+/// Activation rows one call takes: eight for the K formats (one integer
+/// accumulator per row: eight plus the unpacked weights fit the sixteen
+/// registers, and each super-block's scales are unpacked once for eight
+/// rows), four for the 32-value formats (two accumulators per row).
+pub fn max_rows(ty: QType) -> usize {
+    match ty {
+        QType::Q4K | QType::Q5K | QType::Q6K => 8,
+        _ => 4,
+    }
+}
+
 /// # Safety
 /// AVX2, FMA and F16C are present; the inputs are as `Kernel::dot_rows`
-/// checks them; `1 <= x.len() <= 4 == out.len()`.
+/// checks them; `1 <= x.len() <= max_rows(ty)`, `x.len() == out.len()`.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn dot_rows(ty: QType, w: &[u8], x: &[ActRow], out: &mut [f32]) {
     macro_rules! rows {
@@ -37,6 +48,20 @@ pub unsafe fn dot_rows(ty: QType, w: &[u8], x: &[ActRow], out: &mut [f32]) {
             }
         };
     }
+    macro_rules! rows8 {
+        ($f:ident $(, $c:expr)?) => {
+            match x.len() {
+                1 => $f::<$($c,)? 1>(w, x, out),
+                2 => $f::<$($c,)? 2>(w, x, out),
+                3 => $f::<$($c,)? 3>(w, x, out),
+                4 => $f::<$($c,)? 4>(w, x, out),
+                5 => $f::<$($c,)? 5>(w, x, out),
+                6 => $f::<$($c,)? 6>(w, x, out),
+                7 => $f::<$($c,)? 7>(w, x, out),
+                _ => $f::<$($c,)? 8>(w, x, out),
+            }
+        };
+    }
     // SAFETY: per the caller.
     unsafe {
         match ty {
@@ -45,9 +70,9 @@ pub unsafe fn dot_rows(ty: QType, w: &[u8], x: &[ActRow], out: &mut [f32]) {
             QType::Q5_0 => rows!(legacy, Q5_0),
             QType::Q5_1 => rows!(legacy, Q5_1),
             QType::Q8_0 => rows!(legacy, Q8_0),
-            QType::Q4K => rows!(q45k, false),
-            QType::Q5K => rows!(q45k, true),
-            QType::Q6K => rows!(q6k),
+            QType::Q4K => rows8!(q45k, false),
+            QType::Q5K => rows8!(q45k, true),
+            QType::Q6K => rows8!(q6k),
         }
     }
 }

@@ -290,13 +290,22 @@ impl Kernel {
             Self::Avx2 => unsafe { avx2::dot_rows(ty, w, x, out) },
         }
     }
+
+    /// Activation rows one [`Kernel::dot_rows`] call takes for `ty`.
+    fn max_rows(self, ty: QType) -> usize {
+        match self {
+            Self::Scalar => 4,
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2 => avx2::max_rows(ty),
+        }
+    }
 }
 
-/// What the kernels rely on: 1-4 activation rows quantized in blocks of
+/// What the kernels rely on: 1-8 activation rows quantized in blocks of
 /// the weight format's own size (32, or 256 for the K formats), each as long
 /// as the weight row `w` (whole blocks).
 fn check_rows(ty: QType, w: &[u8], x: &[ActRow]) -> bool {
-    (1..=4).contains(&x.len())
+    (1..=8).contains(&x.len())
         && x.iter().all(|x| {
             x.block == ty.block_values()
                 && w.len() == ty.row_bytes(x.q.len())
@@ -359,8 +368,9 @@ fn matmul_with(kernel: Kernel, parts: &[&QMatrix], x: &Tensor) -> Result<Tensor>
     };
     // What the kernels rely on, checked once per matrix rather than per row.
     for p in parts.iter().filter(|p| p.n > 0) {
-        for j in (0..m).step_by(4) {
-            let h = (m - j).min(4);
+        let step = kernel.max_rows(p.ty);
+        for j in (0..m).step_by(step) {
+            let h = (m - j).min(step);
             assert!(check_rows(p.ty, p.row(0), &rows_for(p.ty)[j..j + h]));
         }
     }
@@ -386,16 +396,17 @@ fn matmul_with(kernel: Kernel, parts: &[&QMatrix], x: &Tensor) -> Result<Tensor>
                 let first = c * chunk;
                 // Activation rows in groups that stay in L1 while the task's
                 // weight rows (in L2) pass by.
-                let mut buf = [0f32; 4];
+                let mut buf = [0f32; 8];
                 for j0 in (0..m).step_by(ACT_ROWS) {
                     let j1 = (j0 + ACT_ROWS).min(m);
                     for (i, o) in out.chunks_mut(m).enumerate() {
                         let (p, r) = locate(first + i);
                         let (w, rows) = (p.row(r), rows_for(p.ty));
-                        // Four activation rows per pass: each weight block is
-                        // unpacked once for all four.
-                        for j in (j0..j1).step_by(4) {
-                            let h = (j1 - j).min(4);
+                        // Several activation rows per pass: each weight block
+                        // is unpacked once for all of them.
+                        let step = kernel.max_rows(p.ty);
+                        for j in (j0..j1).step_by(step) {
+                            let h = (j1 - j).min(step);
                             // SAFETY: checked above for every row group
                             // (all weight rows of a part have one length).
                             unsafe { kernel.dot_rows(p.ty, w, &rows[j..j + h], &mut buf[..h]) };
