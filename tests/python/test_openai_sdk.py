@@ -199,7 +199,7 @@ def test_shutdown_timeout_ends_open_streams_with_an_error_then_exits_3():
     import threading
 
     s = Server("--model", "models/stories260K", "--kv-cache-memory", "16MiB",
-               "--shutdown-timeout", "1", "--max-num-seqs", "4")
+               "--shutdown-timeout", "1", "--max-num-seqs", "2")
     c = openai.OpenAI(base_url=s.base + "/v1", api_key="none", max_retries=0)
     results = [None] * 32
 
@@ -217,7 +217,18 @@ def test_shutdown_timeout_ends_open_streams_with_an_error_then_exits_3():
     threads = [threading.Thread(target=stream, args=(i,)) for i in range(32)]
     for t in threads:
         t.start()
-    time.sleep(0.5)
+    # Shut down once the server has seen every request (finished, running or
+    # waiting): a fixed pause raced the client threads' connections against
+    # the engine, which finishes a stream of this tiny model in well under a
+    # second (two at a time, so most are still queued at the deadline).
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        m = s.metrics()
+        seen = sum(m.get(f"candela:{k}", 0) for k in
+                   ("num_requests_running", "num_requests_waiting", "request_success_total"))
+        if seen >= 32:
+            break
+        time.sleep(0.02)
     s.proc.send_signal(signal.SIGTERM)
     for t in threads:
         t.join(timeout=60)
