@@ -42,6 +42,10 @@ pub struct Architecture {
     pub gguf: &'static [&'static str],
     pub from_hf: HfBuilder,
     pub from_gguf: Option<GgufBuilder>,
+    /// Hugging Face checkpoints store its linear weights as `[in, out]`
+    /// (GPT-2's `Conv1D`) rather than `[out, in]`: they cannot be quantized
+    /// row by row from the file, only after the model transposes them.
+    pub hf_linear_in_out: bool,
 }
 
 pub const ARCHITECTURES: &[Architecture] = &[
@@ -51,6 +55,7 @@ pub const ARCHITECTURES: &[Architecture] = &[
         gguf: &["llama"],
         from_hf: llama::from_hf,
         from_gguf: Some(llama::from_gguf),
+        hf_linear_in_out: false,
     },
     Architecture {
         name: "MistralForCausalLM",
@@ -58,6 +63,7 @@ pub const ARCHITECTURES: &[Architecture] = &[
         gguf: &["mistral"],
         from_hf: llama::from_hf,
         from_gguf: Some(llama::from_gguf),
+        hf_linear_in_out: false,
     },
     Architecture {
         name: "Qwen2ForCausalLM",
@@ -65,6 +71,7 @@ pub const ARCHITECTURES: &[Architecture] = &[
         gguf: &["qwen2"],
         from_hf: llama::from_hf,
         from_gguf: Some(llama::from_gguf),
+        hf_linear_in_out: false,
     },
     Architecture {
         name: "Qwen3ForCausalLM",
@@ -72,6 +79,7 @@ pub const ARCHITECTURES: &[Architecture] = &[
         gguf: &["qwen3"],
         from_hf: llama::from_hf,
         from_gguf: Some(llama::from_gguf),
+        hf_linear_in_out: false,
     },
     Architecture {
         name: "Gemma3ForCausalLM",
@@ -79,6 +87,7 @@ pub const ARCHITECTURES: &[Architecture] = &[
         gguf: &["gemma3"],
         from_hf: gemma3::from_hf,
         from_gguf: Some(gemma3::from_gguf),
+        hf_linear_in_out: false,
     },
     Architecture {
         name: "GPT2LMHeadModel",
@@ -86,6 +95,7 @@ pub const ARCHITECTURES: &[Architecture] = &[
         gguf: &["gpt2"],
         from_hf: gpt2::from_hf,
         from_gguf: Some(gpt2::from_gguf),
+        hf_linear_in_out: true,
     },
 ];
 
@@ -281,8 +291,8 @@ fn load_dir(
         .with_context(|| format!("{}: missing config.json", dir.display()))?;
     let special = special_tokens(&text).with_context(|| format!("in {}", cfg_path.display()))?;
     // The architecture first: an unsupported one is the clearest error.
-    super::config::parse::<super::config::Common>(&text)
-        .and_then(|c| find_hf(&c.architecture()?).map(|_| ()))
+    let arch = super::config::parse::<super::config::Common>(&text)
+        .and_then(|c| find_hf(&c.architecture()?))
         .with_context(|| format!("in {}", cfg_path.display()))?;
     let tokenizer = Tokenizer::from_dir(dir, &special)?;
     let files = ModelSource::safetensors_files(dir)?;
@@ -291,14 +301,12 @@ fn load_dir(
             bail!("missing weights file {}", f.display());
         }
     }
-    let arch = super::config::parse::<super::config::Common>(&text)?.architecture()?;
     let weights = crate::weights::safetensors::weights(
         &files,
         opts.dtype,
         &opts.device,
         opts.quantization,
-        // GPT-2's Conv1D weights are [in, out]: quantized after transposing.
-        arch != "GPT2LMHeadModel",
+        !arch.hf_linear_in_out,
     )
     .with_context(|| format!("reading safetensors in {}", dir.display()))?;
     let model = build_hf_weights(&text, weights, opts)
