@@ -131,10 +131,7 @@ pub fn quantize_blocks(weight: &Tensor, ty: QType) -> Result<QMatrix> {
     with_slice::<f32, _>(&w, |w| {
         data.par_chunks_mut(rb)
             .zip(w.par_chunks(k))
-            .for_each(|(q, row)| match ty {
-                QType::Q4K => quant::quantize_row_q4k(row, q),
-                _ => quant::quantize_row_q8_0(row, q),
-            });
+            .for_each(|(q, row)| quant::quantize_row(ty, row, q));
     })?;
     // The float copy is garbage now: give it back at once rather than let
     // the allocator keep it (a minute) while the next tensors pile up

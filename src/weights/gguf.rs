@@ -381,13 +381,7 @@ impl SimpleBackend for Dense {
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
         let t = self.get_unchecked(name, dtype, dev)?;
-        if t.shape() != &s {
-            candle_core::bail!(
-                "{name}: shape {:?} in the GGUF file, expected {s:?}",
-                t.shape()
-            );
-        }
-        Ok(t)
+        super::expect_shape(t, &s, name, "the GGUF file")
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {

@@ -77,3 +77,15 @@ impl<'a> Weights<'a> {
         self.quant.as_ref()?.quantized(&full)
     }
 }
+
+/// `t` if it has the shape a model asked for, else an error naming the
+/// tensor and where it came from (the backends' `SimpleBackend::get`).
+fn expect_shape(t: Tensor, want: &Shape, name: &str, source: &str) -> Result<Tensor> {
+    if t.shape() != want {
+        candle_core::bail!(
+            "{name}: shape {:?} in {source}, expected {want:?}",
+            t.shape()
+        );
+    }
+    Ok(t)
+}

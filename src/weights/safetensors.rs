@@ -142,13 +142,7 @@ impl SimpleBackend for SafetensorsFiles {
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
         let t = self.get_unchecked(name, dtype, dev)?;
-        if t.shape() != &s {
-            candle_core::bail!(
-                "{name}: shape {:?} in the checkpoint, expected {s:?}",
-                t.shape()
-            );
-        }
-        Ok(t)
+        super::expect_shape(t, &s, name, "the checkpoint")
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
@@ -315,10 +309,7 @@ fn quantize_from_file(
         widen(e.dtype, raw, wide);
         out.par_chunks_mut(rb)
             .zip(wide.par_chunks(k))
-            .for_each(|(q, row)| match ty {
-                QType::Q4K => quant::quantize_row_q4k(row, q),
-                _ => quant::quantize_row_q8_0(row, q),
-            });
+            .for_each(|(q, row)| quant::quantize_row(ty, row, q));
     }
     QMatrix::new(ty, n, k, data)
 }

@@ -424,6 +424,30 @@ pub(super) struct Item<'a, R> {
     pub(super) softcap: Option<f32>,
 }
 
+impl<R> Item<'_, R> {
+    /// The keys `lo..=pos` as runs of contiguous cache rows, in order: (first
+    /// element of the run, rows). A block's rows for one KV head are
+    /// contiguous; the blocks themselves are scattered.
+    #[inline]
+    pub(super) fn segments(&self, out: &mut Vec<(usize, usize)>) {
+        let bs = self.layout.block_size;
+        let (lo, hi) = (self.lo, self.pos);
+        out.clear();
+        for (bi, &block) in self
+            .table
+            .iter()
+            .enumerate()
+            .take(hi / bs + 1)
+            .skip(lo / bs)
+        {
+            let start = lo.max(bi * bs) - bi * bs;
+            let end = (hi + 1).min((bi + 1) * bs) - bi * bs;
+            let base = self.layout.index(block as usize * bs + start, self.kv_head);
+            out.push((base, end - start));
+        }
+    }
+}
+
 /// Scratch space reused across the work items of one rayon split.
 #[derive(Default)]
 pub(super) struct Scratch {
@@ -445,39 +469,43 @@ pub(super) struct Scratch {
 #[inline(always)]
 fn attend_group<R: KvRows>(it: &Item<'_, R>, s: &mut Scratch, out: &mut [f32]) {
     let (hd, g) = (it.layout.head_dim, it.group);
-    let bs = it.layout.block_size;
+    it.segments(&mut s.segments);
     s.q.clear();
     s.q.extend(it.q.iter().map(|x| x * it.scale));
     s.scores.clear();
     s.max.clear();
     s.max.resize(g, f32::NEG_INFINITY);
-    for_each_key(it.table, it.lo, it.pos, bs, |block, off| {
-        let base = it.layout.index(block * bs + off, it.kv_head);
-        let k = it.kc.row(base, hd, &mut s.row);
-        for j in 0..g {
-            let mut v = dot(&s.q[j * hd..(j + 1) * hd], k);
-            if let Some(cap) = it.softcap {
-                v = cap * (v / cap).tanh();
+    for si in 0..s.segments.len() {
+        let (first, len) = s.segments[si];
+        for r in 0..len {
+            let k = it.kc.row(first + r * hd, hd, &mut s.row);
+            for j in 0..g {
+                let mut v = dot(&s.q[j * hd..(j + 1) * hd], k);
+                if let Some(cap) = it.softcap {
+                    v = cap * (v / cap).tanh();
+                }
+                s.max[j] = s.max[j].max(v);
+                s.scores.push(v);
             }
-            s.max[j] = s.max[j].max(v);
-            s.scores.push(v);
         }
-    });
+    }
     s.sum.clear();
     s.sum.resize(g, 0.0);
     s.acc.clear();
     s.acc.resize(g * hd, 0.0);
     let mut i = 0;
-    for_each_key(it.table, it.lo, it.pos, bs, |block, off| {
-        let base = it.layout.index(block * bs + off, it.kv_head);
-        let v = it.vc.row(base, hd, &mut s.row);
-        for j in 0..g {
-            let w = (s.scores[i] - s.max[j]).exp();
-            i += 1;
-            s.sum[j] += w;
-            axpy(w, v, &mut s.acc[j * hd..(j + 1) * hd]);
+    for si in 0..s.segments.len() {
+        let (first, len) = s.segments[si];
+        for r in 0..len {
+            let v = it.vc.row(first + r * hd, hd, &mut s.row);
+            for j in 0..g {
+                let w = (s.scores[i] - s.max[j]).exp();
+                i += 1;
+                s.sum[j] += w;
+                axpy(w, v, &mut s.acc[j * hd..(j + 1) * hd]);
+            }
         }
-    });
+    }
     for j in 0..g {
         let inv = 1.0 / s.sum[j];
         for (o, a) in out[j * hd..(j + 1) * hd]
@@ -540,19 +568,6 @@ fn attend_typed<R: KvRows + Copy>(
         );
     })?;
     Tensor::from_vec(out, (n_tokens, nh * hd), &Device::Cpu)
-}
-
-/// Calls `f(block, offset)` for cache positions `lo..=hi` in order.
-#[inline]
-fn for_each_key(table: &[u32], lo: usize, hi: usize, bs: usize, mut f: impl FnMut(usize, usize)) {
-    for (bi, &block) in table.iter().enumerate().take(hi / bs + 1).skip(lo / bs) {
-        let block = block as usize;
-        let start = lo.max(bi * bs) - bi * bs;
-        let end = (hi + 1).min((bi + 1) * bs) - bi * bs;
-        for off in start..end {
-            f(block, off);
-        }
-    }
 }
 
 /// `q · k` with eight independent partial sums, so it vectorizes.

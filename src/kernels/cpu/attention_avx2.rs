@@ -15,6 +15,7 @@ use std::arch::x86_64::*;
 use half::{bf16, f16};
 
 use super::attention::{Fp8Rows, Item, Q8Rows, Scratch};
+use super::vmath::exp8;
 
 /// Cache rows that load as eight f32 lanes at a time.
 pub(super) trait Rows8: Copy {
@@ -144,17 +145,10 @@ pub(super) fn supported(head_dim: usize) -> bool {
 /// block table and range were checked against the cache (`check_batch`).
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn attend<R: Rows8>(it: &Item<'_, R>, s: &mut Scratch, out: &mut [f32]) {
-    let (hd, g, bs) = (it.layout.head_dim, it.group, it.layout.block_size);
+    let (hd, g) = (it.layout.head_dim, it.group);
     let chunks = hd / 8;
-    s.segments.clear();
-    let (lo, hi) = (it.lo, it.pos);
-    for (bi, &block) in it.table.iter().enumerate().take(hi / bs + 1).skip(lo / bs) {
-        let start = lo.max(bi * bs) - bi * bs;
-        let end = (hi + 1).min((bi + 1) * bs) - bi * bs;
-        let base = it.layout.index(block as usize * bs + start, it.kv_head);
-        s.segments.push((base, end - start));
-    }
-    let n = hi + 1 - lo;
+    it.segments(&mut s.segments);
+    let n = it.pos + 1 - it.lo;
     // Scores, head-major, padded to whole registers for the exp pass.
     let stride = n.next_multiple_of(8);
     s.scores.clear();
@@ -199,7 +193,7 @@ pub(super) unsafe fn attend<R: Rows8>(it: &Item<'_, R>, s: &mut Scratch, out: &m
         for c in row.chunks_exact_mut(8) {
             // SAFETY: `c` holds eight values.
             unsafe {
-                let w = exp(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), m));
+                let w = exp8(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), m));
                 _mm256_storeu_ps(c.as_mut_ptr(), w);
                 sum = _mm256_add_ps(sum, w);
             }
@@ -326,79 +320,5 @@ fn hsum(v: __m256) -> f32 {
         let x = _mm_add_ps(x, _mm_movehl_ps(x, x));
         let x = _mm_add_ss(x, _mm_shuffle_ps::<0b01>(x, x));
         _mm_cvtss_f32(x)
-    }
-}
-
-/// `e^x` eight at a time, relative error a few 1e-7: `x = n ln 2 + f` with
-/// `|f| <= ln 2 / 2` (ln 2 split in two so that `f` is exact), `e^f` by its
-/// degree-7 Taylor polynomial, `2^n` built in the exponent bits. Below -87
-/// (where `2^n` would be subnormal), including `-inf`, the result is 0.
-#[inline]
-#[target_feature(enable = "avx2,fma")]
-pub(super) fn exp(x: __m256) -> __m256 {
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
-    let tiny = _mm256_cmp_ps::<_CMP_LT_OQ>(x, _mm256_set1_ps(-87.0));
-    let x = _mm256_min_ps(
-        _mm256_max_ps(x, _mm256_set1_ps(-87.0)),
-        _mm256_set1_ps(88.0),
-    );
-    let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
-        x,
-        _mm256_set1_ps(std::f32::consts::LOG2_E),
-    ));
-    let f = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), x);
-    let f = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), f);
-    let mut p = _mm256_set1_ps(1.0 / 5040.0);
-    for c in [
-        1.0 / 720.0,
-        1.0 / 120.0,
-        1.0 / 24.0,
-        1.0 / 6.0,
-        0.5,
-        1.0,
-        1.0,
-    ] {
-        p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(c));
-    }
-    // 2^n for n in [-126, 127]: the biased exponent in place.
-    let pow2 = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
-        _mm256_cvtps_epi32(n),
-        _mm256_set1_epi32(127),
-    )));
-    _mm256_andnot_ps(tiny, _mm256_mul_ps(p, pow2))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn exp_is_accurate() {
-        if !supported(8) {
-            return;
-        }
-        let xs: Vec<f32> = (0..8 * 800).map(|i| 80.0 - (i as f32) * 0.03).collect();
-        for c in xs.chunks(8) {
-            let mut got = [0f32; 8];
-            // SAFETY: the features were detected.
-            unsafe { _mm256_storeu_ps(got.as_mut_ptr(), exp(_mm256_loadu_ps(c.as_ptr()))) };
-            for (x, g) in c.iter().zip(got) {
-                let want = x.exp();
-                assert!(
-                    (g - want).abs() <= 3e-7 * want + 1e-37,
-                    "exp({x}) = {g}, want {want}"
-                );
-            }
-        }
-        let mut got = [1f32; 8];
-        let mut big = [0f32; 8];
-        // SAFETY: as above.
-        unsafe {
-            _mm256_storeu_ps(got.as_mut_ptr(), exp(_mm256_set1_ps(f32::NEG_INFINITY)));
-            _mm256_storeu_ps(big.as_mut_ptr(), exp(_mm256_set1_ps(1000.0)));
-        }
-        assert_eq!(got, [0.0; 8]);
-        assert!(big.iter().all(|v| v.is_finite() && *v > 1e38));
     }
 }

@@ -79,19 +79,11 @@ unsafe fn attend_v<T: Lanes, const V: usize, const H: usize>(
     s: &mut Scratch,
     out: &mut [f32],
 ) {
-    let (hd, g, bs) = (it.layout.head_dim, it.group, it.layout.block_size);
+    let (hd, g) = (it.layout.head_dim, it.group);
     // A compile-time count for the exact variants, so the row loops unroll.
     let v_regs = if V == MAX_V { hd / 16 } else { V }.min(V);
-    // Key segments: (start of the block's rows for this KV head, rows).
-    s.segments.clear();
-    let (lo, hi) = (it.lo, it.pos);
-    for (bi, &block) in it.table.iter().enumerate().take(hi / bs + 1).skip(lo / bs) {
-        let start = lo.max(bi * bs) - bi * bs;
-        let end = (hi + 1).min((bi + 1) * bs) - bi * bs;
-        let base = it.layout.index(block as usize * bs + start, it.kv_head);
-        s.segments.push((base, end - start));
-    }
-    let n = hi + 1 - lo;
+    it.segments(&mut s.segments);
+    let n = it.pos + 1 - it.lo;
     // Scores, head-major, padded so the exp pass works on whole registers.
     let stride = n.next_multiple_of(16);
     s.scores.clear();

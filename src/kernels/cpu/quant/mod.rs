@@ -17,7 +17,7 @@ mod avx2;
 mod quantize;
 mod scalar;
 
-pub use quantize::{quantize_row_q4k, quantize_row_q8_0};
+pub use quantize::quantize_row;
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{Result, Tensor};

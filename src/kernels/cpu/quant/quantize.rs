@@ -14,19 +14,29 @@ use super::{QType, QK_K};
 /// scales and minimums, 128 bytes of 4-bit values.
 const BLOCK_BYTES: usize = 144;
 
+/// Quantizes one row into the load-time formats: Q4_K, or Q8_0 for any
+/// other `ty` (the two `--quantization` produces).
+pub fn quantize_row(ty: QType, x: &[f32], out: &mut [u8]) {
+    match ty {
+        QType::Q4K => quantize_row_q4k(x, out),
+        _ => quantize_row_q8_0(x, out),
+    }
+}
+
 /// Quantizes `x` (a multiple of 32 values) to GGUF's Q8_0 blocks in `out`
 /// (an f16 scale `amax / 127` and 32 rounded i8 values per block, as
 /// llama.cpp's `quantize_row_q8_0_ref`).
 pub fn quantize_row_q8_0(x: &[f32], out: &mut [u8]) {
     assert!(x.len().is_multiple_of(32));
     assert_eq!(out.len(), QType::Q8_0.row_bytes(x.len()));
+    // The same rounding as the q8_0 KV cache; only the layout differs (the
+    // scale in front of its 32 values).
+    let (mut q, mut d) = ([0i8; 32], [f16::ZERO]);
     for (x, o) in x.chunks_exact(32).zip(out.chunks_exact_mut(34)) {
-        let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let d = amax / 127.0;
-        let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-        o[0..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
-        for (q, v) in o[2..].iter_mut().zip(x) {
-            *q = ((v * inv).round() as i8) as u8;
+        crate::kernels::cpu::kv_quant::quantize_q8_0(x, 32, &mut q, &mut d);
+        o[0..2].copy_from_slice(&d[0].to_le_bytes());
+        for (o, q) in o[2..].iter_mut().zip(q) {
+            *o = q as u8;
         }
     }
 }
