@@ -18,7 +18,7 @@ use std::sync::Arc;
 use candela::engine::{
     EngineConfig, EngineCore, EngineEvent, EngineStats, FinishReason, GenerateRequest, Limits,
 };
-use candela::kv_cache::KvCacheSizing;
+use candela::kv_cache::{KvCacheSizing, KvDtype};
 use candela::models::{load_model, LoadOptions};
 use candle_core::DType;
 use rand::rngs::StdRng;
@@ -152,8 +152,14 @@ fn run_seed(seed: u64, ops: usize) -> u64 {
         max_waiting_requests: 1024,
         enable_prefix_caching: rng.random_bool(0.7),
     };
-    let bpt = loaded.model.spec().cache.bytes_per_token(DType::F32);
-    let sizing = KvCacheSizing::new(block_size, bpt, Some(num_blocks), None, 0).unwrap();
+    // Every cache format: the 8-bit ones carry scales that block copies
+    // (copy on write for n > 1) must move with their rows.
+    let cache_dtype =
+        [KvDtype::F32, KvDtype::F16, KvDtype::Q8_0, KvDtype::Fp8E4M3][rng.random_range(0..4)];
+    let bpt = loaded.model.spec().cache.bytes_per_token(cache_dtype);
+    let sizing = KvCacheSizing::new(block_size, bpt, Some(num_blocks), None, 0)
+        .unwrap()
+        .with_dtype(cache_dtype);
     let stats = Arc::new(EngineStats::default());
     let mut core =
         EngineCore::new(loaded.model, loaded.tokenizer, sizing, cfg, stats.clone()).unwrap();

@@ -310,4 +310,57 @@ mod tests {
         }
         assert!(s.layer(0).k.as_slice::<f16>().is_none());
     }
+
+    #[test]
+    fn copy_block_copies_the_8_bit_formats_with_their_scales() {
+        // Heads of 16 values: q8_0 keeps one scale per 16, fp8 one per row.
+        let l = KvLayout {
+            num_layers: 1,
+            num_kv_heads: 2,
+            head_dim: 16,
+            block_size: 2,
+            num_blocks: 3,
+        };
+        let n = l.block_len();
+        for dtype in [KvDtype::Q8_0, KvDtype::Fp8E4M3] {
+            let mut s = KvStorage::new(l, dtype).unwrap();
+            match &mut s.layer_mut(0).v {
+                KvBuffer::Q8_0 { qs, scales, .. } => {
+                    qs[..n]
+                        .iter_mut()
+                        .enumerate()
+                        .for_each(|(i, q)| *q = i as i8);
+                    scales[..n / 16]
+                        .iter_mut()
+                        .enumerate()
+                        .for_each(|(i, d)| *d = f16::from_f32(i as f32 + 1.0));
+                }
+                KvBuffer::Fp8 { codes, scales, .. } => {
+                    codes[..n]
+                        .iter_mut()
+                        .enumerate()
+                        .for_each(|(i, c)| *c = i as u8);
+                    scales[..n / 16]
+                        .iter_mut()
+                        .enumerate()
+                        .for_each(|(i, d)| *d = i as f32 + 1.0);
+                }
+                _ => unreachable!(),
+            }
+            s.copy_block(0, 2);
+            match &s.layer(0).v {
+                KvBuffer::Q8_0 { qs, scales, .. } => {
+                    assert_eq!(qs[2 * n..3 * n], qs[..n]);
+                    assert_eq!(scales[2 * n / 16..3 * n / 16], scales[..n / 16]);
+                    assert!(scales[n / 16..2 * n / 16].iter().all(|d| *d == f16::ZERO));
+                }
+                KvBuffer::Fp8 { codes, scales, .. } => {
+                    assert_eq!(codes[2 * n..3 * n], codes[..n]);
+                    assert_eq!(scales[2 * n / 16..3 * n / 16], scales[..n / 16]);
+                    assert!(scales[n / 16..2 * n / 16].iter().all(|d| *d == 0.0));
+                }
+                _ => unreachable!(),
+            }
+        }
+    }
 }
