@@ -30,6 +30,8 @@ FIXTURES = ROOT / "tests" / "fixtures"
 STORIES = ROOT / "models" / "stories260K"
 VOCAB = 512
 MARGIN = 2e-3
+# MoE fixtures: the smallest gap between the k-th and (k+1)-th expert probability of any token.
+ROUTING_MARGIN = 1e-4
 GREEDY_TOKENS = 32
 
 BASE = dict(
@@ -77,6 +79,36 @@ VARIANTS = {
     "llama_yarn_rope": dict(
         model_type="llama", num_key_value_heads=2,
         rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=16),
+    ),
+    # Mixtral: 4 experts, top 2 (renormalized), sliding window 8.
+    "mixtral_window": dict(
+        model_type="mixtral", num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+        intermediate_size=96, sliding_window=8, tie_word_embeddings=False,
+    ),
+    # Mixtral: 8 experts, top 2, no window; also as GGUF files (llama.cpp's `llama` layout).
+    "mixtral_8e": dict(
+        model_type="mixtral", num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
+        intermediate_size=64, sliding_window=None, tie_word_embeddings=False,
+    ),
+    # Qwen2-MoE: 6 experts, top 2 not renormalized, a shared expert with its sigmoid gate, q/k/v
+    # biases; also as GGUF files.
+    "qwen2_moe_shared": dict(
+        model_type="qwen2_moe", num_key_value_heads=2, num_experts=6, num_experts_per_tok=2,
+        moe_intermediate_size=32, shared_expert_intermediate_size=96, norm_topk_prob=False,
+        use_sliding_window=False, tie_word_embeddings=False,
+    ),
+    # Qwen2-MoE: 8 experts, top 3 renormalized; of 4 layers only the last is sparse (decoder_sparse_step
+    # 2 makes layers 1 and 3 sparse, mlp_only_layers keeps 1 dense); tied embeddings.
+    "qwen2_moe_step": dict(
+        model_type="qwen2_moe", num_key_value_heads=4, num_hidden_layers=4, num_experts=8,
+        num_experts_per_tok=3, moe_intermediate_size=24, shared_expert_intermediate_size=64,
+        norm_topk_prob=True, decoder_sparse_step=2, mlp_only_layers=[1], use_sliding_window=False,
+        tie_word_embeddings=True,
+    ),
+    # Qwen3-MoE: 8 experts, top 2 renormalized, q/k norms, head_dim 32; also as GGUF files.
+    "qwen3_moe": dict(
+        model_type="qwen3_moe", num_key_value_heads=2, head_dim=32, num_experts=8, num_experts_per_tok=2,
+        moe_intermediate_size=64, norm_topk_prob=True, tie_word_embeddings=False,
     ),
     # Gemma 3: multi-query attention, a window (8) shorter than the prompts, local and global
     # layers with their own RoPE (linear scaling on the global one), query_pre_attn_scalar
@@ -136,6 +168,23 @@ def greedy(model, prompt, n):
 
 
 @torch.no_grad()
+def routing_margin(model, sequences):
+    """The smallest gap, over every token and MoE layer, between the probability of the last expert
+    a token is routed to and the next one (inf for a dense model): a near tie would let float
+    rounding pick a different expert."""
+    k = getattr(model.config, "num_experts_per_tok", None)
+    if k is None:
+        return float("inf")
+    gap = float("inf")
+    for seq in sequences:
+        for logits in model(torch.tensor([seq]), output_router_logits=True).router_logits:
+            probs = torch.softmax(logits.float(), dim=-1).sort(dim=-1, descending=True).values
+            if probs.shape[-1] > k:
+                gap = min(gap, float((probs[:, k - 1] - probs[:, k]).min()))
+    return gap
+
+
+@torch.no_grad()
 def make_variant(name, spec, base=BASE):
     spec = dict(spec)
     old_rope = spec.pop("_old_rope_format", False)
@@ -148,7 +197,8 @@ def make_variant(name, spec, base=BASE):
         ps = prompts(1000 + seed)
         runs = [greedy(model, p, GREEDY_TOKENS) for p in ps[1:3]]
         margin = min(m for _, m in runs)
-        if margin >= MARGIN:
+        routing = routing_margin(model, ps + [p + toks for p, (toks, _) in zip(ps[1:3], runs)])
+        if margin >= MARGIN and routing >= ROUTING_MARGIN:
             break
     else:
         raise SystemExit(f"{name}: no seed with a greedy margin >= {MARGIN}")
@@ -168,6 +218,7 @@ def make_variant(name, spec, base=BASE):
         "generator": f"scripts/make_fixtures.py, transformers {transformers.__version__}, torch {torch.__version__}",
         "seed": seed,
         "min_greedy_margin": margin,
+        **({"min_routing_margin": routing} if routing != float("inf") else {}),
         "logits": [
             {"prompt": p, "last_logits": model(torch.tensor([p])).logits[0, -1].tolist()} for p in ps
         ],
@@ -242,6 +293,104 @@ def make_gpt2_gguf(name):
     print(f"{name}.gguf written")
 
 
+# MoE fixtures also written as GGUF files: fixture -> llama.cpp architecture.
+MOE_GGUF = {"mixtral_8e": "llama", "qwen2_moe_shared": "qwen2moe", "qwen3_moe": "qwen3moe"}
+
+
+def make_moe_gguf(name, arch):
+    """GGUF files of an MoE fixture in llama.cpp's layout, as its converter writes them: each
+    projection of a layer's experts stacked into one [experts, out, in] tensor (ffn_*_exps), the
+    router as ffn_gate_inp, Qwen2-MoE's shared expert as ffn_*_shexp with its [1, hidden] gate
+    squeezed to a vector, and for the `llama` architecture (Mixtral) q/k rows permuted for
+    llama.cpp's RoPE. One file in f32 (`NAME.gguf`) and one with every matrix in Q8_0 but the
+    router and the norms (`NAME-q8_0.gguf`, as llama-quantize leaves ffn_gate_inp), each with the
+    stories260K tokenizer's metadata."""
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    src = FIXTURES / name
+    cfg = json.loads((src / "config.json").read_text())
+    w = load_file(src / "model.safetensors")
+    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    experts = cfg.get("num_local_experts") or cfg["num_experts"]
+    block = "block_sparse_moe" if arch == "llama" else "mlp"
+    proj = {"llama": ("w1", "w3", "w2")}.get(arch, ("gate_proj", "up_proj", "down_proj"))
+
+    def permute(t, n):  # llama.cpp's LlamaModel.permute
+        return t.reshape(n, 2, t.shape[0] // n // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+
+    tensors = {
+        "token_embd.weight": w["model.embed_tokens.weight"],
+        "output_norm.weight": w["model.norm.weight"],
+        "output.weight": w["lm_head.weight"],
+    }
+    parts = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+             "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+             "self_attn.k_norm": "attn_k_norm", f"{block}.gate": "ffn_gate_inp",
+             "mlp.shared_expert.gate_proj": "ffn_gate_shexp", "mlp.shared_expert.up_proj": "ffn_up_shexp",
+             "mlp.shared_expert.down_proj": "ffn_down_shexp", "mlp.shared_expert_gate": "ffn_gate_inp_shexp"}
+    for i in range(cfg["num_hidden_layers"]):
+        pre = f"model.layers.{i}."
+        for hf, g in parts.items():
+            for kind in ["weight", "bias"]:
+                t = w.get(f"{pre}{hf}.{kind}")
+                if t is None:
+                    continue
+                if arch == "llama" and hf == "self_attn.q_proj":
+                    t = permute(t, heads)
+                if arch == "llama" and hf == "self_attn.k_proj":
+                    t = permute(t, kv_heads)
+                if g == "ffn_gate_inp_shexp":
+                    t = t.reshape(-1)
+                tensors[f"blk.{i}.{g}.{kind}"] = t
+        for p, g in zip(proj, ["ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"]):
+            tensors[f"blk.{i}.{g}.weight"] = np.stack(
+                [w[f"{pre}{block}.experts.{e}.{p}.weight"] for e in range(experts)])
+    stories = gguf.GGUFReader(str(FIXTURES / "stories260K-f32.gguf"))
+    for suffix, quantize in [("", False), ("-q8_0", True)]:
+        out = gguf.GGUFWriter(str(FIXTURES / f"{name}{suffix}.gguf"), arch)
+        out.add_context_length(cfg["max_position_embeddings"])
+        out.add_embedding_length(cfg["hidden_size"])
+        out.add_block_count(cfg["num_hidden_layers"])
+        out.add_feed_forward_length(cfg["intermediate_size"])
+        out.add_head_count(heads)
+        out.add_head_count_kv(kv_heads)
+        out.add_key_length(head_dim)
+        out.add_value_length(head_dim)
+        out.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+        rope = cfg.get("rope_parameters") or {}
+        out.add_rope_freq_base(cfg.get("rope_theta") or rope.get("rope_theta", 10000.0))
+        out.add_expert_count(experts)
+        out.add_expert_used_count(cfg["num_experts_per_tok"])
+        if arch != "llama":
+            out.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+        if arch == "qwen2moe":
+            out.add_expert_shared_feed_forward_length(cfg["shared_expert_intermediate_size"])
+        for key, field in stories.fields.items():
+            if not key.startswith("tokenizer."):
+                continue
+            vt = field.types[0]
+            if vt == gguf.GGUFValueType.ARRAY:
+                out.add_array(key, field.contents())
+            else:
+                out.add_key_value(key, field.contents(), vt)
+        for gname, t in tensors.items():
+            t = np.ascontiguousarray(t, dtype=np.float32)
+            if quantize and t.ndim >= 2 and "ffn_gate_inp" not in gname:
+                q = gguf.quants.quantize(t, gguf.GGMLQuantizationType.Q8_0)
+                out.add_tensor(gname, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            else:
+                out.add_tensor(gname, t)
+        out.write_header_to_file()
+        out.write_kv_data_to_file()
+        out.write_tensors_to_file()
+        out.close()
+        print(f"{name}{suffix}.gguf written")
+
+
 GEMMA_GGUF = ROOT / "models-cache" / "gemma-3-270m-q4_k_m.gguf"
 GEMMA_PROMPT = "The capital of France is"
 
@@ -288,6 +437,9 @@ def main():
             make_variant(name, {"model_type": "gpt2", **spec}, base=GPT2_BASE)
     if want("gpt2_4heads") or want("gpt2_gguf"):
         make_gpt2_gguf("gpt2_4heads")
+    for name, arch in MOE_GGUF.items():
+        if want(name) or want("moe_gguf"):
+            make_moe_gguf(name, arch)
     if want("stories"):
         make_stories_golden()
     if want("gemma3_270m"):

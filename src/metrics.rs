@@ -1,5 +1,6 @@
 //! Prometheus metrics, named like vLLM's with a `candela:` prefix.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use prometheus::{
@@ -7,6 +8,7 @@ use prometheus::{
 };
 
 use crate::engine::{FinishReason, StatsSnapshot, Timings, Usage};
+use crate::layers::ExpertStats;
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -41,6 +43,14 @@ pub struct Metrics {
     running: prometheus::Gauge,
     waiting: prometheus::Gauge,
     kv_usage: prometheus::Gauge,
+    experts: Option<ExpertMetrics>,
+}
+
+/// The expert load balance of a Mixture-of-Experts model, per MoE layer.
+struct ExpertMetrics {
+    stats: Arc<ExpertStats>,
+    routed: prometheus::IntCounterVec,
+    imbalance: prometheus::GaugeVec,
 }
 
 impl Metrics {
@@ -135,7 +145,46 @@ impl Metrics {
             success,
             registry,
             model_name: model_name.to_string(),
+            experts: None,
         }
+    }
+
+    /// Exports a Mixture-of-Experts model's routing counters per MoE layer:
+    /// `candela:moe_routed_tokens_total{layer}` (token-to-expert assignments,
+    /// `k` per token) and `candela:moe_expert_load_imbalance{layer}`, the
+    /// busiest expert's tokens over the mean (1 when the router spreads
+    /// tokens evenly, the number of experts when one takes them all).
+    pub fn set_expert_stats(&mut self, stats: Arc<ExpertStats>) {
+        let opts = |name: &str, help: &str| {
+            Opts::new(name, help).const_label("model_name", self.model_name.as_str())
+        };
+        let routed = IntCounterVec::new(
+            opts(
+                "candela:moe_routed_tokens_total",
+                "Tokens routed to experts (k per token) by MoE layer.",
+            ),
+            &["layer"],
+        )
+        .expect("valid counter");
+        let imbalance = prometheus::GaugeVec::new(
+            opts(
+                "candela:moe_expert_load_imbalance",
+                "Tokens of the busiest expert over the mean, by MoE layer (1 = balanced).",
+            ),
+            &["layer"],
+        )
+        .expect("valid gauge");
+        self.registry
+            .register(Box::new(routed.clone()))
+            .expect("unique metric");
+        self.registry
+            .register(Box::new(imbalance.clone()))
+            .expect("unique metric");
+        self.experts = Some(ExpertMetrics {
+            stats,
+            routed,
+            imbalance,
+        });
     }
 
     /// What the model and its cache hold, as fixed gauges: vLLM's
@@ -227,6 +276,21 @@ impl Metrics {
         if stats.num_preemptions > seen {
             self.preemptions.inc_by(stats.num_preemptions - seen);
         }
+        if let Some(e) = &self.experts {
+            for (layer, counts) in e.stats.snapshot() {
+                let label = layer.to_string();
+                let total: u64 = counts.iter().sum();
+                let c = e.routed.with_label_values(&[&label]);
+                if total > c.get() {
+                    c.inc_by(total - c.get());
+                }
+                let max = counts.iter().copied().max().unwrap_or(0);
+                let mean = total as f64 / counts.len().max(1) as f64;
+                let ratio = if total == 0 { 1.0 } else { max as f64 / mean };
+                e.imbalance.with_label_values(&[&label]).set(ratio);
+                tracing::debug!("MoE layer {layer}: tokens per expert {counts:?}");
+            }
+        }
         let mut buf = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut buf)
@@ -266,6 +330,28 @@ mod tests {
             "candela:model_weights_bytes{model_name=\"m\"} 5242880",
         ] {
             assert!(text.contains(name), "{name} missing in\n{text}");
+        }
+    }
+
+    #[test]
+    fn expert_load_per_moe_layer() {
+        let stats = Arc::new(ExpertStats::new([(1, 4), (3, 4)]));
+        let mut m = Metrics::new("m");
+        m.set_expert_stats(stats.clone());
+        let text = m.render(&StatsSnapshot::default());
+        assert!(
+            text.contains("candela:moe_routed_tokens_total{layer=\"1\",model_name=\"m\"} 0"),
+            "{text}"
+        );
+        stats.add(1, &[6, 2, 0, 0]);
+        stats.add(3, &[2, 2, 2, 2]);
+        let text = m.render(&StatsSnapshot::default());
+        for line in [
+            "candela:moe_routed_tokens_total{layer=\"1\",model_name=\"m\"} 8",
+            "candela:moe_expert_load_imbalance{layer=\"1\",model_name=\"m\"} 3",
+            "candela:moe_expert_load_imbalance{layer=\"3\",model_name=\"m\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} missing in\n{text}");
         }
     }
 }

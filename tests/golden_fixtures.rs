@@ -283,7 +283,13 @@ fn quantized_folders_stay_close_to_transformers() {
     // and is quantized after the model transposes them; read as rows from
     // the file they would be the transpose.
     use candela::layers::Quantization;
-    for name in ["gpt2_4heads", "llama_gqa", "qwen2_bias"] {
+    for name in [
+        "gpt2_4heads",
+        "llama_gqa",
+        "qwen2_bias",
+        "mixtral_8e",
+        "qwen2_moe_shared",
+    ] {
         let g = golden(name);
         for quant in [Quantization::Q8_0, Quantization::Q4K] {
             let m = candela::models::load_model(&candela::models::LoadOptions {
@@ -320,4 +326,89 @@ fn gpt2_gguf_is_the_same_model_as_its_folder() {
         assert!(d < TOL, "prompt {i}: max |Δ| {d}");
         r.free(i as u64);
     }
+}
+
+#[test]
+fn moe_gguf_files_are_the_same_models_as_their_folders() {
+    // llama.cpp's MoE layouts (written by scripts/make_fixtures.py as its
+    // converter writes them): each projection of a layer's experts stacked
+    // in one tensor (ffn_*_exps), the router as ffn_gate_inp, Qwen2-MoE's
+    // shared expert as ffn_*_shexp with its gate squeezed to a vector, and
+    // Mixtral as `llama` with llama.cpp's q/k row order. The f32 files are
+    // transformers' models exactly; in the Q8_0 files each expert is a slice
+    // of its stack's blocks, multiplied in them.
+    for (name, arch) in [
+        ("mixtral_8e", "MixtralForCausalLM"),
+        ("qwen2_moe_shared", "Qwen2MoeForCausalLM"),
+        ("qwen3_moe", "Qwen3MoeForCausalLM"),
+    ] {
+        let g = golden(name);
+        // Q8_0: as the quantized folders (0.2-0.5 measured).
+        for (file, tol) in [
+            (format!("{name}.gguf"), TOL),
+            (format!("{name}-q8_0.gguf"), 1.0),
+        ] {
+            let m = load(&fixture_dir(&file), DType::F32);
+            assert_eq!(m.model.spec().architecture, arch, "{file}");
+            let mut r = runner(&m, 16, 64);
+            let mut worst = 0f32;
+            for (i, case) in g["logits"].as_array().unwrap().iter().enumerate() {
+                let got = prefill_logits(&mut r, &m, i as u64, &ids(&case["prompt"]));
+                worst = worst.max(max_abs_diff(&got, &floats(&case["last_logits"])));
+                r.free(i as u64);
+            }
+            assert!(worst <= tol, "{file}: max |Δ| {worst}");
+            eprintln!("{file}: max |Δ| {worst}");
+            if tol == TOL {
+                for (i, case) in g["greedy"].as_array().unwrap().iter().enumerate() {
+                    let want = ids(&case["tokens"]);
+                    let got = r
+                        .greedy(
+                            m.model.as_ref(),
+                            10 + i as u64,
+                            &ids(&case["prompt"]),
+                            want.len(),
+                            |_| true,
+                        )
+                        .unwrap();
+                    assert_eq!(got, want, "{file}: greedy {i}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn expert_counters_see_every_routed_token() {
+    // Each token of each prompt goes to k experts in every MoE layer.
+    for (name, k) in [("qwen2_moe_step", 3u64), ("mixtral_8e", 2)] {
+        let m = load(&fixture_dir(name), DType::F32);
+        let stats = m
+            .model
+            .expert_stats()
+            .expect("an MoE model has expert counters");
+        let g = golden(name);
+        let mut r = runner(&m, 16, 64);
+        let mut tokens = 0u64;
+        for (i, case) in g["logits"].as_array().unwrap().iter().enumerate() {
+            let p = ids(&case["prompt"]);
+            tokens += p.len() as u64;
+            prefill_logits(&mut r, &m, i as u64, &p);
+            r.free(i as u64);
+        }
+        let layers = stats.snapshot();
+        // qwen2_moe_step: only layer 3 is sparse (decoder_sparse_step 2, layer 1 in mlp_only_layers).
+        if name == "qwen2_moe_step" {
+            assert_eq!(layers.iter().map(|l| l.0).collect::<Vec<_>>(), vec![3]);
+        }
+        for (layer, counts) in layers {
+            assert_eq!(
+                counts.iter().sum::<u64>(),
+                tokens * k,
+                "{name} layer {layer}"
+            );
+        }
+    }
+    let dense = load(&fixture_dir("llama_gqa"), DType::F32);
+    assert!(dense.model.expert_stats().is_none());
 }

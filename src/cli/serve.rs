@@ -157,6 +157,7 @@ pub fn build_app(args: &ServeArgs) -> anyhow::Result<(axum::Router, Arc<AppState
         kv_cache_bytes: sizing.total_bytes(),
         weights_bytes: loaded.resident_bytes.unwrap_or(0),
     };
+    let expert_stats = loaded.model.expert_stats();
     let engine = EngineHandle::spawn(loaded, sizing, engine_cfg)?;
     let grammars = crate::engine::grammar::GrammarCompiler::new(engine.tokenizer_arc(), vocab_size);
     let parser = match &args.tool_call_parser {
@@ -184,8 +185,11 @@ pub fn build_app(args: &ServeArgs) -> anyhow::Result<(axum::Router, Arc<AppState
     let state = Arc::new(AppState {
         engine,
         metrics: {
-            let m = Metrics::new(&model_name);
+            let mut m = Metrics::new(&model_name);
             m.set_memory(&memory);
+            if let Some(stats) = expert_stats {
+                m.set_expert_stats(stats);
+            }
             Arc::new(m)
         },
         model_name,

@@ -71,6 +71,22 @@ impl GatedMlp {
         })
     }
 
+    /// From a fused `[gate | up]` projection (`2 * intermediate` outputs)
+    /// and the down projection.
+    pub fn from_parts(
+        gate_up_proj: Linear,
+        down_proj: Linear,
+        intermediate: usize,
+        act: Activation,
+    ) -> Self {
+        Self {
+            gate_up_proj,
+            down_proj,
+            intermediate,
+            act,
+        }
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let gate_up = self.gate_up_proj.forward(x)?;
         let i = self.intermediate;

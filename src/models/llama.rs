@@ -1,9 +1,13 @@
 //! The Llama decoder family: Llama, Mistral, Qwen2 and Qwen3 share this code,
 //! differing only in what [`LlamaConfig`] switches on (q/k/v biases, per-head
-//! q/k norms, sliding windows, RoPE scaling, tied embeddings).
+//! q/k norms, sliding windows, RoPE scaling, tied embeddings); their
+//! Mixture-of-Experts members (Mixtral, Qwen2-MoE, Qwen3-MoE) replace the
+//! feed-forward block of some or all layers with a [`SparseMoe`].
 //!
 //! Weight paths mirror the Hugging Face checkpoint names; GGUF files are
 //! renamed to them (and llama.cpp's interleaved q/k rows undone) on load.
+
+use std::sync::Arc;
 
 use crate::weights::Weights;
 use anyhow::{bail, Context};
@@ -16,8 +20,8 @@ use super::{logits_rows, CacheSpec, LayerCache, Model, ModelKind, ModelSpec};
 use crate::kernels::cpu::elementwise;
 use crate::kv_cache::KvStorage;
 use crate::layers::{
-    fused_linear, linear, Activation, Embedding, ForwardBatch, GatedMlp, Linear, PagedAttention,
-    Quantization, RmsNorm, Rope, RopeScaling,
+    fused_linear, linear, Activation, Embedding, ExpertNames, ExpertStats, ForwardBatch, GatedMlp,
+    Linear, MoeShape, PagedAttention, Quantization, RmsNorm, Rope, RopeScaling, Routing, SparseMoe,
 };
 use crate::weights::gguf::{layer_part, Layout, Meta};
 
@@ -28,6 +32,9 @@ pub enum Family {
     Mistral,
     Qwen2,
     Qwen3,
+    Mixtral,
+    Qwen2Moe,
+    Qwen3Moe,
 }
 
 impl Family {
@@ -37,9 +44,40 @@ impl Family {
             "MistralForCausalLM" | "mistral" => Self::Mistral,
             "Qwen2ForCausalLM" | "qwen2" => Self::Qwen2,
             "Qwen3ForCausalLM" | "qwen3" => Self::Qwen3,
+            "MixtralForCausalLM" | "mixtral" => Self::Mixtral,
+            "Qwen2MoeForCausalLM" | "qwen2_moe" | "qwen2moe" => Self::Qwen2Moe,
+            "Qwen3MoeForCausalLM" | "qwen3_moe" | "qwen3moe" => Self::Qwen3Moe,
             _ => return None,
         })
     }
+
+    /// The dense member whose attention and defaults an MoE member shares.
+    fn base(self) -> Self {
+        match self {
+            Self::Mixtral => Self::Mistral,
+            Self::Qwen2Moe => Self::Qwen2,
+            Self::Qwen3Moe => Self::Qwen3,
+            f => f,
+        }
+    }
+}
+
+/// The Mixture-of-Experts side of an MoE member's config.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MoeConfig {
+    pub routing: Routing,
+    /// Each routed expert's intermediate size.
+    pub expert_intermediate: usize,
+    /// Per layer: routed experts (`true`) or the dense MLP of
+    /// `intermediate_size` (Qwen's `mlp_only_layers` and
+    /// `decoder_sparse_step`).
+    pub sparse: Vec<bool>,
+    /// Qwen2-MoE's shared expert (with its sigmoid gate): its intermediate size.
+    pub shared_intermediate: Option<usize>,
+    /// The block's folder in the checkpoint (`block_sparse_moe` for
+    /// Mixtral, `mlp` elsewhere) and its experts' weight names.
+    pub block: &'static str,
+    pub names: ExpertNames,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -69,6 +107,7 @@ pub struct LlamaConfig {
     pub qk_norm: bool,
     /// Per layer: the sliding attention window, if that layer has one.
     pub sliding_window: Vec<Option<usize>>,
+    pub moe: Option<MoeConfig>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -95,6 +134,17 @@ struct RawConfig {
     use_sliding_window: Option<bool>,
     max_window_layers: Option<usize>,
     layer_types: Option<Vec<String>>,
+    // Mixture of experts.
+    /// Mixtral.
+    num_local_experts: Option<usize>,
+    /// Qwen2-MoE, Qwen3-MoE.
+    num_experts: Option<usize>,
+    num_experts_per_tok: Option<usize>,
+    moe_intermediate_size: Option<usize>,
+    shared_expert_intermediate_size: Option<usize>,
+    norm_topk_prob: Option<bool>,
+    decoder_sparse_step: Option<usize>,
+    mlp_only_layers: Option<Vec<usize>>,
 }
 
 impl LlamaConfig {
@@ -136,14 +186,15 @@ impl RawConfig {
             max_position_embeddings,
         )?;
         let sliding_window = self.layer_windows(family)?;
-        let (qkv_bias, o_bias) = match family {
+        let (qkv_bias, o_bias) = match family.base() {
             Family::Qwen2 => (true, false),
             Family::Mistral => (false, false),
-            Family::Llama | Family::Qwen3 => {
+            _ => {
                 let b = self.attention_bias.unwrap_or(false);
                 (b, b)
             }
         };
+        let moe = self.moe(family)?;
         Ok(LlamaConfig {
             family,
             hidden_size: self.hidden_size,
@@ -162,9 +213,73 @@ impl RawConfig {
             qkv_bias,
             o_bias,
             mlp_bias: self.mlp_bias.unwrap_or(false),
-            qk_norm: family == Family::Qwen3,
+            qk_norm: family.base() == Family::Qwen3,
             sliding_window,
+            moe,
         })
+    }
+
+    /// The MoE config of an MoE member, following transformers' defaults.
+    fn moe(&self, family: Family) -> anyhow::Result<Option<MoeConfig>> {
+        let n = self.num_hidden_layers;
+        // Mixtral says `num_local_experts`, Qwen `num_experts` (transformers
+        // 5 writes Qwen3-MoE's as `num_local_experts` too).
+        let stated = self.num_experts.or(self.num_local_experts);
+        let (num_experts, block, names) = match family {
+            Family::Mixtral => (
+                stated.unwrap_or(8),
+                "block_sparse_moe",
+                ExpertNames::MIXTRAL,
+            ),
+            Family::Qwen2Moe => (stated.unwrap_or(60), "mlp", ExpertNames::QWEN),
+            Family::Qwen3Moe => (stated.unwrap_or(128), "mlp", ExpertNames::QWEN),
+            _ => return Ok(None),
+        };
+        if num_experts == 0 && family != Family::Mixtral {
+            // Transformers builds every layer dense then.
+            return Ok(None);
+        }
+        let top_k = self
+            .num_experts_per_tok
+            .unwrap_or(if family == Family::Qwen3Moe { 8 } else { 2 });
+        if num_experts == 0 || top_k == 0 || top_k > num_experts {
+            bail!("config.json: num_experts_per_tok {top_k} must be between 1 and the {num_experts} experts");
+        }
+        let sparse = if family == Family::Mixtral {
+            vec![true; n]
+        } else {
+            let step = self.decoder_sparse_step.unwrap_or(1).max(1);
+            let dense = self.mlp_only_layers.clone().unwrap_or_default();
+            (0..n)
+                .map(|i| !dense.contains(&i) && (i + 1) % step == 0)
+                .collect()
+        };
+        let expert_intermediate = match family {
+            Family::Mixtral => self.intermediate_size,
+            _ => self
+                .moe_intermediate_size
+                .context("config.json: moe_intermediate_size is missing")?,
+        };
+        let shared_intermediate = match family {
+            Family::Qwen2Moe => Some(
+                self.shared_expert_intermediate_size
+                    .context("config.json: shared_expert_intermediate_size is missing")?,
+            ),
+            _ => None,
+        };
+        Ok(Some(MoeConfig {
+            routing: Routing {
+                num_experts,
+                top_k,
+                norm_topk_prob: family == Family::Mixtral || self.norm_topk_prob.unwrap_or(false),
+                scaling: 1.0,
+            },
+            expert_intermediate,
+            sparse,
+            shared_intermediate,
+            block,
+            names,
+        }))
     }
 
     /// Which layers use a sliding window, following transformers: Mistral
@@ -176,12 +291,16 @@ impl RawConfig {
             return Ok(vec![None; n]);
         };
         if w == 0 {
-            bail!("config.json: sliding_window must be positive");
+            // Qwen2-MoE configs say 0 beside `use_sliding_window: false`.
+            if self.use_sliding_window == Some(true) {
+                bail!("config.json: sliding_window must be positive");
+            }
+            return Ok(vec![None; n]);
         }
         if let Some(types) = &self.layer_types {
             return layer_types_windows(types, n, w);
         }
-        Ok(match family {
+        Ok(match family.base() {
             Family::Mistral => vec![Some(w); n],
             Family::Qwen2 | Family::Qwen3 if self.use_sliding_window.unwrap_or(false) => {
                 let from = self.max_window_layers.unwrap_or(n);
@@ -303,12 +422,66 @@ pub fn split_qkv(
     ))
 }
 
+/// A layer's feed-forward block.
+// One per layer, built once: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+enum FeedForward {
+    Dense(GatedMlp),
+    Experts(SparseMoe),
+}
+
+impl FeedForward {
+    fn load(
+        vb: &Weights,
+        cfg: &LlamaConfig,
+        layer: usize,
+        q: Quantization,
+        stats: Option<&Arc<ExpertStats>>,
+    ) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let dense =
+            |vb: Weights, i: usize| GatedMlp::load(vb, h, i, cfg.mlp_bias, Activation::Silu, q);
+        let Some(moe) = cfg.moe.as_ref().filter(|m| m.sparse[layer]) else {
+            return Ok(Self::Dense(dense(vb.pp("mlp"), cfg.intermediate_size)?));
+        };
+        let vb = vb.pp(moe.block);
+        let shape = MoeShape {
+            hidden: h,
+            intermediate: moe.expert_intermediate,
+            routing: moe.routing,
+            act: Activation::Silu,
+        };
+        let mut block = SparseMoe::load(vb.clone(), shape, moe.names, q)?;
+        if let Some(i) = moe.shared_intermediate {
+            let gate = if vb.contains_tensor("shared_expert_gate.weight") {
+                let gate = vb.pp("shared_expert_gate").dense_only();
+                Some(linear(gate, h, 1, false, Quantization::None)?)
+            } else {
+                None
+            };
+            block = block.with_shared(dense(vb.pp("shared_expert"), i)?, gate);
+        }
+        if let Some(stats) = stats {
+            block = block.with_stats(stats.clone(), layer);
+        }
+        Ok(Self::Experts(block))
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Dense(m) => m.forward(x),
+            Self::Experts(m) => m.forward(x),
+        }
+    }
+}
+
 #[derive(Debug)]
 struct DecoderLayer {
     input_layernorm: RmsNorm,
     self_attn: Attention,
     post_attention_layernorm: RmsNorm,
-    mlp: GatedMlp,
+    mlp: FeedForward,
 }
 
 /// A Llama-family causal language model.
@@ -320,6 +493,7 @@ pub struct Llama {
     lm_head: Linear,
     rope: Rope,
     spec: ModelSpec,
+    expert_stats: Option<Arc<ExpertStats>>,
 }
 
 impl Llama {
@@ -334,6 +508,10 @@ impl Llama {
         let m = vb.pp("model");
         let embed_tokens =
             Embedding::load(m.pp("embed_tokens"), cfg.vocab_size, cfg.hidden_size, quant)?;
+        let expert_stats = cfg.moe.as_ref().map(|m| {
+            let layers = (0..cfg.num_layers).filter(|&i| m.sparse[i]);
+            Arc::new(ExpertStats::new(layers.map(|i| (i, m.routing.num_experts))))
+        });
         let layers = (0..cfg.num_layers)
             .map(|i| {
                 let l = m.pp(format!("layers.{i}"));
@@ -349,14 +527,7 @@ impl Llama {
                         cfg.hidden_size,
                         cfg.rms_norm_eps,
                     )?,
-                    mlp: GatedMlp::load(
-                        l.pp("mlp"),
-                        cfg.hidden_size,
-                        cfg.intermediate_size,
-                        cfg.mlp_bias,
-                        Activation::Silu,
-                        quant,
-                    )?,
+                    mlp: FeedForward::load(&l, cfg, i, quant, expert_stats.as_ref())?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -402,6 +573,7 @@ impl Llama {
                 dtype: vb.dtype(),
                 cache,
             },
+            expert_stats,
         })
     }
 }
@@ -409,6 +581,10 @@ impl Llama {
 impl Model for Llama {
     fn spec(&self) -> &ModelSpec {
         &self.spec
+    }
+
+    fn expert_stats(&self) -> Option<Arc<ExpertStats>> {
+        self.expert_stats.clone()
     }
 
     fn forward(&self, batch: &ForwardBatch, cache: &mut KvStorage) -> Result<Tensor> {
@@ -467,7 +643,30 @@ fn hf_name(gguf: &str) -> Option<String> {
         "ffn_gate" => "mlp.gate_proj",
         "ffn_up" => "mlp.up_proj",
         "ffn_down" => "mlp.down_proj",
-        _ => return None,
+        // Mixture of experts: the router, each projection of all experts
+        // stacked `[experts, out, in]`, and Qwen2-MoE's shared expert.
+        "ffn_gate_inp" => "mlp.gate",
+        "ffn_gate_exps" => "mlp.experts.gate_proj",
+        "ffn_up_exps" => "mlp.experts.up_proj",
+        "ffn_down_exps" => "mlp.experts.down_proj",
+        "ffn_gate_inp_shexp" => "mlp.shared_expert_gate",
+        "ffn_gate_shexp" => "mlp.shared_expert.gate_proj",
+        "ffn_up_shexp" => "mlp.shared_expert.up_proj",
+        "ffn_down_shexp" => "mlp.shared_expert.down_proj",
+        _ => {
+            // Early Mixtral files: one tensor per expert, `ffn_gate.3`.
+            let (proj, e) = part.split_once('.')?;
+            let e: usize = e.parse().ok()?;
+            let proj = match proj {
+                "ffn_gate" => "gate_proj",
+                "ffn_up" => "up_proj",
+                "ffn_down" => "down_proj",
+                _ => return None,
+            };
+            return Some(format!(
+                "model.layers.{layer}.mlp.experts.{e}.{proj}.{kind}"
+            ));
+        }
     };
     Some(format!("model.layers.{layer}.{hf}.{kind}"))
 }
@@ -501,6 +700,52 @@ fn config_from_gguf(
     let window = meta
         .u64(&k("attention.sliding_window"))?
         .map(|w| w as usize);
+    let num_experts = meta.u64(&k("expert_count"))?.unwrap_or(0) as usize;
+    // llama.cpp's MoE members: Mixtral is `llama` with experts.
+    let family = match family {
+        Family::Llama | Family::Mistral if num_experts > 0 => Family::Mixtral,
+        f => f,
+    };
+    let intermediate_size = meta.usize_req(&k("feed_forward_length")).or_else(|e| {
+        // Qwen3-MoE files may state only the experts' size.
+        meta.u64(&k("expert_feed_forward_length"))?
+            .map(|v| v as usize)
+            .ok_or(e)
+    })?;
+    let moe = match family {
+        Family::Mixtral | Family::Qwen2Moe | Family::Qwen3Moe => {
+            let top_k = meta.usize_req(&k("expert_used_count"))?;
+            if num_experts == 0 || top_k == 0 || top_k > num_experts {
+                bail!("GGUF: expert_used_count {top_k} must be between 1 and the {num_experts} experts");
+            }
+            let expert_intermediate = match family {
+                Family::Mixtral => intermediate_size,
+                _ => meta.usize_req(&k("expert_feed_forward_length"))?,
+            };
+            Some(MoeConfig {
+                routing: Routing {
+                    num_experts,
+                    top_k,
+                    // As llama.cpp builds these graphs: renormalized for
+                    // Mixtral and Qwen3-MoE, not for Qwen2-MoE.
+                    norm_topk_prob: family != Family::Qwen2Moe,
+                    scaling: 1.0,
+                },
+                expert_intermediate,
+                sparse: vec![true; num_layers],
+                shared_intermediate: match family {
+                    Family::Qwen2Moe => {
+                        Some(meta.usize_req(&k("expert_shared_feed_forward_length"))?)
+                    }
+                    _ => None,
+                },
+                // Renamed to the Qwen layout whatever the family.
+                block: "mlp",
+                names: ExpertNames::QWEN,
+            })
+        }
+        _ => None,
+    };
     let vocab_size = meta
         .array("tokenizer.ggml.tokens")?
         .map(Vec::len)
@@ -509,7 +754,7 @@ fn config_from_gguf(
     Ok(LlamaConfig {
         family,
         hidden_size,
-        intermediate_size: meta.usize_req(&k("feed_forward_length"))?,
+        intermediate_size,
         num_layers,
         num_heads,
         num_kv_heads,
@@ -528,6 +773,7 @@ fn config_from_gguf(
         mlp_bias: has("blk.0.ffn_up.bias"),
         qk_norm: has("blk.0.attn_q_norm.weight"),
         sliding_window: vec![window; num_layers],
+        moe,
     })
 }
 
@@ -546,7 +792,11 @@ pub fn from_gguf(name: &'static str, ckpt: GgufCheckpoint) -> anyhow::Result<Box
         cfg.vocab_size = dims[0];
     }
     // llama.cpp stores Llama q/k rows interleaved for its RoPE.
-    let permuted = matches!(family, Family::Llama | Family::Mistral);
+    let permuted = matches!(cfg.family.base(), Family::Llama | Family::Mistral);
+    let name = match cfg.family {
+        Family::Mixtral => "MixtralForCausalLM",
+        _ => name,
+    };
     let (heads, kv_heads) = (cfg.num_heads, cfg.num_kv_heads);
     let layout = move |hf: &str| {
         if permuted && hf.ends_with("q_proj.weight") {
@@ -633,6 +883,38 @@ mod tests {
     }
 
     #[test]
+    fn moe_configs() {
+        let mixtral = LlamaConfig::from_json(&format!(
+            "{}, \"num_local_experts\": 4, \"num_experts_per_tok\": 2}}",
+            BASE.replace("LlamaForCausalLM", "MixtralForCausalLM")
+        ))
+        .unwrap();
+        let m = mixtral.moe.unwrap();
+        assert_eq!((m.routing.num_experts, m.routing.top_k), (4, 2));
+        assert!(m.routing.norm_topk_prob && m.sparse == vec![true, true]);
+        assert_eq!((m.block, m.expert_intermediate), ("block_sparse_moe", 128));
+        let qwen = |extra: &str| {
+            LlamaConfig::from_json(&format!(
+                "{}, \"num_hidden_layers\": 4, \"moe_intermediate_size\": 32, \"shared_expert_intermediate_size\": 64{extra}}}",
+                BASE.replace("LlamaForCausalLM", "Qwen2MoeForCausalLM")
+                    .replace("\"num_hidden_layers\": 2, ", "")
+            ))
+        };
+        let q = qwen(r#", "num_experts": 8, "decoder_sparse_step": 2, "mlp_only_layers": [1]"#)
+            .unwrap()
+            .moe
+            .unwrap();
+        assert_eq!(q.sparse, vec![false, false, false, true]);
+        assert_eq!((q.routing.top_k, q.routing.norm_topk_prob), (2, false));
+        assert_eq!(q.shared_intermediate, Some(64));
+        let err = qwen(r#", "num_experts": 8, "num_experts_per_tok": 9"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("num_experts_per_tok"), "{err}");
+        assert!(qwen(r#", "num_experts": 0"#).unwrap().moe.is_none());
+    }
+
+    #[test]
     fn tensor_names_map_to_hf() {
         assert_eq!(
             hf_name("blk.3.attn_q.weight").unwrap(),
@@ -647,6 +929,14 @@ mod tests {
             "model.layers.1.post_attention_layernorm.weight"
         );
         assert_eq!(hf_name("output.weight").unwrap(), "lm_head.weight");
+        assert_eq!(
+            hf_name("blk.2.ffn_down_exps.weight").unwrap(),
+            "model.layers.2.mlp.experts.down_proj.weight"
+        );
+        assert_eq!(
+            hf_name("blk.0.ffn_gate.5.weight").unwrap(),
+            "model.layers.0.mlp.experts.5.gate_proj.weight"
+        );
         assert!(hf_name("blk.1.mystery.weight").is_none());
     }
 }

@@ -19,7 +19,7 @@ use candle_core::{DType, Result, Tensor};
 pub use registry::{load_model, parse_dtype, LoadOptions, LoadedModel};
 
 use crate::kv_cache::{KvCacheSizing, KvDtype, KvLayout, KvStorage};
-use crate::layers::ForwardBatch;
+use crate::layers::{ExpertStats, ForwardBatch};
 
 /// What a model computes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,6 +102,12 @@ pub struct ModelSpec {
 pub trait Model: Send + Sync {
     fn spec(&self) -> &ModelSpec;
     fn forward(&self, batch: &ForwardBatch, cache: &mut KvStorage) -> Result<Tensor>;
+
+    /// A Mixture-of-Experts model's routing counters (tokens per expert per
+    /// layer), which the metrics read while the model runs.
+    fn expert_stats(&self) -> Option<std::sync::Arc<ExpertStats>> {
+        None
+    }
 }
 
 /// The rows of `x` that need logits, for the final norm and head.

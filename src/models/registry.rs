@@ -82,6 +82,31 @@ pub const ARCHITECTURES: &[Architecture] = &[
         hf_linear_in_out: false,
     },
     Architecture {
+        name: "MixtralForCausalLM",
+        model_types: &["mixtral"],
+        // llama.cpp writes Mixtral as `llama` with experts.
+        gguf: &[],
+        from_hf: llama::from_hf,
+        from_gguf: None,
+        hf_linear_in_out: false,
+    },
+    Architecture {
+        name: "Qwen2MoeForCausalLM",
+        model_types: &["qwen2_moe"],
+        gguf: &["qwen2moe"],
+        from_hf: llama::from_hf,
+        from_gguf: Some(llama::from_gguf),
+        hf_linear_in_out: false,
+    },
+    Architecture {
+        name: "Qwen3MoeForCausalLM",
+        model_types: &["qwen3_moe"],
+        gguf: &["qwen3moe"],
+        from_hf: llama::from_hf,
+        from_gguf: Some(llama::from_gguf),
+        hf_linear_in_out: false,
+    },
+    Architecture {
         name: "Gemma3ForCausalLM",
         model_types: &["gemma3_text"],
         gguf: &["gemma3"],

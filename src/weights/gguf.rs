@@ -366,6 +366,35 @@ impl QuantSource for GgufSource {
             m
         }))
     }
+
+    fn quantized_slice(&self, hf: &str, index: usize) -> Option<candle_core::Result<Arc<QMatrix>>> {
+        self.slice(hf, index)
+    }
+}
+
+impl GgufSource {
+    /// Matrix `index` of the `[n, rows, cols]` stack `hf` (an MoE layer's
+    /// experts), read from its byte range in the file.
+    fn slice(&self, hf: &str, index: usize) -> Option<candle_core::Result<Arc<QMatrix>>> {
+        let (name, _) = self.names.get(hf)?;
+        let info = self.file.infos.get(name)?;
+        let ty = QType::from_ggml(info.ggml_dtype)?;
+        let &[count, n, k] = info.shape.dims() else {
+            return None;
+        };
+        if index >= count {
+            return Some(Err(candle_core::Error::Msg(format!(
+                "{name}: no matrix {index} in a stack of {count}"
+            ))));
+        }
+        let len = n * ty.row_bytes(k);
+        let mut buf = vec![0u8; len];
+        let m = self
+            .file
+            .read(name, info, index * len, &mut buf)
+            .and_then(|()| QMatrix::new(ty, n, k, buf));
+        Some(m.map(Arc::new))
+    }
 }
 
 /// The dense side, for candle's `VarBuilder`.
@@ -380,7 +409,12 @@ impl SimpleBackend for Dense {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        let t = self.get_unchecked(name, dtype, dev)?;
+        let mut t = self.get_unchecked(name, dtype, dev)?;
+        // llama.cpp's converter squeezes `[1, n]` matrices (Qwen2-MoE's
+        // shared expert gate) to vectors of `n`.
+        if t.rank() == 1 && s.rank() == 2 && s.dims()[0] == 1 && t.elem_count() == s.elem_count() {
+            t = t.reshape(s.dims())?;
+        }
         super::expect_shape(t, &s, name, "the GGUF file")
     }
 

@@ -22,6 +22,12 @@ pub trait QuantSource: Send + Sync {
     /// The blocks of a `[out, in]` matrix if the source stores it in a
     /// format with a native kernel; `None` means "ask for it densely".
     fn quantized(&self, name: &str) -> Option<Result<Arc<QMatrix>>>;
+
+    /// The blocks of matrix `index` of a stack of them (`[n, out, in]`, as
+    /// GGUF stores an MoE layer's experts), under the same conditions.
+    fn quantized_slice(&self, _name: &str, _index: usize) -> Option<Result<Arc<QMatrix>>> {
+        None
+    }
 }
 
 /// A model's weights under a name prefix: dense tensors through candle's
@@ -67,14 +73,40 @@ impl<'a> Weights<'a> {
         self.vb.device()
     }
 
-    /// The quantized blocks of matrix `name` (`[out, in]`), if it has them.
-    pub fn quantized(&self, name: &str) -> Option<Result<Arc<QMatrix>>> {
-        let full = if self.vb.prefix().is_empty() {
+    /// The same tensors, all read densely in the working dtype: for small
+    /// matrices that must not be quantized (an MoE router), whatever the
+    /// source would do.
+    pub fn dense_only(&self) -> Self {
+        Self {
+            vb: self.vb.clone(),
+            quant: None,
+        }
+    }
+
+    /// The name prefix (`model.layers.0.mlp`).
+    pub fn prefix(&self) -> String {
+        self.vb.prefix()
+    }
+
+    fn full_name(&self, name: &str) -> String {
+        if self.vb.prefix().is_empty() {
             name.to_string()
         } else {
             format!("{}.{name}", self.vb.prefix())
-        };
-        self.quant.as_ref()?.quantized(&full)
+        }
+    }
+
+    /// The quantized blocks of matrix `name` (`[out, in]`), if it has them.
+    pub fn quantized(&self, name: &str) -> Option<Result<Arc<QMatrix>>> {
+        self.quant.as_ref()?.quantized(&self.full_name(name))
+    }
+
+    /// The quantized blocks of matrix `index` of the stack `name`
+    /// (`[n, out, in]`), if it has them.
+    pub fn quantized_expert(&self, name: &str, index: usize) -> Option<Result<Arc<QMatrix>>> {
+        self.quant
+            .as_ref()?
+            .quantized_slice(&self.full_name(name), index)
     }
 }
 

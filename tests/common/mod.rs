@@ -24,6 +24,11 @@ pub const FIXTURES: &[&str] = &[
     "gemma3_gqa",
     "gpt2_4heads",
     "gpt2_8heads",
+    "mixtral_window",
+    "mixtral_8e",
+    "qwen2_moe_shared",
+    "qwen2_moe_step",
+    "qwen3_moe",
 ];
 
 pub fn repo_path(rel: &str) -> PathBuf {
