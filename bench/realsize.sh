@@ -7,6 +7,9 @@
 #   bench/realsize.sh                                # MODELS="1b:Q4_K_M 1b:Q8_0" CONCURRENCY=1,8,32
 #   MODELS=8b:Q4_K_M CONCURRENCY=1 bench/realsize.sh # the 8B shape (16 GB f16 + 4.9 GB on disk)
 #   PROMPT_LEN=2048 OUTPUT_LEN=64 KV=q8_0 bench/realsize.sh  # long context, 8-bit KV cache in both
+#   MODELS="moe:F32 moe:Q8_0" CONCURRENCY=1,32 bench/realsize.sh
+#       # Mixture of Experts: Qwen3-30B-A3B's layer shape, 4 layers (bench/make_moe_gguf.py writes
+#       # the f32 file; Q8_0 by llama-quantize from it)
 #
 # Needs what bench/run.sh builds (bench/.venv, llama.cpp's build in bench/.cache); builds
 # llama-quantize. Results: bench/results/<date>-realsize/ (JSON lines) and stdout.
@@ -62,19 +65,32 @@ serve() { # name, command...: start, time until healthy, load, peak RSS, stop
 for spec in $MODELS; do
     shape=${spec%%:*}
     quant=${spec##*:}
-    f16=$CACHE/realsize/llama-$shape-f16.gguf
-    file=$CACHE/realsize/llama-$shape-$(echo "$quant" | tr 'A-Z' 'a-z').gguf
+    q=$(echo "$quant" | tr 'A-Z' 'a-z')
+    # The source GGUF llama-quantize starts from: f16 for the Llama shapes, f32 for the MoE.
+    case $shape in
+    moe)
+        src=$CACHE/realsize/qwen3moe-f32.gguf
+        make() { "$PY" bench/make_moe_gguf.py "$src"; }
+        file=$CACHE/realsize/qwen3moe-$q.gguf
+        ;;
+    *)
+        src=$CACHE/realsize/llama-$shape-f16.gguf
+        make() { "$PY" bench/make_llama_gguf.py "$shape" "$src"; }
+        file=$CACHE/realsize/llama-$shape-$q.gguf
+        ;;
+    esac
     [ -f "$file" ] || {
-        [ -f "$f16" ] || "$PY" bench/make_llama_gguf.py "$shape" "$f16"
-        "$LLAMA/llama-quantize" "$f16" "$file" "$quant" "$THREADS" >"$OUT/quantize-$shape-$quant.log" 2>&1
+        [ -f "$src" ] || make
+        [ "$file" = "$src" ] ||
+            "$LLAMA/llama-quantize" "$src" "$file" "$quant" "$THREADS" >"$OUT/quantize-$shape-$quant.log" 2>&1
     }
     echo "== $shape $quant: $(du -m "$file" | cut -f1) MiB"
     # Page cache warm for both (the first reader would pay the disk).
     cat "$file" >/dev/null
     # KV cache: the same type in both, the same MAXC * CTX tokens (llama.cpp's -c). In float16 32 KiB
     # per token for the 1B shape (16 layers x 8 KV heads x 64 x K and V x 2 bytes), 128 KiB for the
-    # 8B; q8_0 takes 34/64 of that.
-    kv_kib=$([ "$shape" = 8b ] && echo 128 || echo 32)
+    # 8B, 8 KiB for the MoE (4 layers x 4 x 128 x 2 x 2); q8_0 takes 34/64 of that.
+    case $shape in 8b) kv_kib=128 ;; moe) kv_kib=8 ;; *) kv_kib=32 ;; esac
     if [ "$KV" = q8_0 ]; then
         kv_kib=$((kv_kib * 34 / 64)) cdt=q8_0 lfa="-fa on"
     else

@@ -352,9 +352,21 @@ impl<'a> Stacked<'a> {
         let rows = parts
             .iter()
             .map(|&(p, out)| {
+                let name = format!("{p}.weight");
+                // The expert's own slice where the source reads it alone;
+                // else the whole stack, once.
+                if let Some(t) = self.vb.dense_expert(&name, e) {
+                    let t = t?;
+                    if t.dims() != [out, inp] {
+                        candle_core::bail!(
+                            "expert {e} of {p}: {:?}, expected [{out}, {inp}]",
+                            t.shape()
+                        );
+                    }
+                    return Ok(t);
+                }
                 if !dense.contains_key(p) {
-                    let t = self.vb.get((self.n, out, inp), &format!("{p}.weight"))?;
-                    dense.insert(p, t);
+                    dense.insert(p, self.vb.get((self.n, out, inp), &name)?);
                 }
                 dense[p].get(e)
             })

@@ -368,32 +368,64 @@ impl QuantSource for GgufSource {
     }
 
     fn quantized_slice(&self, hf: &str, index: usize) -> Option<candle_core::Result<Arc<QMatrix>>> {
-        self.slice(hf, index)
+        let (name, _) = self.names.get(hf)?;
+        QType::from_ggml(self.file.infos.get(name)?.ggml_dtype)?;
+        let m = self.slice(hf, index)?.and_then(|s| {
+            let ty = QType::from_ggml(s.ty).expect("checked above");
+            QMatrix::new(ty, s.n, s.k, s.bytes)
+        });
+        Some(m.map(Arc::new))
+    }
+
+    fn dense_slice(
+        &self,
+        hf: &str,
+        index: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Option<candle_core::Result<Tensor>> {
+        let t = self.slice(hf, index)?.and_then(|s| {
+            let storage = QStorage::from_data(Cow::Owned(s.bytes), device, s.ty)?;
+            QTensor::new(storage, (s.n, s.k))?
+                .dequantize(device)?
+                .to_dtype(dtype)
+        });
+        Some(t)
     }
 }
 
+/// One matrix of a stack, as stored: its bytes, type and `[n, k]` shape.
+struct Slice {
+    bytes: Vec<u8>,
+    ty: GgmlDType,
+    n: usize,
+    k: usize,
+}
+
 impl GgufSource {
-    /// Matrix `index` of the `[n, rows, cols]` stack `hf` (an MoE layer's
-    /// experts), read from its byte range in the file.
-    fn slice(&self, hf: &str, index: usize) -> Option<candle_core::Result<Arc<QMatrix>>> {
+    /// Matrix `index` of the `[count, n, k]` stack `hf` (an MoE layer's
+    /// experts), read from its range in the file.
+    fn slice(&self, hf: &str, index: usize) -> Option<candle_core::Result<Slice>> {
         let (name, _) = self.names.get(hf)?;
         let info = self.file.infos.get(name)?;
-        let ty = QType::from_ggml(info.ggml_dtype)?;
         let &[count, n, k] = info.shape.dims() else {
             return None;
         };
-        if index >= count {
-            return Some(Err(candle_core::Error::Msg(format!(
-                "{name}: no matrix {index} in a stack of {count}"
-            ))));
-        }
-        let len = n * ty.row_bytes(k);
-        let mut buf = vec![0u8; len];
-        let m = self
-            .file
-            .read(name, info, index * len, &mut buf)
-            .and_then(|()| QMatrix::new(ty, n, k, buf));
-        Some(m.map(Arc::new))
+        let read = || {
+            if index >= count {
+                candle_core::bail!("{name}: no matrix {index} in a stack of {count}");
+            }
+            let len = tensor_bytes(info) / count;
+            let mut bytes = vec![0u8; len];
+            self.file.read(name, info, index * len, &mut bytes)?;
+            Ok(Slice {
+                bytes,
+                ty: info.ggml_dtype,
+                n,
+                k,
+            })
+        };
+        Some(read())
     }
 }
 

@@ -28,6 +28,18 @@ pub trait QuantSource: Send + Sync {
     fn quantized_slice(&self, _name: &str, _index: usize) -> Option<Result<Arc<QMatrix>>> {
         None
     }
+
+    /// Matrix `index` of the stack `name` in `dtype`, read alone (not the
+    /// whole stack first), for stacks without a native kernel.
+    fn dense_slice(
+        &self,
+        _name: &str,
+        _index: usize,
+        _dtype: DType,
+        _device: &Device,
+    ) -> Option<Result<Tensor>> {
+        None
+    }
 }
 
 /// A model's weights under a name prefix: dense tensors through candle's
@@ -99,6 +111,17 @@ impl<'a> Weights<'a> {
     /// The quantized blocks of matrix `name` (`[out, in]`), if it has them.
     pub fn quantized(&self, name: &str) -> Option<Result<Arc<QMatrix>>> {
         self.quant.as_ref()?.quantized(&self.full_name(name))
+    }
+
+    /// Matrix `index` of the stack `name` (`[n, out, in]`) in the working
+    /// dtype, where the source can read it without the rest of the stack.
+    pub fn dense_expert(&self, name: &str, index: usize) -> Option<Result<Tensor>> {
+        self.quant.as_ref()?.dense_slice(
+            &self.full_name(name),
+            index,
+            self.vb.dtype(),
+            self.vb.device(),
+        )
     }
 
     /// The quantized blocks of matrix `index` of the stack `name`

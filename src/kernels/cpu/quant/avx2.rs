@@ -77,6 +77,37 @@ pub unsafe fn dot_rows(ty: QType, w: &[u8], x: &[ActRow], out: &mut [f32]) {
     }
 }
 
+/// [`dot_rows`] with AVX-512 VNNI's `vpdpbusd` for the 32-value formats
+/// (the K formats multiply their sub-block scales inside `vpmaddwd` and keep
+/// the AVX2 kernels).
+///
+/// # Safety
+/// As [`dot_rows`], and AVX-512VL and AVX-512 VNNI are present.
+#[target_feature(enable = "avx2,fma,f16c,avx512vl,avx512vnni")]
+pub unsafe fn dot_rows_vnni(ty: QType, w: &[u8], x: &[ActRow], out: &mut [f32]) {
+    macro_rules! rows {
+        ($c:expr) => {
+            match x.len() {
+                1 => legacy_vnni::<$c, 1>(w, x, out),
+                2 => legacy_vnni::<$c, 2>(w, x, out),
+                3 => legacy_vnni::<$c, 3>(w, x, out),
+                _ => legacy_vnni::<$c, 4>(w, x, out),
+            }
+        };
+    }
+    // SAFETY: per the caller.
+    unsafe {
+        match ty {
+            QType::Q4_0 => rows!(Q4_0),
+            QType::Q4_1 => rows!(Q4_1),
+            QType::Q5_0 => rows!(Q5_0),
+            QType::Q5_1 => rows!(Q5_1),
+            QType::Q8_0 => rows!(Q8_0),
+            _ => dot_rows(ty, w, x, out),
+        }
+    }
+}
+
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn f16_at(b: *const u8) -> f32 {
@@ -99,6 +130,14 @@ unsafe fn hsum(v: __m256) -> f32 {
 #[target_feature(enable = "avx2")]
 unsafe fn mul_sum_u8(w: __m256i, x: __m256i) -> __m256i {
     _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1))
+}
+
+/// [`mul_sum_u8`] in one instruction, without its 16-bit intermediate
+/// (which cannot overflow for weights below 128 anyway).
+#[inline]
+#[target_feature(enable = "avx2,avx512vl,avx512vnni")]
+unsafe fn mul_sum_u8_vnni(w: __m256i, x: __m256i) -> __m256i {
+    _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x)
 }
 
 /// 32 bits to 32 bytes: 0xFF where the bit is set.
@@ -180,79 +219,98 @@ const fn legacy_size(f: u8) -> usize {
     }
 }
 
-/// The 32-value formats: one f16 scale (and minimum) per block, one float
-/// multiply-add per block and row. Even and odd blocks go to separate
-/// accumulators: with one activation row, a single chain of dependent
-/// multiply-adds (4-5 cycles each) would bound the loop, not the loads.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn legacy<const F: u8, const R: usize>(w: &[u8], x: &[ActRow], out: &mut [f32]) {
-    let size = legacy_size(F);
-    let mut acc = [[_mm256_setzero_ps(); R]; 2];
-    let mut min = [0f32; R];
-    let pairs = w.chunks_exact(2 * size);
-    let last = pairs.remainder();
-    for (i, pair) in pairs.enumerate() {
-        // SAFETY: per the caller: blocks 2i and 2i + 1 exist in every row.
-        unsafe {
-            legacy_block::<F, R>(&pair[..size], 2 * i, x, &mut acc[0], &mut min);
-            legacy_block::<F, R>(&pair[size..], 2 * i + 1, x, &mut acc[1], &mut min);
-        }
-    }
-    if !last.is_empty() {
-        // SAFETY: as above, for the last block.
-        unsafe { legacy_block::<F, R>(last, w.len() / size - 1, x, &mut acc[0], &mut min) };
-    }
-    for r in 0..R {
-        // SAFETY: AVX2 and FMA, per the caller.
-        out[r] = unsafe { hsum(_mm256_add_ps(acc[0][r], acc[1][r])) } + min[r];
-    }
-}
-
-/// One block `b` (block `g` of the row) of [`legacy`].
-///
-/// # Safety
-/// AVX2, FMA, F16C; `b` holds a whole block; every row has activation block `g`.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn legacy_block<const F: u8, const R: usize>(
-    b: &[u8],
-    g: usize,
-    x: &[ActRow],
-    acc: &mut [__m256; R],
-    min: &mut [f32; R],
-) {
-    let signed = matches!(F, Q4_0 | Q5_0 | Q8_0);
-    // SAFETY: per the caller.
-    unsafe {
-        let p = b.as_ptr();
-        let q = match F {
-            Q4_0 => _mm256_sub_epi8(nibbles(p.add(2)), _mm256_set1_epi8(8)),
-            Q4_1 => nibbles(p.add(4)),
-            Q5_0 => _mm256_sub_epi8(
-                _mm256_or_si256(nibbles(p.add(6)), high_bits(p.add(2))),
-                _mm256_set1_epi8(16),
-            ),
-            Q5_1 => _mm256_or_si256(nibbles(p.add(8)), high_bits(p.add(4))),
-            _ => load(p.add(2).cast()),
-        };
-        let wq = if signed { _mm256_sign_epi8(q, q) } else { q };
-        let dw = f16_at(p);
-        let m = if signed { 0.0 } else { f16_at(p.add(2)) };
-        for r in 0..R {
-            let xr = &x[r];
-            let xv = load(xr.q.as_ptr().add(QK * g));
-            let xv = if signed { _mm256_sign_epi8(xv, q) } else { xv };
-            let prod = mul_sum_u8(wq, xv);
-            let xd = *xr.d.get_unchecked(g);
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(prod), _mm256_set1_ps(dw * xd), acc[r]);
-            if !signed {
-                let s = *xr.sum16.get_unchecked(2 * g) as i32
-                    + *xr.sum16.get_unchecked(2 * g + 1) as i32;
-                min[r] += m * xd * s as f32;
+/// The 32-value formats' kernel, `$legacy` calling `$block` per block,
+/// compiled for `$features` with `$mul` as the byte dot product: once for
+/// AVX2 (`vpmaddubsw` + `vpmaddwd`) and once for AVX-512 VNNI (one
+/// `vpdpbusd`, on 256-bit registers: the blocks are 32 bytes).
+macro_rules! legacy_kernel {
+    ($legacy:ident, $block:ident, $features:literal, $mul:ident) => {
+        /// The 32-value formats: one f16 scale (and minimum) per block, one
+        /// float multiply-add per block and row. Even and odd blocks go to
+        /// separate accumulators: with one activation row, a single chain of
+        /// dependent multiply-adds (4-5 cycles each) would bound the loop, not
+        /// the loads.
+        #[target_feature(enable = $features)]
+        unsafe fn $legacy<const F: u8, const R: usize>(w: &[u8], x: &[ActRow], out: &mut [f32]) {
+            let size = legacy_size(F);
+            let mut acc = [[_mm256_setzero_ps(); R]; 2];
+            let mut min = [0f32; R];
+            let pairs = w.chunks_exact(2 * size);
+            let last = pairs.remainder();
+            for (i, pair) in pairs.enumerate() {
+                // SAFETY: per the caller: blocks 2i and 2i + 1 exist in every row.
+                unsafe {
+                    $block::<F, R>(&pair[..size], 2 * i, x, &mut acc[0], &mut min);
+                    $block::<F, R>(&pair[size..], 2 * i + 1, x, &mut acc[1], &mut min);
+                }
+            }
+            if !last.is_empty() {
+                // SAFETY: as above, for the last block.
+                unsafe { $block::<F, R>(last, w.len() / size - 1, x, &mut acc[0], &mut min) };
+            }
+            for r in 0..R {
+                // SAFETY: AVX2 and FMA, per the caller.
+                out[r] = unsafe { hsum(_mm256_add_ps(acc[0][r], acc[1][r])) } + min[r];
             }
         }
-    }
+
+        /// One block `b` (block `g` of the row) of the kernel above.
+        ///
+        /// # Safety
+        /// The kernel's features; `b` holds a whole block; every row has
+        /// activation block `g`.
+        #[inline]
+        #[target_feature(enable = $features)]
+        unsafe fn $block<const F: u8, const R: usize>(
+            b: &[u8],
+            g: usize,
+            x: &[ActRow],
+            acc: &mut [__m256; R],
+            min: &mut [f32; R],
+        ) {
+            let signed = matches!(F, Q4_0 | Q5_0 | Q8_0);
+            // SAFETY: per the caller.
+            unsafe {
+                let p = b.as_ptr();
+                let q = match F {
+                    Q4_0 => _mm256_sub_epi8(nibbles(p.add(2)), _mm256_set1_epi8(8)),
+                    Q4_1 => nibbles(p.add(4)),
+                    Q5_0 => _mm256_sub_epi8(
+                        _mm256_or_si256(nibbles(p.add(6)), high_bits(p.add(2))),
+                        _mm256_set1_epi8(16),
+                    ),
+                    Q5_1 => _mm256_or_si256(nibbles(p.add(8)), high_bits(p.add(4))),
+                    _ => load(p.add(2).cast()),
+                };
+                let wq = if signed { _mm256_sign_epi8(q, q) } else { q };
+                let dw = f16_at(p);
+                let m = if signed { 0.0 } else { f16_at(p.add(2)) };
+                for r in 0..R {
+                    let xr = &x[r];
+                    let xv = load(xr.q.as_ptr().add(QK * g));
+                    let xv = if signed { _mm256_sign_epi8(xv, q) } else { xv };
+                    let prod = $mul(wq, xv);
+                    let xd = *xr.d.get_unchecked(g);
+                    acc[r] =
+                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(prod), _mm256_set1_ps(dw * xd), acc[r]);
+                    if !signed {
+                        let s = *xr.sum16.get_unchecked(2 * g) as i32
+                            + *xr.sum16.get_unchecked(2 * g + 1) as i32;
+                        min[r] += m * xd * s as f32;
+                    }
+                }
+            }
+        }
+    };
 }
+
+legacy_kernel!(legacy, legacy_block, "avx2,fma,f16c", mul_sum_u8);
+legacy_kernel!(
+    legacy_vnni,
+    legacy_block_vnni,
+    "avx2,fma,f16c,avx512vl,avx512vnni",
+    mul_sum_u8_vnni
+);
 
 /// Q4_K (`HIGH` false) and Q5_K (a fifth bit per value from `qh`): 6-bit
 /// scales and minima per 32 values, integer sums over the super-block.

@@ -10,7 +10,8 @@
 //! per 32 (per 16 where Q6_K has a scale per 16).
 //!
 //! Every format has a scalar dot product ([`scalar`]) that is the reference and
-//! the fallback, and an AVX2 one ([`avx2`]) checked against it.
+//! the fallback, and an AVX2 one ([`avx2`], the 32-value formats also with
+//! AVX-512 VNNI's byte dot product where the CPU has it) checked against it.
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -258,6 +259,9 @@ enum Kernel {
     Scalar,
     #[cfg(target_arch = "x86_64")]
     Avx2,
+    /// AVX2 with AVX-512 VNNI's byte dot product for the 32-value formats.
+    #[cfg(target_arch = "x86_64")]
+    Avx2Vnni,
 }
 
 impl Kernel {
@@ -267,9 +271,31 @@ impl Kernel {
             && is_x86_feature_detected!("fma")
             && is_x86_feature_detected!("f16c")
         {
+            if is_x86_feature_detected!("avx512vl") && is_x86_feature_detected!("avx512vnni") {
+                return Self::Avx2Vnni;
+            }
             return Self::Avx2;
         }
         Self::Scalar
+    }
+
+    /// Every kernel this CPU can run, the reference first (for tests).
+    #[cfg(test)]
+    fn available() -> Vec<Self> {
+        let mut v = vec![Self::Scalar];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+            {
+                v.push(Self::Avx2);
+            }
+            if Self::detect() == Self::Avx2Vnni {
+                v.push(Self::Avx2Vnni);
+            }
+        }
+        v
     }
 
     /// The dot products of a weight row (whole blocks of `ty`) with up to
@@ -288,6 +314,9 @@ impl Kernel {
             // the rest.
             #[cfg(target_arch = "x86_64")]
             Self::Avx2 => unsafe { avx2::dot_rows(ty, w, x, out) },
+            // SAFETY: `detect` saw AVX-512VL and VNNI too.
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2Vnni => unsafe { avx2::dot_rows_vnni(ty, w, x, out) },
         }
     }
 
@@ -296,7 +325,7 @@ impl Kernel {
         match self {
             Self::Scalar => 4,
             #[cfg(target_arch = "x86_64")]
-            Self::Avx2 => avx2::max_rows(ty),
+            Self::Avx2 | Self::Avx2Vnni => avx2::max_rows(ty),
         }
     }
 }

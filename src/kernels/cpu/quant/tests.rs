@@ -69,11 +69,7 @@ fn candle_dequantized(ty: QType, n: usize, k: usize, data: &[u8]) -> Vec<f32> {
 }
 
 fn kernels() -> Vec<Kernel> {
-    let mut v = vec![Kernel::Scalar];
-    if Kernel::detect() != Kernel::Scalar {
-        v.push(Kernel::detect());
-    }
-    v
+    Kernel::available()
 }
 
 #[test]
