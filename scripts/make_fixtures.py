@@ -110,6 +110,28 @@ VARIANTS = {
         model_type="qwen3_moe", num_key_value_heads=2, head_dim=32, num_experts=8, num_experts_per_tok=2,
         moe_intermediate_size=64, norm_topk_prob=True, tie_word_embeddings=False,
     ),
+    # DeepSeek-V2-Lite layout: multi-head latent attention with queries straight from q_proj, 8 experts
+    # top 2 (greedy, not renormalized), one shared expert, the first layer dense.
+    "deepseek_v2_lite": dict(
+        model_type="deepseek_v2", num_key_value_heads=4, num_hidden_layers=3, q_lora_rank=None,
+        kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8,
+        num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=32, first_k_dense_replace=1,
+        topk_method="greedy", tie_word_embeddings=False,
+    ),
+    # DeepSeek-V2 layout: low-rank queries (q_lora_rank), v_head_dim != qk_nope_head_dim, attention
+    # biases, group-limited routing (4 groups, 2 kept, top 3), routed_scaling_factor 2.5, two shared
+    # experts, YaRN with mscale / mscale_all_dim (original context 16, shorter than the prompts).
+    "deepseek_v2_yarn": dict(
+        model_type="deepseek_v2", num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=32,
+        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=24, attention_bias=True, n_routed_experts=8,
+        num_experts_per_tok=3, n_shared_experts=2, moe_intermediate_size=24, first_k_dense_replace=0,
+        topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=2.5,
+        rope_parameters=dict(
+            rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=16,
+            mscale=0.707, mscale_all_dim=0.707, beta_fast=32.0, beta_slow=1.0,
+        ),
+        tie_word_embeddings=False,
+    ),
     # Gemma 3: multi-query attention, a window (8) shorter than the prompts, local and global
     # layers with their own RoPE (linear scaling on the global one), query_pre_attn_scalar
     # != head_dim, final logit soft-capping.
@@ -172,13 +194,27 @@ def routing_margin(model, sequences):
     """The smallest gap, over every token and MoE layer, between the probability of the last expert
     a token is routed to and the next one (inf for a dense model): a near tie would let float
     rounding pick a different expert."""
-    k = getattr(model.config, "num_experts_per_tok", None)
+    cfg = model.config
+    k = getattr(cfg, "num_experts_per_tok", None)
     if k is None:
         return float("inf")
+    grouped = getattr(cfg, "topk_method", None) == "group_limited_greedy"
     gap = float("inf")
     for seq in sequences:
         for logits in model(torch.tensor([seq]), output_router_logits=True).router_logits:
-            probs = torch.softmax(logits.float(), dim=-1).sort(dim=-1, descending=True).values
+            probs = torch.softmax(logits.float(), dim=-1)
+            if grouped:
+                # The kept groups' best experts must also stand clear of the next group's.
+                best = probs.view(probs.shape[0], cfg.n_group, -1).max(dim=-1).values
+                best = best.sort(dim=-1, descending=True).values
+                if best.shape[-1] > cfg.topk_group:
+                    g = cfg.topk_group
+                    gap = min(gap, float((best[:, g - 1] - best[:, g]).min()))
+                keep = best[:, cfg.topk_group - 1 : cfg.topk_group]
+                group_best = probs.view(probs.shape[0], cfg.n_group, -1).max(dim=-1, keepdim=True).values
+                mask = (group_best >= keep.unsqueeze(-1)).expand(-1, -1, probs.shape[-1] // cfg.n_group)
+                probs = probs.masked_fill(~mask.reshape(probs.shape), 0.0)
+            probs = probs.sort(dim=-1, descending=True).values
             if probs.shape[-1] > k:
                 gap = min(gap, float((probs[:, k - 1] - probs[:, k]).min()))
     return gap

@@ -289,6 +289,10 @@ fn quantized_folders_stay_close_to_transformers() {
         "qwen2_bias",
         "mixtral_8e",
         "qwen2_moe_shared",
+        // Not deepseek_v2_yarn: with 8-bit activations its random router
+        // picks another expert for the 1-token prompt (1.46 there, 0.22-0.28
+        // on the others), a near tie that only exact f32 avoids.
+        "deepseek_v2_lite",
     ] {
         let g = golden(name);
         for quant in [Quantization::Q8_0, Quantization::Q4K] {
@@ -305,7 +309,7 @@ fn quantized_folders_stay_close_to_transformers() {
                 worst = worst.max(max_abs_diff(&got, &floats(&case["last_logits"])));
                 r.free(i as u64);
             }
-            // Measured: 0.20-0.48 with q8_0, 0.67 for GPT-2's q4_k MLP.
+            // Measured: 0.17-0.59 with q8_0, 0.67 for GPT-2's q4_k MLP.
             assert!(worst <= 1.0, "{name} {quant:?}: max |Δ| {worst}");
         }
     }
@@ -381,7 +385,11 @@ fn moe_gguf_files_are_the_same_models_as_their_folders() {
 #[test]
 fn expert_counters_see_every_routed_token() {
     // Each token of each prompt goes to k experts in every MoE layer.
-    for (name, k) in [("qwen2_moe_step", 3u64), ("mixtral_8e", 2)] {
+    for (name, k) in [
+        ("qwen2_moe_step", 3u64),
+        ("mixtral_8e", 2),
+        ("deepseek_v2_yarn", 3),
+    ] {
         let m = load(&fixture_dir(name), DType::F32);
         let stats = m
             .model
@@ -411,4 +419,18 @@ fn expert_counters_see_every_routed_token() {
     }
     let dense = load(&fixture_dir("llama_gqa"), DType::F32);
     assert!(dense.model.expert_stats().is_none());
+}
+
+#[test]
+fn latent_attention_caches_one_row_per_token() {
+    // DeepSeek-V2's cache holds the compressed latent and the rotary key
+    // (32 + 8 values per token and layer here), once: no separate values.
+    let m = load(&fixture_dir("deepseek_v2_lite"), DType::F32);
+    let spec = m.model.spec();
+    assert_eq!((spec.cache.num_kv_heads, spec.cache.head_dim), (1, 40));
+    assert!(spec.cache.values_are_keys);
+    let mla = spec.cache.bytes_per_token(DType::F32);
+    assert_eq!(mla, 3 * 40 * 4);
+    // Full multi-head keys (16 + 8) and values (16) of 4 heads in 3 layers: 4x.
+    assert_eq!(3 * 4 * (24 + 16) * 4, 4 * mla);
 }

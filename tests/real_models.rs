@@ -163,8 +163,10 @@ fn smollm2_gguf_answers_the_capital_of_france() {
     // made at load (the down projections, 1,536 wide; the 576-wide inputs
     // are not whole 256-value super-blocks and take q8_0). Re-quantizing
     // what was Q4_1 in 4 bits again moves this 135M model more than 8 bits
-    // do (mean 1.0-1.6, the largest 4-4.6 of a ~40 span) but keeps every
-    // clear argmax.
+    // do (mean 1.0-1.7, the largest 4-4.6 of a ~40 span; on CPUs with
+    // AVX-512 VNNI, whose q8_0 layers take the Q8Matrix format with its own
+    // rounding instead of GGUF's blocks, mean 2.2 and largest 6.0) but keeps
+    // every clear argmax.
     let q4k = candela::models::load_model(&candela::models::LoadOptions {
         model: Some(path.to_str().unwrap().to_string()),
         dtype: DType::F32,
@@ -173,7 +175,7 @@ fn smollm2_gguf_answers_the_capital_of_france() {
         ..Default::default()
     })
     .unwrap();
-    close_to_exact("q4_k", &all_logits(&q4k), 6.0, 2.0);
+    close_to_exact("q4_k", &all_logits(&q4k), 7.5, 2.75);
     assert_eq!(
         m.tokenizer.decode(&out, true).unwrap(),
         "The capital of France is Paris."

@@ -81,17 +81,23 @@ pub struct KvLayout {
     pub head_dim: usize,
     pub block_size: usize,
     pub num_blocks: usize,
+    /// Only keys are stored, and attention reads them as the values too
+    /// (multi-head latent attention: one latent row per token serves both).
+    pub values_are_keys: bool,
 }
 
 impl KvLayout {
-    /// Key + value bytes one token occupies across all layers.
+    /// Key + value bytes one token occupies across all layers (keys alone
+    /// where the values are the keys).
     pub fn bytes_per_token(
         num_layers: usize,
         num_kv_heads: usize,
         head_dim: usize,
         dtype: KvDtype,
+        values_are_keys: bool,
     ) -> usize {
-        2 * num_layers * num_kv_heads * dtype.row_bytes(head_dim)
+        let copies = if values_are_keys { 1 } else { 2 };
+        copies * num_layers * num_kv_heads * dtype.row_bytes(head_dim)
     }
 
     /// Elements of one layer's key (or value) storage.
@@ -236,10 +242,11 @@ pub struct KvStorage {
 impl KvStorage {
     pub fn new(layout: KvLayout, dtype: impl Into<KvDtype>) -> anyhow::Result<Self> {
         let (dtype, len, hd) = (dtype.into(), layout.layer_len(), layout.head_dim);
+        let v_len = if layout.values_are_keys { 0 } else { len };
         let layers = (0..layout.num_layers)
             .map(|_| LayerKv {
                 k: KvBuffer::zeros(dtype, len, hd),
-                v: KvBuffer::zeros(dtype, len, hd),
+                v: KvBuffer::zeros(dtype, v_len, hd),
             })
             .collect();
         Ok(Self { layout, layers })
@@ -264,7 +271,9 @@ impl KvStorage {
         let (s, d) = (src as usize * n, dst as usize * n);
         for layer in &mut self.layers {
             layer.k.copy_within(s..s + n, d);
-            layer.v.copy_within(s..s + n, d);
+            if !self.layout.values_are_keys {
+                layer.v.copy_within(s..s + n, d);
+            }
         }
     }
 }
@@ -281,6 +290,7 @@ mod tests {
             head_dim: 3,
             block_size: 4,
             num_blocks: 5,
+            values_are_keys: false,
         };
         assert_eq!(l.index(0, 0), 0);
         assert_eq!(l.index(1, 0), 3);
@@ -297,6 +307,7 @@ mod tests {
             head_dim: 2,
             block_size: 2,
             num_blocks: 3,
+            values_are_keys: false,
         };
         let mut s = KvStorage::new(l, DType::F32).unwrap();
         for layer in 0..2 {
@@ -320,6 +331,7 @@ mod tests {
             head_dim: 16,
             block_size: 2,
             num_blocks: 3,
+            values_are_keys: false,
         };
         let n = l.block_len();
         for dtype in [KvDtype::Q8_0, KvDtype::Fp8E4M3] {

@@ -17,6 +17,6 @@ pub use batch::{ForwardBatch, Logits, SeqSlice};
 pub use embedding::Embedding;
 pub use linear::{fused_linear, linear, Linear, Quantization};
 pub use mlp::{Activation, GatedMlp, Mlp};
-pub use moe::{ExpertNames, ExpertStats, MoeShape, Routing, SparseMoe};
+pub use moe::{ExpertNames, ExpertStats, FeedForward, MoeShape, Routing, SparseMoe};
 pub use norm::{LayerNorm, RmsNorm};
 pub use rope::{Rope, RopeScaling};

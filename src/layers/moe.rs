@@ -35,6 +35,11 @@ pub struct Routing {
     /// Multiplies the routed experts' weights (DeepSeek's
     /// `routed_scaling_factor`; 1 elsewhere).
     pub scaling: f32,
+    /// DeepSeek's group-limited routing (`n_group`, `topk_group`): the
+    /// experts are split into `n_group` equal groups, the `topk_group`
+    /// groups with the highest best expert are kept, and the top `top_k`
+    /// are chosen among their experts only.
+    pub groups: Option<(usize, usize)>,
 }
 
 impl Routing {
@@ -45,9 +50,26 @@ impl Routing {
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let exp: Vec<f32> = logits.iter().map(|&l| (l - max).exp()).collect();
         let sum: f32 = exp.iter().sum();
+        // Experts outside the kept groups cannot be chosen.
+        let mut allowed = vec![true; exp.len()];
+        if let Some((n_group, topk_group)) = self.groups {
+            let size = exp.len() / n_group.max(1);
+            let best: Vec<f32> = exp
+                .chunks(size.max(1))
+                .map(|g| g.iter().copied().fold(f32::NEG_INFINITY, f32::max))
+                .collect();
+            let mut order: Vec<usize> = (0..best.len()).collect();
+            // Highest group first; the lower index first on a tie.
+            order.sort_by(|&a, &b| best[b].total_cmp(&best[a]).then(a.cmp(&b)));
+            let kept = &order[..topk_group.min(order.len())];
+            for (e, ok) in allowed.iter_mut().enumerate() {
+                *ok = kept.contains(&(e / size.max(1)));
+            }
+        }
         chosen.clear();
         for _ in 0..self.top_k {
             let best = (0..exp.len())
+                .filter(|&e| allowed[e])
                 .filter(|e| !chosen.iter().any(|&(c, _)| c == *e))
                 .fold(None, |best: Option<usize>, e| match best {
                     Some(b) if exp[b] >= exp[e] => Some(b),
@@ -300,6 +322,24 @@ impl SparseMoe {
     }
 }
 
+/// A decoder layer's feed-forward block: dense, or experts.
+// One per layer, built once: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum FeedForward {
+    Dense(GatedMlp),
+    Experts(SparseMoe),
+}
+
+impl FeedForward {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Dense(m) => m.forward(x),
+            Self::Experts(m) => m.forward(x),
+        }
+    }
+}
+
 /// Experts stacked `[experts, out, in]` in one tensor per projection
 /// (GGUF's `ffn_*_exps`): each expert's matrix is its slice, kept in the
 /// file's blocks where they have a kernel, else read densely once.
@@ -385,6 +425,7 @@ mod tests {
             top_k: k,
             norm_topk_prob: norm,
             scaling: 1.0,
+            groups: None,
         }
     }
 
@@ -406,6 +447,23 @@ mod tests {
         scaled.scaling = 2.5;
         scaled.route(&logits, &mut chosen);
         assert!((chosen[0].1 + chosen[1].1 - 2.5).abs() < 1e-5);
+    }
+
+    #[test]
+    fn group_limited_routing_keeps_the_best_groups() {
+        // Groups {0, 1}, {2, 3}, {4, 5}: best experts 1 (2.0), 3 (1.9), 4 (3.0).
+        let logits = [0.0f32, 2.0, 1.8, 1.9, 3.0, -1.0];
+        let mut r = routing(3, false);
+        r.num_experts = 6;
+        r.groups = Some((3, 2));
+        let mut chosen = Vec::new();
+        r.route(&logits, &mut chosen);
+        let mut ids: Vec<usize> = chosen.iter().map(|c| c.0).collect();
+        ids.sort();
+        // Groups {4, 5} and {0, 1} are kept; expert 3 (1.9) is not eligible.
+        assert_eq!(ids, vec![0, 1, 4]);
+        let sum: f32 = logits.iter().map(|l| l.exp()).sum();
+        assert!((chosen[0].1 - logits[4].exp() / sum).abs() < 1e-6);
     }
 
     #[test]

@@ -269,6 +269,7 @@ impl Gemma3 {
         let cache = CacheSpec {
             num_kv_heads: cfg.num_kv_heads,
             head_dim: hd,
+            values_are_keys: false,
             layers: cfg
                 .sliding_window
                 .iter()

@@ -180,6 +180,7 @@ impl Gpt2 {
                 cache: CacheSpec {
                     num_kv_heads: cfg.num_heads,
                     head_dim: cfg.head_dim(),
+                    values_are_keys: false,
                     layers: vec![LayerCache::FullAttention; cfg.num_layers],
                 },
             },

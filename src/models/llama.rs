@@ -20,8 +20,9 @@ use super::{logits_rows, CacheSpec, LayerCache, Model, ModelKind, ModelSpec};
 use crate::kernels::cpu::elementwise;
 use crate::kv_cache::KvStorage;
 use crate::layers::{
-    fused_linear, linear, Activation, Embedding, ExpertNames, ExpertStats, ForwardBatch, GatedMlp,
-    Linear, MoeShape, PagedAttention, Quantization, RmsNorm, Rope, RopeScaling, Routing, SparseMoe,
+    fused_linear, linear, Activation, Embedding, ExpertNames, ExpertStats, FeedForward,
+    ForwardBatch, GatedMlp, Linear, MoeShape, PagedAttention, Quantization, RmsNorm, Rope,
+    RopeScaling, Routing, SparseMoe,
 };
 use crate::weights::gguf::{layer_part, Layout, Meta};
 
@@ -273,6 +274,7 @@ impl RawConfig {
                 top_k,
                 norm_topk_prob: family == Family::Mixtral || self.norm_topk_prob.unwrap_or(false),
                 scaling: 1.0,
+                groups: None,
             },
             expert_intermediate,
             sparse,
@@ -422,58 +424,44 @@ pub fn split_qkv(
     ))
 }
 
-/// A layer's feed-forward block.
-// One per layer, built once: the variants' sizes do not matter.
-#[allow(clippy::large_enum_variant)]
-#[derive(Debug)]
-enum FeedForward {
-    Dense(GatedMlp),
-    Experts(SparseMoe),
-}
-
-impl FeedForward {
-    fn load(
-        vb: &Weights,
-        cfg: &LlamaConfig,
-        layer: usize,
-        q: Quantization,
-        stats: Option<&Arc<ExpertStats>>,
-    ) -> Result<Self> {
-        let h = cfg.hidden_size;
-        let dense =
-            |vb: Weights, i: usize| GatedMlp::load(vb, h, i, cfg.mlp_bias, Activation::Silu, q);
-        let Some(moe) = cfg.moe.as_ref().filter(|m| m.sparse[layer]) else {
-            return Ok(Self::Dense(dense(vb.pp("mlp"), cfg.intermediate_size)?));
+/// A layer's feed-forward block: the dense MLP, or experts where the
+/// config makes the layer sparse.
+fn feed_forward(
+    vb: &Weights,
+    cfg: &LlamaConfig,
+    layer: usize,
+    q: Quantization,
+    stats: Option<&Arc<ExpertStats>>,
+) -> Result<FeedForward> {
+    let h = cfg.hidden_size;
+    let dense = |vb: Weights, i: usize| GatedMlp::load(vb, h, i, cfg.mlp_bias, Activation::Silu, q);
+    let Some(moe) = cfg.moe.as_ref().filter(|m| m.sparse[layer]) else {
+        return Ok(FeedForward::Dense(dense(
+            vb.pp("mlp"),
+            cfg.intermediate_size,
+        )?));
+    };
+    let vb = vb.pp(moe.block);
+    let shape = MoeShape {
+        hidden: h,
+        intermediate: moe.expert_intermediate,
+        routing: moe.routing,
+        act: Activation::Silu,
+    };
+    let mut block = SparseMoe::load(vb.clone(), shape, moe.names, q)?;
+    if let Some(i) = moe.shared_intermediate {
+        let gate = if vb.contains_tensor("shared_expert_gate.weight") {
+            let gate = vb.pp("shared_expert_gate").dense_only();
+            Some(linear(gate, h, 1, false, Quantization::None)?)
+        } else {
+            None
         };
-        let vb = vb.pp(moe.block);
-        let shape = MoeShape {
-            hidden: h,
-            intermediate: moe.expert_intermediate,
-            routing: moe.routing,
-            act: Activation::Silu,
-        };
-        let mut block = SparseMoe::load(vb.clone(), shape, moe.names, q)?;
-        if let Some(i) = moe.shared_intermediate {
-            let gate = if vb.contains_tensor("shared_expert_gate.weight") {
-                let gate = vb.pp("shared_expert_gate").dense_only();
-                Some(linear(gate, h, 1, false, Quantization::None)?)
-            } else {
-                None
-            };
-            block = block.with_shared(dense(vb.pp("shared_expert"), i)?, gate);
-        }
-        if let Some(stats) = stats {
-            block = block.with_stats(stats.clone(), layer);
-        }
-        Ok(Self::Experts(block))
+        block = block.with_shared(dense(vb.pp("shared_expert"), i)?, gate);
     }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Self::Dense(m) => m.forward(x),
-            Self::Experts(m) => m.forward(x),
-        }
+    if let Some(stats) = stats {
+        block = block.with_stats(stats.clone(), layer);
     }
+    Ok(FeedForward::Experts(block))
 }
 
 #[derive(Debug)]
@@ -527,7 +515,7 @@ impl Llama {
                         cfg.hidden_size,
                         cfg.rms_norm_eps,
                     )?,
-                    mlp: FeedForward::load(&l, cfg, i, quant, expert_stats.as_ref())?,
+                    mlp: feed_forward(&l, cfg, i, quant, expert_stats.as_ref())?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -547,6 +535,7 @@ impl Llama {
         let cache = CacheSpec {
             num_kv_heads: cfg.num_kv_heads,
             head_dim: cfg.head_dim,
+            values_are_keys: false,
             layers: cfg
                 .sliding_window
                 .iter()
@@ -730,6 +719,7 @@ fn config_from_gguf(
                     // Mixtral and Qwen3-MoE, not for Qwen2-MoE.
                     norm_topk_prob: family != Family::Qwen2Moe,
                     scaling: 1.0,
+                    groups: None,
                 },
                 expert_intermediate,
                 sparse: vec![true; num_layers],

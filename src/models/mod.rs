@@ -9,6 +9,7 @@
 //! one is a new file here plus an entry in [`registry::ARCHITECTURES`].
 
 pub mod config;
+pub mod deepseek2;
 pub mod gemma3;
 pub mod gpt2;
 pub mod llama;
@@ -46,6 +47,9 @@ pub struct CacheSpec {
     pub num_kv_heads: usize,
     pub head_dim: usize,
     pub layers: Vec<LayerCache>,
+    /// Only keys are stored; attention reads them as values too (DeepSeek's
+    /// latent attention, whose per-token latent is both).
+    pub values_are_keys: bool,
 }
 
 impl CacheSpec {
@@ -57,6 +61,7 @@ impl CacheSpec {
             head_dim: self.head_dim,
             block_size: sizing.block_size,
             num_blocks: sizing.num_blocks,
+            values_are_keys: self.values_are_keys,
         }
     }
 
@@ -72,7 +77,13 @@ impl CacheSpec {
     /// Bytes of cache one token takes in `dtype`.
     pub fn bytes_per_token(&self, dtype: impl Into<KvDtype>) -> usize {
         let dtype = dtype.into();
-        KvLayout::bytes_per_token(self.layers.len(), self.num_kv_heads, self.head_dim, dtype)
+        KvLayout::bytes_per_token(
+            self.layers.len(),
+            self.num_kv_heads,
+            self.head_dim,
+            dtype,
+            self.values_are_keys,
+        )
     }
 }
 

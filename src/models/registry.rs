@@ -5,7 +5,7 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
-use super::{gemma3, gpt2, llama, Model};
+use super::{deepseek2, gemma3, gpt2, llama, Model};
 use crate::layers::Quantization;
 use crate::tokenizer::{SpecialTokens, Tokenizer};
 use crate::weights::gguf::GgufFile;
@@ -104,6 +104,14 @@ pub const ARCHITECTURES: &[Architecture] = &[
         gguf: &["qwen3moe"],
         from_hf: llama::from_hf,
         from_gguf: Some(llama::from_gguf),
+        hf_linear_in_out: false,
+    },
+    Architecture {
+        name: "DeepseekV2ForCausalLM",
+        model_types: &["deepseek_v2"],
+        gguf: &[],
+        from_hf: deepseek2::from_hf,
+        from_gguf: None,
         hf_linear_in_out: false,
     },
     Architecture {

@@ -29,6 +29,8 @@ pub const FIXTURES: &[&str] = &[
     "qwen2_moe_shared",
     "qwen2_moe_step",
     "qwen3_moe",
+    "deepseek_v2_lite",
+    "deepseek_v2_yarn",
 ];
 
 pub fn repo_path(rel: &str) -> PathBuf {

@@ -61,7 +61,7 @@ fn write_typed<T: WithDType>(
 ) -> Result<()> {
     let hd = layout.head_dim;
     let (k, v) = (k.contiguous()?, v.contiguous()?);
-    for (src, dst) in [(&k, &mut cache.k), (&v, &mut cache.v)] {
+    for (src, dst) in stored(&k, &v, cache, layout) {
         let Some(dst) = dst.as_mut_slice::<T>() else {
             candle_core::bail!("the keys and values of the KV cache differ in dtype");
         };
@@ -74,6 +74,21 @@ fn write_typed<T: WithDType>(
     Ok(())
 }
 
+/// The step's keys and values paired with the buffers they go to: the keys
+/// alone where the values are the keys.
+fn stored<'a>(
+    k: &'a Tensor,
+    v: &'a Tensor,
+    cache: &'a mut LayerKv,
+    layout: &KvLayout,
+) -> Vec<(&'a Tensor, &'a mut KvBuffer)> {
+    let mut out = vec![(k, &mut cache.k)];
+    if !layout.values_are_keys {
+        out.push((v, &mut cache.v));
+    }
+    out
+}
+
 /// Quantizes each row into an 8-bit cache with its own scale(s).
 fn write_quantized(
     (k, v): (Tensor, Tensor),
@@ -83,7 +98,7 @@ fn write_quantized(
 ) -> Result<()> {
     let hd = layout.head_dim;
     let (k, v) = (k.contiguous()?, v.contiguous()?);
-    for (src, dst) in [(&k, &mut cache.k), (&v, &mut cache.v)] {
+    for (src, dst) in stored(&k, &v, cache, layout) {
         with_slice::<f32, _>(src, |src| match dst {
             KvBuffer::Q8_0 { qs, scales, group } => {
                 let g = *group;
@@ -184,7 +199,13 @@ pub fn paged_attention(
             )?
         };
     }
-    let out = match (&cache.k, &cache.v) {
+    // Latent attention stores one row per token that serves as both.
+    let values = if layout.values_are_keys {
+        &cache.k
+    } else {
+        &cache.v
+    };
+    let out = match (&cache.k, values) {
         (KvBuffer::F32(k), KvBuffer::F32(v)) => float!(k, v, f32),
         (KvBuffer::F16(k), KvBuffer::F16(v)) => float!(k, v, half::f16),
         (KvBuffer::BF16(k), KvBuffer::BF16(v)) => float!(k, v, half::bf16),
@@ -724,10 +745,27 @@ mod tests {
     }
 
     fn check_chunked(nh: usize, nkv: usize, hd: usize, cache_dtype: KvDtype) {
+        check_chunked_values(nh, nkv, hd, cache_dtype, false);
+        // Latent attention: the keys are read as the values too, and no
+        // values are stored.
+        check_chunked_values(nh, nkv, hd, cache_dtype, true);
+    }
+
+    fn check_chunked_values(
+        nh: usize,
+        nkv: usize,
+        hd: usize,
+        cache_dtype: KvDtype,
+        values_are_keys: bool,
+    ) {
         let (n, bs) = (11, 4);
         let q = pseudo_random(n * nh * hd, 1);
         let k = pseudo_random(n * nkv * hd, 2);
-        let v = pseudo_random(n * nkv * hd, 3);
+        let v = if values_are_keys {
+            k.clone()
+        } else {
+            pseudo_random(n * nkv * hd, 3)
+        };
         // The reference sees the keys and values as the cache stores them.
         let stored = |x: &[f32]| stored(x, hd, cache_dtype);
         for (window, softcap) in [(None, None), (Some(3), None), (None, Some(0.5))] {
@@ -748,6 +786,7 @@ mod tests {
                 head_dim: hd,
                 block_size: bs,
                 num_blocks: 8,
+                values_are_keys,
             };
             let mut storage = KvStorage::new(layout, cache_dtype).unwrap();
             // Scattered blocks, and the sequence processed in chunks of 5, 1 and 5 tokens.
@@ -765,7 +804,13 @@ mod tests {
                     .unwrap()
                 };
                 let layer: &mut LayerKv = storage.layer_mut(0);
-                write_kv(&t(&k, nkv), &t(&v, nkv), layer, &layout, &b).unwrap();
+                // Values that are the keys are never written: pass zeros.
+                let v_in = if values_are_keys {
+                    t(&k, nkv).zeros_like().unwrap()
+                } else {
+                    t(&v, nkv)
+                };
+                write_kv(&t(&k, nkv), &v_in, layer, &layout, &b).unwrap();
                 let params = AttnParams {
                     num_heads: nh,
                     scale: 1.0 / (hd as f32).sqrt(),
@@ -782,8 +827,8 @@ mod tests {
                 .fold(0f32, f32::max);
             assert!(
                 max_diff < 1e-5,
-                "hd {hd}, {cache_dtype:?} cache, window {window:?}, softcap {softcap:?}: \
-                 max diff {max_diff}"
+                "hd {hd}, {cache_dtype:?} cache, window {window:?}, softcap {softcap:?}, \
+                 values are keys {values_are_keys}: max diff {max_diff}"
             );
         }
     }
@@ -797,6 +842,7 @@ mod tests {
             head_dim: hd,
             block_size: bs,
             num_blocks: 2,
+            values_are_keys: false,
         };
         let mut storage = KvStorage::new(layout, DType::F32).unwrap();
         let q = Tensor::zeros((1, 4, hd), DType::F32, &Device::Cpu).unwrap();
