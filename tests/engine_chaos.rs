@@ -1,5 +1,6 @@
 //! Chaos test of the engine (no HTTP): thousands of random operations against
-//! the real engine on the embedded model, with tiny KV pools that force
+//! the real engine on the embedded model (or an MoE / latent-attention
+//! fixture), with tiny KV pools that force
 //! preemption. Submits with random `n`, prompts, stops, seeds and lengths;
 //! aborts at random points (waiting, mid-prompt, between the prompt's last
 //! chunk and the first token, while forking, while preempted); clients that
@@ -134,8 +135,18 @@ fn random_request(
 /// Returns the prompt tokens served from the prefix cache.
 fn run_seed(seed: u64, ops: usize) -> u64 {
     let mut rng = StdRng::seed_from_u64(seed);
+    // The embedded model half the time; else a Mixture-of-Experts fixture
+    // or DeepSeek-V2's latent attention, whose cache stores keys only
+    // (block copies and preemption must hold for it too).
+    let model = [
+        None,
+        None,
+        Some("qwen2_moe_shared"),
+        Some("deepseek_v2_lite"),
+    ][rng.random_range(0..4)]
+    .map(|name| common::fixture_dir(name).to_str().unwrap().to_string());
     let loaded = load_model(&LoadOptions {
-        model: None,
+        model,
         dtype: DType::F32,
         quantization: Default::default(),
         ..Default::default()
