@@ -341,7 +341,6 @@ def make_moe_gguf(name, arch):
     llama.cpp's RoPE. One file in f32 (`NAME.gguf`) and one with every matrix in Q8_0 but the
     router and the norms (`NAME-q8_0.gguf`, as llama-quantize leaves ffn_gate_inp), each with the
     stories260K tokenizer's metadata."""
-    import gguf
     import numpy as np
     from safetensors.numpy import load_file
 
@@ -385,9 +384,8 @@ def make_moe_gguf(name, arch):
         for p, g in zip(proj, ["ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"]):
             tensors[f"blk.{i}.{g}.weight"] = np.stack(
                 [w[f"{pre}{block}.experts.{e}.{p}.weight"] for e in range(experts)])
-    stories = gguf.GGUFReader(str(FIXTURES / "stories260K-f32.gguf"))
-    for suffix, quantize in [("", False), ("-q8_0", True)]:
-        out = gguf.GGUFWriter(str(FIXTURES / f"{name}{suffix}.gguf"), arch)
+
+    def metadata(out):
         out.add_context_length(cfg["max_position_embeddings"])
         out.add_embedding_length(cfg["hidden_size"])
         out.add_block_count(cfg["num_hidden_layers"])
@@ -405,6 +403,21 @@ def make_moe_gguf(name, arch):
             out.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
         if arch == "qwen2moe":
             out.add_expert_shared_feed_forward_length(cfg["shared_expert_intermediate_size"])
+
+    write_gguf_pair(name, arch, metadata, tensors)
+
+
+def write_gguf_pair(name, arch, metadata, tensors):
+    """`NAME.gguf` (f32) and `NAME-q8_0.gguf` (every matrix whose rows are whole 32-value blocks in
+    Q8_0, but the router, which llama-quantize leaves in f32), each with the stories260K tokenizer's
+    metadata. `metadata(writer)` adds the architecture's keys."""
+    import gguf
+    import numpy as np
+
+    stories = gguf.GGUFReader(str(FIXTURES / "stories260K-f32.gguf"))
+    for suffix, quantize in [("", False), ("-q8_0", True)]:
+        out = gguf.GGUFWriter(str(FIXTURES / f"{name}{suffix}.gguf"), arch)
+        metadata(out)
         for key, field in stories.fields.items():
             if not key.startswith("tokenizer."):
                 continue
@@ -415,7 +428,7 @@ def make_moe_gguf(name, arch):
                 out.add_key_value(key, field.contents(), vt)
         for gname, t in tensors.items():
             t = np.ascontiguousarray(t, dtype=np.float32)
-            if quantize and t.ndim >= 2 and "ffn_gate_inp" not in gname:
+            if quantize and t.ndim >= 2 and t.shape[-1] % 32 == 0 and "ffn_gate_inp" not in gname:
                 q = gguf.quants.quantize(t, gguf.GGMLQuantizationType.Q8_0)
                 out.add_tensor(gname, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
             else:
@@ -425,6 +438,88 @@ def make_moe_gguf(name, arch):
         out.write_tensors_to_file()
         out.close()
         print(f"{name}{suffix}.gguf written")
+
+
+def make_deepseek_gguf(name):
+    """GGUF files of a DeepSeek-V2 fixture in llama.cpp's `deepseek2` layout, as its converter writes
+    them: kv_b_proj split per head into attn_k_b (transposed, [heads, kv_lora_rank, qk_nope]) and
+    attn_v_b, experts stacked (ffn_*_exps), shared experts as ffn_*_shexp, the rotary rows left
+    interleaved, one key/value head, YaRN's mscale_all_dim as 0.1 * it in yarn_log_multiplier."""
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    src = FIXTURES / name
+    cfg = json.loads((src / "config.json").read_text())
+    w = load_file(src / "model.safetensors")
+    heads, nope, rope_dim, v_dim = (cfg["num_attention_heads"], cfg["qk_nope_head_dim"],
+                                    cfg["qk_rope_head_dim"], cfg["v_head_dim"])
+    lora = cfg["kv_lora_rank"]
+    experts = cfg["n_routed_experts"]
+    tensors = {
+        "token_embd.weight": w["model.embed_tokens.weight"],
+        "output_norm.weight": w["model.norm.weight"],
+        "output.weight": w["lm_head.weight"],
+    }
+    parts = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+             "self_attn.q_proj": "attn_q", "self_attn.q_a_proj": "attn_q_a",
+             "self_attn.q_a_layernorm": "attn_q_a_norm", "self_attn.q_b_proj": "attn_q_b",
+             "self_attn.kv_a_proj_with_mqa": "attn_kv_a_mqa", "self_attn.kv_a_layernorm": "attn_kv_a_norm",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "mlp.gate": "ffn_gate_inp",
+             "mlp.shared_experts.gate_proj": "ffn_gate_shexp", "mlp.shared_experts.up_proj": "ffn_up_shexp",
+             "mlp.shared_experts.down_proj": "ffn_down_shexp"}
+    for i in range(cfg["num_hidden_layers"]):
+        pre = f"model.layers.{i}."
+        for hf, g in parts.items():
+            for kind in ["weight", "bias"]:
+                t = w.get(f"{pre}{hf}.{kind}")
+                if t is not None:
+                    tensors[f"blk.{i}.{g}.{kind}"] = t
+        kv_b = w[f"{pre}self_attn.kv_b_proj.weight"].reshape(heads, nope + v_dim, lora)
+        tensors[f"blk.{i}.attn_k_b.weight"] = kv_b[:, :nope, :].transpose(0, 2, 1)
+        tensors[f"blk.{i}.attn_v_b.weight"] = kv_b[:, nope:, :]
+        if f"{pre}mlp.experts.0.gate_proj.weight" in w:
+            for p, g in zip(["gate_proj", "up_proj", "down_proj"], ["ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"]):
+                tensors[f"blk.{i}.{g}.weight"] = np.stack(
+                    [w[f"{pre}mlp.experts.{e}.{p}.weight"] for e in range(experts)])
+    rope = cfg.get("rope_parameters") or {}
+
+    def metadata(out):
+        out.add_context_length(cfg["max_position_embeddings"])
+        out.add_embedding_length(cfg["hidden_size"])
+        out.add_block_count(cfg["num_hidden_layers"])
+        out.add_feed_forward_length(cfg["intermediate_size"])
+        out.add_head_count(heads)
+        out.add_head_count_kv(1)
+        out.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+        out.add_rope_freq_base(rope.get("rope_theta", 10000.0))
+        out.add_rope_dimension_count(rope_dim)
+        out.add_leading_dense_block_count(cfg["first_k_dense_replace"])
+        out.add_vocab_size(cfg["vocab_size"])
+        if cfg.get("q_lora_rank") is not None:
+            out.add_q_lora_rank(cfg["q_lora_rank"])
+        out.add_kv_lora_rank(lora)
+        out.add_key_length(lora + rope_dim)
+        out.add_value_length(lora)
+        out.add_key_length_mla(nope + rope_dim)
+        out.add_value_length_mla(v_dim)
+        out.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+        out.add_expert_count(experts)
+        out.add_expert_used_count(cfg["num_experts_per_tok"])
+        out.add_expert_shared_count(cfg["n_shared_experts"])
+        out.add_expert_weights_scale(cfg["routed_scaling_factor"])
+        out.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX)
+        if cfg.get("topk_method") == "group_limited_greedy":
+            out.add_expert_group_count(cfg["n_group"])
+            out.add_expert_group_used_count(cfg["topk_group"])
+        if rope.get("rope_type") == "yarn":
+            out.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+            out.add_rope_scaling_factor(rope["factor"])
+            out.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+            out.add_rope_scaling_yarn_log_mul(0.1 * rope["mscale_all_dim"])
+
+    write_gguf_pair(name, "deepseek2", metadata, tensors)
 
 
 GEMMA_GGUF = ROOT / "models-cache" / "gemma-3-270m-q4_k_m.gguf"
@@ -476,6 +571,9 @@ def main():
     for name, arch in MOE_GGUF.items():
         if want(name) or want("moe_gguf"):
             make_moe_gguf(name, arch)
+    for name in ["deepseek_v2_lite", "deepseek_v2_yarn"]:
+        if want(name) or want("moe_gguf"):
+            make_deepseek_gguf(name)
     if want("stories"):
         make_stories_golden()
     if want("gemma3_270m"):

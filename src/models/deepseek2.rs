@@ -25,7 +25,7 @@ use candle_core::{DType, Result, Tensor};
 use serde::Deserialize;
 
 use super::config::{self, Common, RawRope};
-use super::registry::Checkpoint;
+use super::registry::{Checkpoint, GgufCheckpoint};
 use super::{logits_rows, CacheSpec, LayerCache, Model, ModelKind, ModelSpec};
 use crate::kernels::cpu::elementwise;
 use crate::kv_cache::KvStorage;
@@ -33,6 +33,7 @@ use crate::layers::{
     linear, Activation, Embedding, ExpertNames, ExpertStats, FeedForward, ForwardBatch, GatedMlp,
     Linear, MoeShape, PagedAttention, Quantization, RmsNorm, Rope, RopeScaling, Routing, SparseMoe,
 };
+use crate::weights::gguf::{layer_part, Layout, Meta};
 use crate::weights::Weights;
 
 /// The latent projections' norms use RMSNorm's default epsilon, not
@@ -213,7 +214,9 @@ fn deinterleave(n: usize, width: usize, rope: usize) -> Vec<u32> {
         .collect()
 }
 
-/// A linear layer whose weight rows (and bias) are reordered by `rows`.
+/// A linear layer whose weight rows (and bias) are reordered by `rows`:
+/// blocks stay blocks (a GGUF file's, or those `--quantization` made from
+/// the checkpoint), dense weights stay dense.
 fn reordered_linear(
     vb: Weights,
     inp: usize,
@@ -222,12 +225,18 @@ fn reordered_linear(
     rows: &[u32],
     q: Quantization,
 ) -> Result<Linear> {
-    let vb = vb.dense_only();
-    let w = select_rows(&vb.get((out, inp), "weight")?, rows)?;
     let b = match bias {
         true => Some(select_rows(&vb.get(out, "bias")?, rows)?),
         false => None,
     };
+    if let Some(m) = vb.quantized("weight") {
+        let m = m?;
+        if m.dims() != (out, inp) {
+            candle_core::bail!("{m:?}: expected [{out}, {inp}]");
+        }
+        return Linear::quantized(vec![Arc::new(m.select_rows(rows)?)], b);
+    }
+    let w = select_rows(&vb.get((out, inp), "weight")?, rows)?;
     Linear::new(w, b, q)
 }
 
@@ -286,20 +295,30 @@ impl Attention {
         )?;
         // The up-projections stay dense in the working dtype: they are
         // applied per head to the query and the attention output.
-        let kv_b = vb
-            .pp("kv_b_proj")
-            .dense_only()
-            .get((heads * (nope + cfg.v_head_dim), lora), "weight")?
-            .reshape((heads, nope + cfg.v_head_dim, lora))?;
+        // llama.cpp's files split them (k_b transposed) for the same use.
+        let v = cfg.v_head_dim;
+        let (w_uk, w_uv) = if vb.contains_tensor("k_b_proj.weight") {
+            let dense = vb.dense_only();
+            (
+                dense
+                    .get((heads, lora, nope), "k_b_proj.weight")?
+                    .transpose(1, 2)?,
+                dense.get((heads, v, lora), "v_b_proj.weight")?,
+            )
+        } else {
+            let kv_b = vb
+                .pp("kv_b_proj")
+                .dense_only()
+                .get((heads * (nope + v), lora), "weight")?
+                .reshape((heads, nope + v, lora))?;
+            (kv_b.narrow(1, 0, nope)?, kv_b.narrow(1, nope, v)?)
+        };
         Ok(Self {
             q: q_proj,
             kv_a_proj_with_mqa,
             kv_a_layernorm: RmsNorm::load(vb.pp("kv_a_layernorm"), lora, LATENT_NORM_EPS)?,
-            w_uk: kv_b.narrow(1, 0, nope)?.contiguous()?,
-            w_uv_t: kv_b
-                .narrow(1, nope, cfg.v_head_dim)?
-                .transpose(1, 2)?
-                .contiguous()?,
+            w_uk: w_uk.contiguous()?,
+            w_uv_t: w_uv.transpose(1, 2)?.contiguous()?,
             o_proj: linear(vb.pp("o_proj"), heads * cfg.v_head_dim, h, bias, q)?,
             attn: PagedAttention::new(heads, cfg.softmax_scale),
             heads,
@@ -490,6 +509,176 @@ impl Model for DeepseekV2 {
         let x = self.norm.forward(&logits_rows(&x, batch)?)?;
         self.lm_head.forward(&x)?.to_dtype(DType::F32)?.contiguous()
     }
+}
+
+/// GGUF tensor name (llama.cpp's `deepseek2`) → Hugging Face name.
+fn hf_name(gguf: &str) -> Option<String> {
+    let fixed = match gguf {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(n) = fixed {
+        return Some(n.to_string());
+    }
+    let (layer, rest) = layer_part(gguf)?;
+    let (part, kind) = rest.rsplit_once('.')?;
+    let hf = match part {
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        "attn_q" => "self_attn.q_proj",
+        "attn_q_a" => "self_attn.q_a_proj",
+        "attn_q_a_norm" => "self_attn.q_a_layernorm",
+        "attn_q_b" => "self_attn.q_b_proj",
+        "attn_kv_a_mqa" => "self_attn.kv_a_proj_with_mqa",
+        "attn_kv_a_norm" => "self_attn.kv_a_layernorm",
+        "attn_kv_b" => "self_attn.kv_b_proj",
+        // Newer files split kv_b for llama.cpp's absorbed attention.
+        "attn_k_b" => "self_attn.k_b_proj",
+        "attn_v_b" => "self_attn.v_b_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        "ffn_gate_inp" => "mlp.gate",
+        "ffn_gate_exps" => "mlp.experts.gate_proj",
+        "ffn_up_exps" => "mlp.experts.up_proj",
+        "ffn_down_exps" => "mlp.experts.down_proj",
+        "ffn_gate_shexp" => "mlp.shared_experts.gate_proj",
+        "ffn_up_shexp" => "mlp.shared_experts.up_proj",
+        "ffn_down_shexp" => "mlp.shared_experts.down_proj",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}.{kind}"))
+}
+
+impl DeepseekV2Config {
+    /// The config from a `deepseek2` GGUF's metadata, as llama.cpp's
+    /// converter writes it.
+    fn from_gguf(meta: &Meta, has: &dyn Fn(&str) -> bool) -> anyhow::Result<Self> {
+        let k = |s: &str| format!("deepseek2.{s}");
+        let num_layers = meta.usize_req(&k("block_count"))?;
+        let kv_lora_rank = meta.usize_req(&k("attention.kv_lora_rank"))?;
+        let qk_rope = meta.usize_req(&k("rope.dimension_count"))?;
+        let key_mla = meta.usize_req(&k("attention.key_length_mla"))?;
+        let v_head_dim = meta.usize_req(&k("attention.value_length_mla"))?;
+        let qk_nope = key_mla
+            .checked_sub(qk_rope)
+            .context("GGUF: key_length_mla is shorter than the rotary dimensions")?;
+        let max_position_embeddings = meta.u64(&k("context_length"))?.map_or(2048, |v| v as usize);
+        let rope_scaling = match meta.str(&k("rope.scaling.type"))? {
+            None | Some("none") => RopeScaling::None,
+            Some("yarn") => {
+                let factor = meta
+                    .f32(&k("rope.scaling.factor"))?
+                    .context("GGUF yarn rope scaling without a factor")?;
+                RopeScaling::Yarn {
+                    factor,
+                    original_max_position_embeddings: meta
+                        .usize_req(&k("rope.scaling.original_context_length"))?,
+                    beta_fast: meta.f32(&k("rope.scaling.yarn_beta_fast"))?.unwrap_or(32.0),
+                    beta_slow: meta.f32(&k("rope.scaling.yarn_beta_slow"))?.unwrap_or(1.0),
+                    // DeepSeek's checkpoints set mscale = mscale_all_dim, whose
+                    // ratio (the cos/sin factor) is then 1; the files keep only
+                    // the latter, for the softmax scale below.
+                    attention_factor: 1.0,
+                    truncate: true,
+                }
+            }
+            Some(other) => bail!("GGUF rope scaling {other:?} is not supported for deepseek2"),
+        };
+        let mut softmax_scale = ((qk_nope + qk_rope) as f32).powf(-0.5);
+        if let (RopeScaling::Yarn { factor, .. }, Some(mul)) = (
+            rope_scaling,
+            meta.f32(&k("rope.scaling.yarn_log_multiplier"))?,
+        ) {
+            // The converter writes 0.1 * mscale_all_dim.
+            if factor > 1.0 && mul != 0.0 {
+                let m = mul * factor.ln() + 1.0;
+                softmax_scale *= m * m;
+            }
+        }
+        let num_experts = meta.usize_req(&k("expert_count"))?;
+        let top_k = meta.usize_req(&k("expert_used_count"))?;
+        if num_experts == 0 || top_k == 0 || top_k > num_experts {
+            bail!(
+                "GGUF: expert_used_count {top_k} must be between 1 and the {num_experts} experts"
+            );
+        }
+        let groups = match meta.u64(&k("expert_group_count"))?.unwrap_or(0) {
+            0 | 1 => None,
+            n => {
+                let n = n as usize;
+                let used = meta.usize_req(&k("expert_group_used_count"))?;
+                if !num_experts.is_multiple_of(n) || used == 0 || used > n {
+                    bail!(
+                        "GGUF: {n} expert groups with {used} used do not fit {num_experts} experts"
+                    );
+                }
+                Some((n, used))
+            }
+        };
+        if let Some(f) = meta.u64(&k("expert_gating_func"))? {
+            // 1 is softmax; DeepSeek-V3's sigmoid gating is another model.
+            if f > 1 {
+                bail!("GGUF: expert_gating_func {f} is not supported (softmax only)");
+            }
+        }
+        let vocab_size = meta
+            .array("tokenizer.ggml.tokens")?
+            .map(Vec::len)
+            .or(meta.u64(&k("vocab_size"))?.map(|v| v as usize))
+            .context("GGUF metadata has neither tokenizer.ggml.tokens nor a vocab size")?;
+        Ok(Self {
+            hidden_size: meta.usize_req(&k("embedding_length"))?,
+            intermediate_size: meta.usize_req(&k("feed_forward_length"))?,
+            num_layers,
+            num_heads: meta.usize_req(&k("attention.head_count"))?,
+            vocab_size,
+            max_position_embeddings,
+            rms_norm_eps: meta
+                .f32(&k("attention.layer_norm_rms_epsilon"))?
+                .unwrap_or(1e-6) as f64,
+            rope_theta: meta.f32(&k("rope.freq_base"))?.unwrap_or(10000.0),
+            rope_scaling,
+            softmax_scale,
+            tie_word_embeddings: !has("output.weight"),
+            attention_bias: has("blk.0.attn_output.bias"),
+            q_lora_rank: meta.u64(&k("attention.q_lora_rank"))?.map(|v| v as usize),
+            kv_lora_rank,
+            qk_nope_head_dim: qk_nope,
+            qk_rope_head_dim: qk_rope,
+            v_head_dim,
+            routing: Routing {
+                num_experts,
+                top_k,
+                norm_topk_prob: meta.bool(&k("expert_weights_norm"))?.unwrap_or(false),
+                scaling: meta.f32(&k("expert_weights_scale"))?.unwrap_or(1.0),
+                groups,
+            },
+            moe_intermediate_size: meta.usize_req(&k("expert_feed_forward_length"))?,
+            n_shared_experts: meta.u64(&k("expert_shared_count"))?.unwrap_or(0) as usize,
+            first_k_dense_replace: meta.u64(&k("leading_dense_block_count"))?.unwrap_or(0) as usize,
+        })
+    }
+}
+
+/// Builds a model from a `deepseek2` GGUF file.
+pub fn from_gguf(name: &'static str, ckpt: GgufCheckpoint) -> anyhow::Result<Box<dyn Model>> {
+    let file = ckpt.file;
+    let has = |n: &str| file.contains(n);
+    let mut cfg = DeepseekV2Config::from_gguf(&file.meta(), &has)?;
+    if let Some(dims) = file.dims("token_embd.weight") {
+        cfg.vocab_size = dims[0];
+    }
+    let vb = file.into_weights(hf_name, |_| Layout::Same, ckpt.dtype, &ckpt.device);
+    Ok(Box::new(DeepseekV2::load(
+        vb,
+        &cfg,
+        name,
+        ckpt.quantization,
+    )?))
 }
 
 /// Builds a model from a Hugging Face checkpoint.

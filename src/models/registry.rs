@@ -109,9 +109,9 @@ pub const ARCHITECTURES: &[Architecture] = &[
     Architecture {
         name: "DeepseekV2ForCausalLM",
         model_types: &["deepseek_v2"],
-        gguf: &[],
+        gguf: &["deepseek2"],
         from_hf: deepseek2::from_hf,
-        from_gguf: None,
+        from_gguf: Some(deepseek2::from_gguf),
         hf_linear_in_out: false,
     },
     Architecture {

@@ -150,6 +150,20 @@ impl QMatrix {
     }
 
     /// `(rows, values per row)`.
+    /// A matrix of the rows `rows` of this one, in that order (their
+    /// blocks copied as they are).
+    pub fn select_rows(&self, rows: &[u32]) -> Result<Self> {
+        if let Some(&r) = rows.iter().find(|&&r| r as usize >= self.n) {
+            candle_core::bail!("{self:?}: no row {r}");
+        }
+        let data = rows
+            .iter()
+            .flat_map(|&r| self.row(r as usize))
+            .copied()
+            .collect();
+        Self::new(self.ty, rows.len(), self.k, data)
+    }
+
     pub fn dims(&self) -> (usize, usize) {
         (self.n, self.k)
     }
