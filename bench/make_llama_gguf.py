@@ -25,10 +25,29 @@ VOCAB = 128256
 TOKENIZER_FROM = "models-cache/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def add_tokenizer(w, vocab=None):
+    """SmolLM2's tokenizer (from the GGUF the tests use) into writer `w`, padded with unused tokens
+    to `vocab` entries if given; returns the vocabulary size."""
+    src = gguf.GGUFReader(TOKENIZER_FROM)
+    tokens = list(src.fields["tokenizer.ggml.tokens"].contents())
+    types = list(src.fields["tokenizer.ggml.token_type"].contents())
+    pad = (vocab or len(tokens)) - len(tokens)
+    tokens += [f"[PAD{i}]" for i in range(pad)]
+    types += [gguf.TokenType.UNUSED] * pad
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(src.fields["tokenizer.ggml.pre"].contents())
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(src.fields["tokenizer.ggml.merges"].contents())
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_chat_template(src.fields["tokenizer.chat_template"].contents())
+    return len(tokens)
+
+
 def main(shape, dst):
     hidden, inter, layers, heads, kv_heads, tied = SHAPES[shape]
     head_dim = hidden // heads
-    src = gguf.GGUFReader(TOKENIZER_FROM)
     w = gguf.GGUFWriter(dst, "llama")
     w.add_name(f"random Llama {shape}")
     w.add_context_length(8192)
@@ -42,19 +61,7 @@ def main(shape, dst):
     w.add_rope_freq_base(500000.0)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
     # The tokenizer: SmolLM2's, padded to VOCAB entries.
-    tokens = list(src.fields["tokenizer.ggml.tokens"].contents())
-    types = list(src.fields["tokenizer.ggml.token_type"].contents())
-    pad = VOCAB - len(tokens)
-    tokens += [f"[PAD{i}]" for i in range(pad)]
-    types += [gguf.TokenType.UNUSED] * pad
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(src.fields["tokenizer.ggml.pre"].contents())
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(src.fields["tokenizer.ggml.merges"].contents())
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_chat_template(src.fields["tokenizer.chat_template"].contents())
+    add_tokenizer(w, VOCAB)
 
     rng = np.random.default_rng(0)
 

@@ -27,13 +27,13 @@ import sys
 import gguf
 import numpy as np
 
+from make_llama_gguf import add_tokenizer
+
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 2048, 32, 4, 128
 EXPERTS, TOP_K, EXPERT_FF = 128, 8, 768
-TOKENIZER_FROM = "models-cache/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def main(dst, layers=4):
-    src = gguf.GGUFReader(TOKENIZER_FROM)
     w = gguf.GGUFWriter(dst, "qwen3moe")
     w.add_name(f"random Qwen3-30B-A3B shape, {layers} layers")
     w.add_context_length(40960)
@@ -51,15 +51,7 @@ def main(dst, layers=4):
     w.add_expert_used_count(TOP_K)
     w.add_expert_feed_forward_length(EXPERT_FF)
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(src.fields["tokenizer.ggml.pre"].contents())
-    w.add_token_list(list(src.fields["tokenizer.ggml.tokens"].contents()))
-    w.add_token_types(list(src.fields["tokenizer.ggml.token_type"].contents()))
-    w.add_token_merges(src.fields["tokenizer.ggml.merges"].contents())
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_chat_template(src.fields["tokenizer.chat_template"].contents())
-    vocab = len(src.fields["tokenizer.ggml.tokens"].contents())
+    vocab = add_tokenizer(w)
 
     rng = np.random.default_rng(0)
 

@@ -33,7 +33,7 @@ use crate::layers::{
     linear, Activation, Embedding, ExpertNames, ExpertStats, FeedForward, ForwardBatch, GatedMlp,
     Linear, MoeShape, PagedAttention, Quantization, RmsNorm, Rope, RopeScaling, Routing, SparseMoe,
 };
-use crate::weights::gguf::{layer_part, Layout, Meta};
+use crate::weights::gguf::{hf_name_with, Layout, Meta};
 use crate::weights::Weights;
 
 /// The latent projections' norms use RMSNorm's default epsilon, not
@@ -513,44 +513,24 @@ impl Model for DeepseekV2 {
 
 /// GGUF tensor name (llama.cpp's `deepseek2`) → Hugging Face name.
 fn hf_name(gguf: &str) -> Option<String> {
-    let fixed = match gguf {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
-    };
-    if let Some(n) = fixed {
-        return Some(n.to_string());
-    }
-    let (layer, rest) = layer_part(gguf)?;
-    let (part, kind) = rest.rsplit_once('.')?;
-    let hf = match part {
-        "attn_norm" => "input_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
-        "attn_q" => "self_attn.q_proj",
-        "attn_q_a" => "self_attn.q_a_proj",
-        "attn_q_a_norm" => "self_attn.q_a_layernorm",
-        "attn_q_b" => "self_attn.q_b_proj",
-        "attn_kv_a_mqa" => "self_attn.kv_a_proj_with_mqa",
-        "attn_kv_a_norm" => "self_attn.kv_a_layernorm",
-        "attn_kv_b" => "self_attn.kv_b_proj",
-        // Newer files split kv_b for llama.cpp's absorbed attention.
-        "attn_k_b" => "self_attn.k_b_proj",
-        "attn_v_b" => "self_attn.v_b_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        "ffn_gate_inp" => "mlp.gate",
-        "ffn_gate_exps" => "mlp.experts.gate_proj",
-        "ffn_up_exps" => "mlp.experts.up_proj",
-        "ffn_down_exps" => "mlp.experts.down_proj",
-        "ffn_gate_shexp" => "mlp.shared_experts.gate_proj",
-        "ffn_up_shexp" => "mlp.shared_experts.up_proj",
-        "ffn_down_shexp" => "mlp.shared_experts.down_proj",
-        _ => return None,
-    };
-    Some(format!("model.layers.{layer}.{hf}.{kind}"))
+    hf_name_with(gguf, |part| {
+        Some(match part {
+            "attn_q" => "self_attn.q_proj",
+            "attn_q_a" => "self_attn.q_a_proj",
+            "attn_q_a_norm" => "self_attn.q_a_layernorm",
+            "attn_q_b" => "self_attn.q_b_proj",
+            "attn_kv_a_mqa" => "self_attn.kv_a_proj_with_mqa",
+            "attn_kv_a_norm" => "self_attn.kv_a_layernorm",
+            "attn_kv_b" => "self_attn.kv_b_proj",
+            // Newer files split kv_b for llama.cpp's absorbed attention.
+            "attn_k_b" => "self_attn.k_b_proj",
+            "attn_v_b" => "self_attn.v_b_proj",
+            "ffn_gate_shexp" => "mlp.shared_experts.gate_proj",
+            "ffn_up_shexp" => "mlp.shared_experts.up_proj",
+            "ffn_down_shexp" => "mlp.shared_experts.down_proj",
+            _ => return None,
+        })
+    })
 }
 
 impl DeepseekV2Config {

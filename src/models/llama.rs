@@ -24,7 +24,7 @@ use crate::layers::{
     ForwardBatch, GatedMlp, Linear, MoeShape, PagedAttention, Quantization, RmsNorm, Rope,
     RopeScaling, Routing, SparseMoe,
 };
-use crate::weights::gguf::{layer_part, Layout, Meta};
+use crate::weights::gguf::{hf_name_with, layer_part, Layout, Meta};
 
 /// The members of the family, which differ in defaults only.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -609,55 +609,43 @@ pub fn from_hf(name: &'static str, ckpt: Checkpoint) -> anyhow::Result<Box<dyn M
 
 /// GGUF tensor name → Hugging Face name.
 fn hf_name(gguf: &str) -> Option<String> {
-    let fixed = match gguf {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
-    };
-    if let Some(n) = fixed {
-        return Some(n.to_string());
-    }
-    let (layer, rest) = layer_part(gguf)?;
-    let (part, kind) = rest.rsplit_once('.')?;
-    let hf = match part {
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "attn_q_norm" => "self_attn.q_norm",
-        "attn_k_norm" => "self_attn.k_norm",
-        "attn_norm" => "input_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        // Mixture of experts: the router, each projection of all experts
-        // stacked `[experts, out, in]`, and Qwen2-MoE's shared expert.
-        "ffn_gate_inp" => "mlp.gate",
-        "ffn_gate_exps" => "mlp.experts.gate_proj",
-        "ffn_up_exps" => "mlp.experts.up_proj",
-        "ffn_down_exps" => "mlp.experts.down_proj",
-        "ffn_gate_inp_shexp" => "mlp.shared_expert_gate",
-        "ffn_gate_shexp" => "mlp.shared_expert.gate_proj",
-        "ffn_up_shexp" => "mlp.shared_expert.up_proj",
-        "ffn_down_shexp" => "mlp.shared_expert.down_proj",
-        _ => {
-            // Early Mixtral files: one tensor per expert, `ffn_gate.3`.
-            let (proj, e) = part.split_once('.')?;
-            let e: usize = e.parse().ok()?;
+    // Early Mixtral files: one tensor per expert, `blk.N.ffn_gate.E.weight`.
+    if let Some((layer, rest)) = layer_part(gguf) {
+        let mut it = rest.split('.');
+        if let (Some(proj), Some(Ok(e)), Some(kind), None) = (
+            it.next(),
+            it.next().map(str::parse::<usize>),
+            it.next(),
+            it.next(),
+        ) {
             let proj = match proj {
-                "ffn_gate" => "gate_proj",
-                "ffn_up" => "up_proj",
-                "ffn_down" => "down_proj",
-                _ => return None,
+                "ffn_gate" => Some("gate_proj"),
+                "ffn_up" => Some("up_proj"),
+                "ffn_down" => Some("down_proj"),
+                _ => None,
             };
-            return Some(format!(
-                "model.layers.{layer}.mlp.experts.{e}.{proj}.{kind}"
-            ));
+            if let Some(proj) = proj {
+                return Some(format!(
+                    "model.layers.{layer}.mlp.experts.{e}.{proj}.{kind}"
+                ));
+            }
         }
-    };
-    Some(format!("model.layers.{layer}.{hf}.{kind}"))
+    }
+    hf_name_with(gguf, |part| {
+        Some(match part {
+            "attn_q" => "self_attn.q_proj",
+            "attn_k" => "self_attn.k_proj",
+            "attn_v" => "self_attn.v_proj",
+            "attn_q_norm" => "self_attn.q_norm",
+            "attn_k_norm" => "self_attn.k_norm",
+            // Qwen2-MoE's shared expert and its gate.
+            "ffn_gate_inp_shexp" => "mlp.shared_expert_gate",
+            "ffn_gate_shexp" => "mlp.shared_expert.gate_proj",
+            "ffn_up_shexp" => "mlp.shared_expert.up_proj",
+            "ffn_down_shexp" => "mlp.shared_expert.down_proj",
+            _ => return None,
+        })
+    })
 }
 
 /// The config from GGUF metadata (`{arch}.*` keys) and which tensors exist.

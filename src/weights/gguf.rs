@@ -477,6 +477,44 @@ fn unpermuted_row(dst: usize, rows: usize, heads: usize) -> candle_core::Result<
     Ok(h * 2 * half + i * 2 + j)
 }
 
+/// A llama.cpp tensor name turned into its Hugging Face decoder name: the
+/// embedding, final norm and output head, and per layer `blk.N.PART.KIND`
+/// as `model.layers.N.{layer_part(PART)}.KIND`, with the parts every
+/// decoder shares (norms, dense MLP, MoE router and stacked experts)
+/// known here and the rest (attention) from `layer_part`.
+pub fn hf_name_with(
+    gguf: &str,
+    layer_part_name: impl Fn(&str) -> Option<&'static str>,
+) -> Option<String> {
+    let fixed = match gguf {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(n) = fixed {
+        return Some(n.to_string());
+    }
+    let (layer, rest) = layer_part(gguf)?;
+    let (part, kind) = rest.rsplit_once('.')?;
+    let hf = match part {
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        // Mixture of experts: the router, and each projection of all
+        // experts stacked `[experts, out, in]`.
+        "ffn_gate_inp" => "mlp.gate",
+        "ffn_gate_exps" => "mlp.experts.gate_proj",
+        "ffn_up_exps" => "mlp.experts.up_proj",
+        "ffn_down_exps" => "mlp.experts.down_proj",
+        other => layer_part_name(other)?,
+    };
+    Some(format!("model.layers.{layer}.{hf}.{kind}"))
+}
+
 /// The `blk.N.` layer index and the rest of a per-layer GGUF tensor name.
 pub fn layer_part(name: &str) -> Option<(usize, &str)> {
     let rest = name.strip_prefix("blk.")?;
