@@ -5,6 +5,7 @@
 
 pub mod attention;
 pub mod batch;
+pub mod decoder;
 pub mod embedding;
 pub mod linear;
 pub mod mlp;
@@ -14,6 +15,7 @@ pub mod rope;
 
 pub use attention::{AttnParams, PagedAttention};
 pub use batch::{ForwardBatch, Logits, SeqSlice};
+pub use decoder::{PreNormLayer, SelfAttention};
 pub use embedding::Embedding;
 pub use linear::{fused_linear, linear, Linear, Quantization};
 pub use mlp::{Activation, GatedMlp, Mlp};

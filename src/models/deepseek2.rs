@@ -27,11 +27,11 @@ use serde::Deserialize;
 use super::config::{self, Common, RawRope};
 use super::registry::{Checkpoint, GgufCheckpoint};
 use super::{logits_rows, CacheSpec, LayerCache, Model, ModelKind, ModelSpec};
-use crate::kernels::cpu::elementwise;
 use crate::kv_cache::KvStorage;
 use crate::layers::{
     linear, Activation, Embedding, ExpertNames, ExpertStats, FeedForward, ForwardBatch, GatedMlp,
-    Linear, MoeShape, PagedAttention, Quantization, RmsNorm, Rope, RopeScaling, Routing, SparseMoe,
+    Linear, MoeShape, PagedAttention, PreNormLayer, Quantization, RmsNorm, Rope, RopeScaling,
+    Routing, SelfAttention, SparseMoe,
 };
 use crate::weights::gguf::{hf_name_with, Layout, Meta};
 use crate::weights::Weights;
@@ -327,7 +327,9 @@ impl Attention {
             lora,
         })
     }
+}
 
+impl SelfAttention for Attention {
     fn forward(
         &self,
         x: &Tensor,
@@ -369,19 +371,11 @@ impl Attention {
     }
 }
 
-#[derive(Debug)]
-struct DecoderLayer {
-    input_layernorm: RmsNorm,
-    self_attn: Attention,
-    post_attention_layernorm: RmsNorm,
-    mlp: FeedForward,
-}
-
 /// A DeepSeek-V2 causal language model.
 #[derive(Debug)]
 pub struct DeepseekV2 {
     embed_tokens: Embedding,
-    layers: Vec<DecoderLayer>,
+    layers: Vec<PreNormLayer<Attention>>,
     norm: RmsNorm,
     lm_head: Linear,
     rope: Rope,
@@ -440,16 +434,13 @@ impl DeepseekV2 {
                         quant,
                     )?)
                 };
-                Ok(DecoderLayer {
-                    input_layernorm: RmsNorm::load(l.pp("input_layernorm"), h, cfg.rms_norm_eps)?,
-                    self_attn: Attention::load(l.pp("self_attn"), cfg, quant)?,
-                    post_attention_layernorm: RmsNorm::load(
-                        l.pp("post_attention_layernorm"),
-                        h,
-                        cfg.rms_norm_eps,
-                    )?,
+                PreNormLayer::load(
+                    &l,
+                    h,
+                    cfg.rms_norm_eps,
+                    Attention::load(l.pp("self_attn"), cfg, quant)?,
                     mlp,
-                })
+                )
             })
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::load(m.pp("norm"), h, cfg.rms_norm_eps)?;
@@ -500,11 +491,7 @@ impl Model for DeepseekV2 {
             .cos_sin(&batch.positions, self.spec.dtype, &device)?;
         let mut x = self.embed_tokens.forward(&ids)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let h = layer.input_layernorm.forward(&x)?;
-            let a = layer.self_attn.forward(&h, (&cos, &sin), batch, cache, i)?;
-            x = elementwise::add(&x, &a)?;
-            let h = layer.post_attention_layernorm.forward(&x)?;
-            x = elementwise::add(&x, &layer.mlp.forward(&h)?)?;
+            x = layer.forward(&x, (&cos, &sin), batch, cache, i)?;
         }
         let x = self.norm.forward(&logits_rows(&x, batch)?)?;
         self.lm_head.forward(&x)?.to_dtype(DType::F32)?.contiguous()

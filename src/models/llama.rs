@@ -17,12 +17,11 @@ use serde::Deserialize;
 use super::config::{self, Common, RawRope};
 use super::registry::{Checkpoint, GgufCheckpoint};
 use super::{logits_rows, CacheSpec, LayerCache, Model, ModelKind, ModelSpec};
-use crate::kernels::cpu::elementwise;
 use crate::kv_cache::KvStorage;
 use crate::layers::{
     fused_linear, linear, Activation, Embedding, ExpertNames, ExpertStats, FeedForward,
-    ForwardBatch, GatedMlp, Linear, MoeShape, PagedAttention, Quantization, RmsNorm, Rope,
-    RopeScaling, Routing, SparseMoe,
+    ForwardBatch, GatedMlp, Linear, MoeShape, PagedAttention, PreNormLayer, Quantization, RmsNorm,
+    Rope, RopeScaling, Routing, SelfAttention, SparseMoe,
 };
 use crate::weights::gguf::{hf_name_with, layer_part, Layout, Meta};
 
@@ -348,6 +347,32 @@ struct Attention {
     attn: PagedAttention,
 }
 
+impl SelfAttention for Attention {
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: (&Tensor, &Tensor),
+        batch: &ForwardBatch,
+        cache: &mut KvStorage,
+        layer: usize,
+    ) -> Result<Tensor> {
+        let (q, k, v) = split_qkv(
+            &self.qkv_proj.forward(x)?,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+        )?;
+        let (q, k) = match (&self.q_norm, &self.k_norm) {
+            (Some(qn), Some(kn)) => (qn.forward(&q)?, kn.forward(&k)?),
+            _ => (q, k),
+        };
+        let (cos, sin) = rope;
+        let (q, k) = (Rope::apply(&q, cos, sin)?, Rope::apply(&k, cos, sin)?);
+        let y = self.attn.forward(&q, &k, &v, batch, cache, layer)?;
+        self.o_proj.forward(&y)
+    }
+}
+
 impl Attention {
     fn load(vb: Weights, cfg: &LlamaConfig, layer: usize, q: Quantization) -> Result<Self> {
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
@@ -379,30 +404,6 @@ impl Attention {
             attn: PagedAttention::new(cfg.num_heads, 1.0 / (hd as f32).sqrt())
                 .with_window(cfg.sliding_window[layer]),
         })
-    }
-
-    fn forward(
-        &self,
-        x: &Tensor,
-        rope: (&Tensor, &Tensor),
-        batch: &ForwardBatch,
-        cache: &mut KvStorage,
-        layer: usize,
-    ) -> Result<Tensor> {
-        let (q, k, v) = split_qkv(
-            &self.qkv_proj.forward(x)?,
-            self.num_heads,
-            self.num_kv_heads,
-            self.head_dim,
-        )?;
-        let (q, k) = match (&self.q_norm, &self.k_norm) {
-            (Some(qn), Some(kn)) => (qn.forward(&q)?, kn.forward(&k)?),
-            _ => (q, k),
-        };
-        let (cos, sin) = rope;
-        let (q, k) = (Rope::apply(&q, cos, sin)?, Rope::apply(&k, cos, sin)?);
-        let y = self.attn.forward(&q, &k, &v, batch, cache, layer)?;
-        self.o_proj.forward(&y)
     }
 }
 
@@ -464,19 +465,11 @@ fn feed_forward(
     Ok(FeedForward::Experts(block))
 }
 
-#[derive(Debug)]
-struct DecoderLayer {
-    input_layernorm: RmsNorm,
-    self_attn: Attention,
-    post_attention_layernorm: RmsNorm,
-    mlp: FeedForward,
-}
-
 /// A Llama-family causal language model.
 #[derive(Debug)]
 pub struct Llama {
     embed_tokens: Embedding,
-    layers: Vec<DecoderLayer>,
+    layers: Vec<PreNormLayer<Attention>>,
     norm: RmsNorm,
     lm_head: Linear,
     rope: Rope,
@@ -503,20 +496,13 @@ impl Llama {
         let layers = (0..cfg.num_layers)
             .map(|i| {
                 let l = m.pp(format!("layers.{i}"));
-                Ok(DecoderLayer {
-                    input_layernorm: RmsNorm::load(
-                        l.pp("input_layernorm"),
-                        cfg.hidden_size,
-                        cfg.rms_norm_eps,
-                    )?,
-                    self_attn: Attention::load(l.pp("self_attn"), cfg, i, quant)?,
-                    post_attention_layernorm: RmsNorm::load(
-                        l.pp("post_attention_layernorm"),
-                        cfg.hidden_size,
-                        cfg.rms_norm_eps,
-                    )?,
-                    mlp: feed_forward(&l, cfg, i, quant, expert_stats.as_ref())?,
-                })
+                PreNormLayer::load(
+                    &l,
+                    cfg.hidden_size,
+                    cfg.rms_norm_eps,
+                    Attention::load(l.pp("self_attn"), cfg, i, quant)?,
+                    feed_forward(&l, cfg, i, quant, expert_stats.as_ref())?,
+                )
             })
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::load(m.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
@@ -584,11 +570,7 @@ impl Model for Llama {
             .cos_sin(&batch.positions, self.spec.dtype, &device)?;
         let mut x = self.embed_tokens.forward(&ids)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let h = layer.input_layernorm.forward(&x)?;
-            let a = layer.self_attn.forward(&h, (&cos, &sin), batch, cache, i)?;
-            x = elementwise::add(&x, &a)?;
-            let h = layer.post_attention_layernorm.forward(&x)?;
-            x = elementwise::add(&x, &layer.mlp.forward(&h)?)?;
+            x = layer.forward(&x, (&cos, &sin), batch, cache, i)?;
         }
         // Only the rows that need logits go through the final norm and head.
         let x = self.norm.forward(&logits_rows(&x, batch)?)?;
