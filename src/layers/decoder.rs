@@ -2,11 +2,12 @@
 //! `x + attn(norm(x))`, then `x + mlp(norm(x))`. What differs between them
 //! is the attention, behind [`SelfAttention`].
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 
-use super::{FeedForward, ForwardBatch, RmsNorm};
+use super::{linear, Embedding, FeedForward, ForwardBatch, Linear, Quantization, RmsNorm, Rope};
 use crate::kernels::cpu::elementwise;
 use crate::kv_cache::KvStorage;
+use crate::models::logits_rows;
 use crate::weights::Weights;
 
 /// An architecture's attention sublayer: reads and writes layer `layer` of
@@ -67,5 +68,75 @@ impl<A: SelfAttention> PreNormLayer<A> {
         let x = elementwise::add(x, &a)?;
         let h = self.post_attention_layernorm.forward(&x)?;
         elementwise::add(&x, &self.mlp.forward(&h)?)
+    }
+}
+
+/// A decoder-only model's stack under its checkpoint names: the token
+/// embedding (`model.embed_tokens`), pre-norm layers, the final norm
+/// (`model.norm`) and the output head (`lm_head`, or the embedding's table
+/// when tied), with one rotary embedding for every layer.
+#[derive(Debug)]
+pub struct PreNormDecoder<A> {
+    embed_tokens: Embedding,
+    layers: Vec<PreNormLayer<A>>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rope: Rope,
+}
+
+impl<A: SelfAttention> PreNormDecoder<A> {
+    /// `vb` is the checkpoint's root; `layer(i, vb_i)` builds layer `i`
+    /// from its folder `model.layers.{i}`. `quant` decides how the head
+    /// stores its weights.
+    #[allow(clippy::too_many_arguments)]
+    pub fn load(
+        vb: &Weights,
+        vocab_size: usize,
+        hidden: usize,
+        num_layers: usize,
+        eps: f64,
+        tie_word_embeddings: bool,
+        rope: Rope,
+        quant: Quantization,
+        mut layer: impl FnMut(usize, &Weights) -> Result<PreNormLayer<A>>,
+    ) -> Result<Self> {
+        let m = vb.pp("model");
+        let embed_tokens = Embedding::load(m.pp("embed_tokens"), vocab_size, hidden, quant)?;
+        let layers = (0..num_layers)
+            .map(|i| layer(i, &m.pp(format!("layers.{i}"))))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::load(m.pp("norm"), hidden, eps)?;
+        // Checkpoints with tied embeddings usually omit lm_head.weight.
+        let lm_head = if tie_word_embeddings && !vb.contains_tensor("lm_head.weight") {
+            embed_tokens.as_linear(quant)?
+        } else {
+            linear(vb.pp("lm_head"), hidden, vocab_size, false, quant)?
+        };
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope,
+        })
+    }
+
+    /// One step: f32 logits for each of `batch.logits_indices`.
+    pub fn forward(
+        &self,
+        batch: &ForwardBatch,
+        cache: &mut KvStorage,
+        dtype: DType,
+    ) -> Result<Tensor> {
+        let device = self.embed_tokens.device().clone();
+        let ids = Tensor::new(batch.token_ids.as_slice(), &device)?;
+        let (cos, sin) = self.rope.cos_sin(&batch.positions, dtype, &device)?;
+        let mut x = self.embed_tokens.forward(&ids)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(&x, (&cos, &sin), batch, cache, i)?;
+        }
+        // Only the rows that need logits go through the final norm and head.
+        let x = self.norm.forward(&logits_rows(&x, batch)?)?;
+        self.lm_head.forward(&x)?.to_dtype(DType::F32)?.contiguous()
     }
 }

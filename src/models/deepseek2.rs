@@ -21,17 +21,17 @@
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use candle_core::{DType, Result, Tensor};
+use candle_core::{Result, Tensor};
 use serde::Deserialize;
 
 use super::config::{self, Common, RawRope};
 use super::registry::{Checkpoint, GgufCheckpoint};
-use super::{logits_rows, CacheSpec, LayerCache, Model, ModelKind, ModelSpec};
+use super::{CacheSpec, LayerCache, Model, ModelKind, ModelSpec};
 use crate::kv_cache::KvStorage;
 use crate::layers::{
-    linear, Activation, Embedding, ExpertNames, ExpertStats, FeedForward, ForwardBatch, GatedMlp,
-    Linear, MoeShape, PagedAttention, PreNormLayer, Quantization, RmsNorm, Rope, RopeScaling,
-    Routing, SelfAttention, SparseMoe,
+    linear, Activation, ExpertNames, ExpertStats, FeedForward, ForwardBatch, GatedMlp, Linear,
+    MoeShape, PagedAttention, PreNormDecoder, PreNormLayer, Quantization, RmsNorm, Rope,
+    RopeScaling, Routing, SelfAttention, SparseMoe,
 };
 use crate::weights::gguf::{hf_name_with, Layout, Meta};
 use crate::weights::Weights;
@@ -374,11 +374,7 @@ impl SelfAttention for Attention {
 /// A DeepSeek-V2 causal language model.
 #[derive(Debug)]
 pub struct DeepseekV2 {
-    embed_tokens: Embedding,
-    layers: Vec<PreNormLayer<Attention>>,
-    norm: RmsNorm,
-    lm_head: Linear,
-    rope: Rope,
+    decoder: PreNormDecoder<Attention>,
     spec: ModelSpec,
     expert_stats: Arc<ExpertStats>,
 }
@@ -390,18 +386,24 @@ impl DeepseekV2 {
         architecture: &'static str,
         quant: Quantization,
     ) -> Result<Self> {
-        let m = vb.pp("model");
         let h = cfg.hidden_size;
-        let embed_tokens = Embedding::load(m.pp("embed_tokens"), cfg.vocab_size, h, quant)?;
         let sparse = |i: usize| i >= cfg.first_k_dense_replace;
         let expert_stats = Arc::new(ExpertStats::new(
             (0..cfg.num_layers)
                 .filter(|&i| sparse(i))
                 .map(|i| (i, cfg.routing.num_experts)),
         ));
-        let layers = (0..cfg.num_layers)
-            .map(|i| {
-                let l = m.pp(format!("layers.{i}"));
+        let rope = Rope::new(cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling, None);
+        let decoder = PreNormDecoder::load(
+            &vb,
+            cfg.vocab_size,
+            h,
+            cfg.num_layers,
+            cfg.rms_norm_eps,
+            cfg.tie_word_embeddings,
+            rope,
+            quant,
+            |i, l| {
                 let mlp = if sparse(i) {
                     let shape = MoeShape {
                         hidden: h,
@@ -435,26 +437,16 @@ impl DeepseekV2 {
                     )?)
                 };
                 PreNormLayer::load(
-                    &l,
+                    l,
                     h,
                     cfg.rms_norm_eps,
                     Attention::load(l.pp("self_attn"), cfg, quant)?,
                     mlp,
                 )
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let norm = RmsNorm::load(m.pp("norm"), h, cfg.rms_norm_eps)?;
-        let lm_head = if cfg.tie_word_embeddings && !vb.contains_tensor("lm_head.weight") {
-            embed_tokens.as_linear(quant)?
-        } else {
-            linear(vb.pp("lm_head"), h, cfg.vocab_size, false, quant)?
-        };
+            },
+        )?;
         Ok(Self {
-            embed_tokens,
-            layers,
-            norm,
-            lm_head,
-            rope: Rope::new(cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling, None),
+            decoder,
             spec: ModelSpec {
                 architecture,
                 kind: ModelKind::CausalLm,
@@ -484,17 +476,7 @@ impl Model for DeepseekV2 {
     }
 
     fn forward(&self, batch: &ForwardBatch, cache: &mut KvStorage) -> Result<Tensor> {
-        let device = self.embed_tokens.device().clone();
-        let ids = Tensor::new(batch.token_ids.as_slice(), &device)?;
-        let (cos, sin) = self
-            .rope
-            .cos_sin(&batch.positions, self.spec.dtype, &device)?;
-        let mut x = self.embed_tokens.forward(&ids)?;
-        for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x, (&cos, &sin), batch, cache, i)?;
-        }
-        let x = self.norm.forward(&logits_rows(&x, batch)?)?;
-        self.lm_head.forward(&x)?.to_dtype(DType::F32)?.contiguous()
+        self.decoder.forward(batch, cache, self.spec.dtype)
     }
 }
 

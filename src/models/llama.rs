@@ -16,12 +16,12 @@ use serde::Deserialize;
 
 use super::config::{self, Common, RawRope};
 use super::registry::{Checkpoint, GgufCheckpoint};
-use super::{logits_rows, CacheSpec, LayerCache, Model, ModelKind, ModelSpec};
+use super::{CacheSpec, LayerCache, Model, ModelKind, ModelSpec};
 use crate::kv_cache::KvStorage;
 use crate::layers::{
-    fused_linear, linear, Activation, Embedding, ExpertNames, ExpertStats, FeedForward,
-    ForwardBatch, GatedMlp, Linear, MoeShape, PagedAttention, PreNormLayer, Quantization, RmsNorm,
-    Rope, RopeScaling, Routing, SelfAttention, SparseMoe,
+    fused_linear, linear, Activation, ExpertNames, ExpertStats, FeedForward, ForwardBatch,
+    GatedMlp, Linear, MoeShape, PagedAttention, PreNormDecoder, PreNormLayer, Quantization,
+    RmsNorm, Rope, RopeScaling, Routing, SelfAttention, SparseMoe,
 };
 use crate::weights::gguf::{hf_name_with, layer_part, Layout, Meta};
 
@@ -468,11 +468,7 @@ fn feed_forward(
 /// A Llama-family causal language model.
 #[derive(Debug)]
 pub struct Llama {
-    embed_tokens: Embedding,
-    layers: Vec<PreNormLayer<Attention>>,
-    norm: RmsNorm,
-    lm_head: Linear,
-    rope: Rope,
+    decoder: PreNormDecoder<Attention>,
     spec: ModelSpec,
     expert_stats: Option<Arc<ExpertStats>>,
 }
@@ -486,38 +482,35 @@ impl Llama {
         architecture: &'static str,
         quant: Quantization,
     ) -> Result<Self> {
-        let m = vb.pp("model");
-        let embed_tokens =
-            Embedding::load(m.pp("embed_tokens"), cfg.vocab_size, cfg.hidden_size, quant)?;
         let expert_stats = cfg.moe.as_ref().map(|m| {
             let layers = (0..cfg.num_layers).filter(|&i| m.sparse[i]);
             Arc::new(ExpertStats::new(layers.map(|i| (i, m.routing.num_experts))))
         });
-        let layers = (0..cfg.num_layers)
-            .map(|i| {
-                let l = m.pp(format!("layers.{i}"));
+        let rope = Rope::new(
+            cfg.head_dim,
+            cfg.rope_theta,
+            cfg.rope_scaling,
+            cfg.rope_freq_factors.as_deref(),
+        );
+        let decoder = PreNormDecoder::load(
+            &vb,
+            cfg.vocab_size,
+            cfg.hidden_size,
+            cfg.num_layers,
+            cfg.rms_norm_eps,
+            cfg.tie_word_embeddings,
+            rope,
+            quant,
+            |i, l| {
                 PreNormLayer::load(
-                    &l,
+                    l,
                     cfg.hidden_size,
                     cfg.rms_norm_eps,
                     Attention::load(l.pp("self_attn"), cfg, i, quant)?,
-                    feed_forward(&l, cfg, i, quant, expert_stats.as_ref())?,
+                    feed_forward(l, cfg, i, quant, expert_stats.as_ref())?,
                 )
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let norm = RmsNorm::load(m.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
-        // Checkpoints with tied embeddings usually omit lm_head.weight.
-        let lm_head = if cfg.tie_word_embeddings && !vb.contains_tensor("lm_head.weight") {
-            embed_tokens.as_linear(quant)?
-        } else {
-            linear(
-                vb.pp("lm_head"),
-                cfg.hidden_size,
-                cfg.vocab_size,
-                false,
-                quant,
-            )?
-        };
+            },
+        )?;
         let cache = CacheSpec {
             num_kv_heads: cfg.num_kv_heads,
             head_dim: cfg.head_dim,
@@ -529,16 +522,7 @@ impl Llama {
                 .collect(),
         };
         Ok(Self {
-            embed_tokens,
-            layers,
-            norm,
-            lm_head,
-            rope: Rope::new(
-                cfg.head_dim,
-                cfg.rope_theta,
-                cfg.rope_scaling,
-                cfg.rope_freq_factors.as_deref(),
-            ),
+            decoder,
             spec: ModelSpec {
                 architecture,
                 kind: ModelKind::CausalLm,
@@ -563,18 +547,7 @@ impl Model for Llama {
     }
 
     fn forward(&self, batch: &ForwardBatch, cache: &mut KvStorage) -> Result<Tensor> {
-        let device = self.embed_tokens.device().clone();
-        let ids = Tensor::new(batch.token_ids.as_slice(), &device)?;
-        let (cos, sin) = self
-            .rope
-            .cos_sin(&batch.positions, self.spec.dtype, &device)?;
-        let mut x = self.embed_tokens.forward(&ids)?;
-        for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x, (&cos, &sin), batch, cache, i)?;
-        }
-        // Only the rows that need logits go through the final norm and head.
-        let x = self.norm.forward(&logits_rows(&x, batch)?)?;
-        self.lm_head.forward(&x)?.to_dtype(DType::F32)?.contiguous()
+        self.decoder.forward(batch, cache, self.spec.dtype)
     }
 }
 
