@@ -77,14 +77,42 @@ pub unsafe fn dot_rows(ty: QType, w: &[u8], x: &[ActRow], out: &mut [f32]) {
     }
 }
 
-/// [`dot_rows`] with AVX-512 VNNI's `vpdpbusd` for the 32-value formats
+/// Activation rows one [`dot_rows_vnni`] call takes: eight for Q8_0 (its
+/// 512-bit kernel keeps one accumulator per row and pair parity), else as
+/// [`max_rows`].
+pub fn max_rows_vnni(ty: QType) -> usize {
+    match ty {
+        QType::Q8_0 => 8,
+        _ => max_rows(ty),
+    }
+}
+
+/// [`dot_rows`] with AVX-512 VNNI's `vpdpbusd`: Q8_0 two blocks per 512-bit
+/// register ([`q8_0_512`]), the other 32-value formats on 256-bit registers
 /// (the K formats multiply their sub-block scales inside `vpmaddwd` and keep
 /// the AVX2 kernels).
 ///
 /// # Safety
-/// As [`dot_rows`], and AVX-512VL and AVX-512 VNNI are present.
-#[target_feature(enable = "avx2,fma,f16c,avx512vl,avx512vnni")]
+/// As [`dot_rows`] with `x.len() <= max_rows_vnni(ty)`, and AVX-512F, BW,
+/// VL and VNNI are present.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub unsafe fn dot_rows_vnni(ty: QType, w: &[u8], x: &[ActRow], out: &mut [f32]) {
+    if ty == QType::Q8_0 {
+        // SAFETY: per the caller.
+        unsafe {
+            match x.len() {
+                1 => q8_0_512::<1>(w, x, out),
+                2 => q8_0_512::<2>(w, x, out),
+                3 => q8_0_512::<3>(w, x, out),
+                4 => q8_0_512::<4>(w, x, out),
+                5 => q8_0_512::<5>(w, x, out),
+                6 => q8_0_512::<6>(w, x, out),
+                7 => q8_0_512::<7>(w, x, out),
+                _ => q8_0_512::<8>(w, x, out),
+            }
+        }
+        return;
+    }
     macro_rules! rows {
         ($c:expr) => {
             match x.len() {
@@ -105,6 +133,80 @@ pub unsafe fn dot_rows_vnni(ty: QType, w: &[u8], x: &[ActRow], out: &mut [f32]) 
             QType::Q8_0 => rows!(Q8_0),
             _ => dot_rows(ty, w, x, out),
         }
+    }
+}
+
+/// Q8_0 with AVX-512 VNNI: blocks in pairs, one 512-bit register holding
+/// both blocks' 64 weights. The weights' signs move onto the activations (a
+/// masked negation), so one `vpdpbusd` multiplies |w| by ±x; its sixteen
+/// lanes are eight per block, scaled by `[d_w·d_x of the first block] x 8 |
+/// [of the second] x 8` in one multiply-add. Pairs alternate between two
+/// accumulators per row (the multiply-add chain would otherwise bound one
+/// row); an odd last block goes through the 256-bit kernel.
+///
+/// # Safety
+/// AVX-512F/BW/VL/VNNI, AVX2, FMA, F16C; the inputs as [`dot_rows`] checks
+/// them (whole Q8_0 blocks, rows of the same length in 32-value blocks).
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn q8_0_512<const R: usize>(w: &[u8], x: &[ActRow], out: &mut [f32]) {
+    const SIZE: usize = 34;
+    let blocks = w.len() / SIZE;
+    let mut acc = [[_mm512_setzero_ps(); R]; 2];
+    // Lane i takes scale i / 8: lanes 0-7 the first block's, 8-15 the second's.
+    let halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    let zero = _mm512_setzero_si512();
+    for pair in 0..blocks / 2 {
+        let g = 2 * pair;
+        // SAFETY: blocks g and g + 1 exist in the weight row and in every
+        // activation row (per the caller).
+        unsafe {
+            let p = w.as_ptr().add(SIZE * g);
+            let q = _mm512_inserti64x4::<1>(
+                _mm512_castsi256_si512(load(p.add(2).cast())),
+                load(p.add(SIZE + 2).cast()),
+            );
+            let negative = _mm512_movepi8_mask(q);
+            let magnitude = _mm512_abs_epi8(q);
+            let dw = _mm512_permutexvar_ps(
+                halves,
+                _mm512_castps128_ps512(_mm_set_ps(0.0, 0.0, f16_at(p.add(SIZE)), f16_at(p))),
+            );
+            let slot = pair % 2;
+            for r in 0..R {
+                let xr = &x[r];
+                let xv = _mm512_loadu_si512(xr.q.as_ptr().add(QK * g).cast());
+                let signed = _mm512_mask_sub_epi8(xv, negative, zero, xv);
+                let prod = _mm512_dpbusd_epi32(zero, magnitude, signed);
+                let dx = _mm512_permutexvar_ps(
+                    halves,
+                    _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd(xr.d.as_ptr().add(g).cast()))),
+                );
+                acc[slot][r] = _mm512_fmadd_ps(
+                    _mm512_cvtepi32_ps(prod),
+                    _mm512_mul_ps(dw, dx),
+                    acc[slot][r],
+                );
+            }
+        }
+    }
+    let mut tail = [_mm256_setzero_ps(); R];
+    if blocks % 2 == 1 {
+        let mut min = [0f32; R];
+        // SAFETY: the last block, as above.
+        unsafe {
+            legacy_block_vnni::<Q8_0, R>(
+                &w[SIZE * (blocks - 1)..],
+                blocks - 1,
+                x,
+                &mut tail,
+                &mut min,
+            )
+        };
+    }
+    for r in 0..R {
+        // SAFETY: AVX-512F and AVX2, per the caller.
+        out[r] =
+            unsafe { _mm512_reduce_add_ps(_mm512_add_ps(acc[0][r], acc[1][r])) + hsum(tail[r]) };
     }
 }
 

@@ -273,7 +273,8 @@ enum Kernel {
     Scalar,
     #[cfg(target_arch = "x86_64")]
     Avx2,
-    /// AVX2 with AVX-512 VNNI's byte dot product for the 32-value formats.
+    /// AVX2 with AVX-512 VNNI's byte dot product for the 32-value formats
+    /// (Q8_0 on 512-bit registers).
     #[cfg(target_arch = "x86_64")]
     Avx2Vnni,
 }
@@ -285,7 +286,11 @@ impl Kernel {
             && is_x86_feature_detected!("fma")
             && is_x86_feature_detected!("f16c")
         {
-            if is_x86_feature_detected!("avx512vl") && is_x86_feature_detected!("avx512vnni") {
+            if is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512vnni")
+            {
                 return Self::Avx2Vnni;
             }
             return Self::Avx2;
@@ -328,7 +333,7 @@ impl Kernel {
             // the rest.
             #[cfg(target_arch = "x86_64")]
             Self::Avx2 => unsafe { avx2::dot_rows(ty, w, x, out) },
-            // SAFETY: `detect` saw AVX-512VL and VNNI too.
+            // SAFETY: `detect` saw AVX-512F, BW, VL and VNNI too.
             #[cfg(target_arch = "x86_64")]
             Self::Avx2Vnni => unsafe { avx2::dot_rows_vnni(ty, w, x, out) },
         }
@@ -339,7 +344,9 @@ impl Kernel {
         match self {
             Self::Scalar => 4,
             #[cfg(target_arch = "x86_64")]
-            Self::Avx2 | Self::Avx2Vnni => avx2::max_rows(ty),
+            Self::Avx2 => avx2::max_rows(ty),
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2Vnni => avx2::max_rows_vnni(ty),
         }
     }
 }
