@@ -182,8 +182,11 @@ fn a_dead_engine_fails_every_request_and_says_so() {
 #[test]
 fn the_shutdown_deadline_ends_open_requests_with_errors() {
     let s = Arc::new(start(&["--max-num-seqs", "1", "--shutdown-timeout", "1"]));
+    // Far more work than the 1 s deadline allows, on any machine: the
+    // embedded model decodes thousands of tokens a second, and 12 requests
+    // of 500 tokens (the first version) could all finish inside it.
     let long = json!({"prompt": "Once upon a time", "max_tokens": 500, "ignore_eos": true});
-    let clients: Vec<_> = (0..12)
+    let clients: Vec<_> = (0..48)
         .map(|i| {
             let s = s.clone();
             let mut body = long.clone();
@@ -191,8 +194,20 @@ fn the_shutdown_deadline_ends_open_requests_with_errors() {
             std::thread::spawn(move || s.post_raw("/v1/completions", &body.to_string(), None))
         })
         .collect();
+    // Shut down once the server has seen every request (finished, running or
+    // waiting): a client still connecting would find the listener closed.
     let deadline = Instant::now() + Duration::from_secs(20);
-    while s.metric("candela:num_requests_waiting") < 6.0 {
+    let seen = |s: &Server| {
+        [
+            "num_requests_running",
+            "num_requests_waiting",
+            "request_success_total",
+        ]
+        .iter()
+        .map(|m| s.metric(&format!("candela:{m}")).max(0.0))
+        .sum::<f64>()
+    };
+    while seen(&s) < 48.0 {
         assert!(Instant::now() < deadline, "requests did not queue");
         std::thread::sleep(Duration::from_millis(5));
     }
