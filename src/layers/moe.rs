@@ -43,6 +43,26 @@ pub struct Routing {
 }
 
 impl Routing {
+    /// What routing needs of its numbers: `1 <= top_k <= num_experts`, and
+    /// groups that split the experts evenly, of which `1..=n_group` are kept.
+    /// The error says what is wrong; callers add where the numbers came from.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        let (n, k) = (self.num_experts, self.top_k);
+        if k == 0 || k > n {
+            return Err(format!(
+                "{k} experts per token must be between 1 and the {n} experts"
+            ));
+        }
+        if let Some((groups, kept)) = self.groups {
+            if groups == 0 || !n.is_multiple_of(groups) || kept == 0 || kept > groups {
+                return Err(format!(
+                    "{groups} expert groups, {kept} of them kept, do not fit {n} experts"
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// The experts of one token and their weights, from its router logits:
     /// softmax in f32 (as transformers computes it), the `top_k` largest
     /// (the lower index first on a tie), renormalized and scaled as set.
@@ -53,9 +73,9 @@ impl Routing {
         // Experts outside the kept groups cannot be chosen.
         let mut allowed = vec![true; exp.len()];
         if let Some((n_group, topk_group)) = self.groups {
-            let size = exp.len() / n_group.max(1);
+            let size = (exp.len() / n_group.max(1)).max(1);
             let best: Vec<f32> = exp
-                .chunks(size.max(1))
+                .chunks(size)
                 .map(|g| g.iter().copied().fold(f32::NEG_INFINITY, f32::max))
                 .collect();
             let mut order: Vec<usize> = (0..best.len()).collect();
@@ -63,7 +83,7 @@ impl Routing {
             order.sort_by(|&a, &b| best[b].total_cmp(&best[a]).then(a.cmp(&b)));
             let kept = &order[..topk_group.min(order.len())];
             for (e, ok) in allowed.iter_mut().enumerate() {
-                *ok = kept.contains(&(e / size.max(1)));
+                *ok = kept.contains(&(e / size));
             }
         }
         chosen.clear();
@@ -194,12 +214,7 @@ impl SparseMoe {
     /// `experts.gate_proj.weight`).
     pub fn load(vb: Weights, shape: MoeShape, names: ExpertNames, q: Quantization) -> Result<Self> {
         let (h, i, n) = (shape.hidden, shape.intermediate, shape.routing.num_experts);
-        if shape.routing.top_k == 0 || shape.routing.top_k > n {
-            candle_core::bail!(
-                "{} experts per token out of {n}: must be between 1 and {n}",
-                shape.routing.top_k
-            );
-        }
+        shape.routing.check().map_err(candle_core::Error::Msg)?;
         // The router stays in the working dtype whatever `--quantization`
         // says (llama-quantize leaves it in f32 too): its scores pick the
         // experts, and rounding them coarsely would pick others on near ties.
@@ -257,10 +272,6 @@ impl SparseMoe {
     pub fn with_stats(mut self, stats: Arc<ExpertStats>, layer: usize) -> Self {
         self.stats = Some((stats, layer));
         self
-    }
-
-    pub fn num_experts(&self) -> usize {
-        self.experts.len()
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {

@@ -46,16 +46,20 @@ impl RopeScaling {
         mscale: Option<f32>,
         mscale_all_dim: Option<f32>,
     ) -> f32 {
-        let get = |scale: f32, m: f32| {
-            if scale <= 1.0 {
-                1.0
-            } else {
-                0.1 * m * scale.ln() + 1.0
-            }
-        };
+        let get = Self::yarn_mscale;
         match (mscale, mscale_all_dim) {
             (Some(m), Some(all)) if m != 0.0 && all != 0.0 => get(factor, m) / get(factor, all),
             _ => get(factor, 1.0),
+        }
+    }
+
+    /// YaRN's magnitude correction for a context stretched by `scale`:
+    /// `0.1 · m · ln(scale) + 1` (1 when not stretched).
+    pub fn yarn_mscale(scale: f32, m: f32) -> f32 {
+        if scale <= 1.0 {
+            1.0
+        } else {
+            0.1 * m * scale.ln() + 1.0
         }
     }
 }

@@ -123,34 +123,36 @@ impl DeepseekV2Config {
         let raw_rope = r.rope_parameters.as_ref().or(r.rope_scaling.as_ref());
         let (rope_theta, rope_scaling) =
             config::rope(raw_rope, r.rope_theta, 10000.0, max_position_embeddings)?;
-        let mut softmax_scale = ((qk_nope + qk_rope) as f32).powf(-0.5);
-        if let (RopeScaling::Yarn { factor, .. }, Some(all)) =
-            (rope_scaling, raw_rope.and_then(|r| r.mscale_all_dim))
-        {
-            if all != 0.0 && factor > 1.0 {
-                let m = 0.1 * all as f32 * factor.ln() + 1.0;
-                softmax_scale *= m * m;
-            }
-        }
+        let softmax_scale = softmax_scale(
+            qk_nope + qk_rope,
+            rope_scaling,
+            raw_rope.and_then(|r| r.mscale_all_dim).map(|m| m as f32),
+        );
         let num_experts = r.n_routed_experts.unwrap_or(64);
         let top_k = r
             .num_experts_per_tok
             .context("config.json: num_experts_per_tok is missing")?;
-        if num_experts == 0 || top_k == 0 || top_k > num_experts {
-            bail!("config.json: num_experts_per_tok {top_k} must be between 1 and the {num_experts} experts");
-        }
         let groups = match r.topk_method.as_deref().unwrap_or("greedy") {
             "greedy" => None,
             "group_limited_greedy" => {
                 let n = r.n_group.context("config.json: group_limited_greedy needs n_group")?;
                 let k = r.topk_group.context("config.json: group_limited_greedy needs topk_group")?;
-                if n == 0 || !num_experts.is_multiple_of(n) || k == 0 || k > n {
-                    bail!("config.json: n_group {n} must divide the {num_experts} experts and topk_group {k} be 1..=n_group");
-                }
                 Some((n, k))
             }
             other => bail!("config.json: topk_method {other:?} is not supported (greedy, group_limited_greedy)"),
         };
+        // Transformers' DeepSeek-V2 router never renormalizes the chosen
+        // experts' weights (V2's `norm_topk_prob` is false).
+        let routing = Routing {
+            num_experts,
+            top_k,
+            norm_topk_prob: false,
+            scaling: r.routed_scaling_factor.unwrap_or(1.0),
+            groups,
+        };
+        routing.check().map_err(|e| {
+            anyhow::anyhow!("config.json: num_experts_per_tok / n_group / topk_group: {e}")
+        })?;
         Ok(Self {
             hidden_size: r.hidden_size,
             intermediate_size: r.intermediate_size,
@@ -169,15 +171,7 @@ impl DeepseekV2Config {
             qk_nope_head_dim: qk_nope,
             qk_rope_head_dim: qk_rope,
             v_head_dim: r.v_head_dim.unwrap_or(128),
-            // Transformers' DeepSeek-V2 router never renormalizes the chosen
-            // experts' weights (V2's `norm_topk_prob` is false).
-            routing: Routing {
-                num_experts,
-                top_k,
-                norm_topk_prob: false,
-                scaling: r.routed_scaling_factor.unwrap_or(1.0),
-                groups,
-            },
+            routing,
             moe_intermediate_size: r
                 .moe_intermediate_size
                 .context("config.json: moe_intermediate_size is missing")?,
@@ -189,6 +183,19 @@ impl DeepseekV2Config {
     /// Values per cached token and layer: the latent and the rotary key.
     fn latent_width(&self) -> usize {
         self.kv_lora_rank + self.qk_rope_head_dim
+    }
+}
+
+/// `qk_head_dim^-0.5`, times YaRN's `mscale_all_dim` correction squared
+/// when the rope is YaRN-scaled (as transformers' `yarn_apply_mscale`).
+fn softmax_scale(qk_head_dim: usize, rope: RopeScaling, mscale_all_dim: Option<f32>) -> f32 {
+    let scale = (qk_head_dim as f32).powf(-0.5);
+    match (rope, mscale_all_dim) {
+        (RopeScaling::Yarn { factor, .. }, Some(all)) if all != 0.0 => {
+            let m = RopeScaling::yarn_mscale(factor, all);
+            scale * m * m
+        }
+        _ => scale,
     }
 }
 
@@ -505,7 +512,11 @@ fn hf_name(gguf: &str) -> Option<String> {
 impl DeepseekV2Config {
     /// The config from a `deepseek2` GGUF's metadata, as llama.cpp's
     /// converter writes it.
-    fn from_gguf(meta: &Meta, has: &dyn Fn(&str) -> bool) -> anyhow::Result<Self> {
+    fn from_gguf(
+        meta: &Meta,
+        vocab_size: usize,
+        has: &dyn Fn(&str) -> bool,
+    ) -> anyhow::Result<Self> {
         let k = |s: &str| format!("deepseek2.{s}");
         let num_layers = meta.usize_req(&k("block_count"))?;
         let kv_lora_rank = meta.usize_req(&k("attention.kv_lora_rank"))?;
@@ -537,48 +548,31 @@ impl DeepseekV2Config {
             }
             Some(other) => bail!("GGUF rope scaling {other:?} is not supported for deepseek2"),
         };
-        let mut softmax_scale = ((qk_nope + qk_rope) as f32).powf(-0.5);
-        if let (RopeScaling::Yarn { factor, .. }, Some(mul)) = (
-            rope_scaling,
-            meta.f32(&k("rope.scaling.yarn_log_multiplier"))?,
-        ) {
-            // The converter writes 0.1 * mscale_all_dim.
-            if factor > 1.0 && mul != 0.0 {
-                let m = mul * factor.ln() + 1.0;
-                softmax_scale *= m * m;
-            }
-        }
-        let num_experts = meta.usize_req(&k("expert_count"))?;
-        let top_k = meta.usize_req(&k("expert_used_count"))?;
-        if num_experts == 0 || top_k == 0 || top_k > num_experts {
-            bail!(
-                "GGUF: expert_used_count {top_k} must be between 1 and the {num_experts} experts"
-            );
-        }
+        // The converter writes 0.1 * mscale_all_dim.
+        let mscale_all_dim = meta
+            .f32(&k("rope.scaling.yarn_log_multiplier"))?
+            .map(|mul| mul / 0.1);
+        let softmax_scale = softmax_scale(qk_nope + qk_rope, rope_scaling, mscale_all_dim);
         let groups = match meta.u64(&k("expert_group_count"))?.unwrap_or(0) {
             0 | 1 => None,
-            n => {
-                let n = n as usize;
-                let used = meta.usize_req(&k("expert_group_used_count"))?;
-                if !num_experts.is_multiple_of(n) || used == 0 || used > n {
-                    bail!(
-                        "GGUF: {n} expert groups with {used} used do not fit {num_experts} experts"
-                    );
-                }
-                Some((n, used))
-            }
+            n => Some((n as usize, meta.usize_req(&k("expert_group_used_count"))?)),
         };
+        let routing = Routing {
+            num_experts: meta.usize_req(&k("expert_count"))?,
+            top_k: meta.usize_req(&k("expert_used_count"))?,
+            norm_topk_prob: meta.bool(&k("expert_weights_norm"))?.unwrap_or(false),
+            scaling: meta.f32(&k("expert_weights_scale"))?.unwrap_or(1.0),
+            groups,
+        };
+        routing
+            .check()
+            .map_err(|e| anyhow::anyhow!("GGUF: expert_used_count / expert_group_count: {e}"))?;
         if let Some(f) = meta.u64(&k("expert_gating_func"))? {
             // 1 is softmax; DeepSeek-V3's sigmoid gating is another model.
             if f > 1 {
                 bail!("GGUF: expert_gating_func {f} is not supported (softmax only)");
             }
         }
-        let vocab_size = meta
-            .array("tokenizer.ggml.tokens")?
-            .map(Vec::len)
-            .or(meta.u64(&k("vocab_size"))?.map(|v| v as usize))
-            .context("GGUF metadata has neither tokenizer.ggml.tokens nor a vocab size")?;
         Ok(Self {
             hidden_size: meta.usize_req(&k("embedding_length"))?,
             intermediate_size: meta.usize_req(&k("feed_forward_length"))?,
@@ -599,13 +593,7 @@ impl DeepseekV2Config {
             qk_nope_head_dim: qk_nope,
             qk_rope_head_dim: qk_rope,
             v_head_dim,
-            routing: Routing {
-                num_experts,
-                top_k,
-                norm_topk_prob: meta.bool(&k("expert_weights_norm"))?.unwrap_or(false),
-                scaling: meta.f32(&k("expert_weights_scale"))?.unwrap_or(1.0),
-                groups,
-            },
+            routing,
             moe_intermediate_size: meta.usize_req(&k("expert_feed_forward_length"))?,
             n_shared_experts: meta.u64(&k("expert_shared_count"))?.unwrap_or(0) as usize,
             first_k_dense_replace: meta.u64(&k("leading_dense_block_count"))?.unwrap_or(0) as usize,
@@ -617,10 +605,7 @@ impl DeepseekV2Config {
 pub fn from_gguf(name: &'static str, ckpt: GgufCheckpoint) -> anyhow::Result<Box<dyn Model>> {
     let file = ckpt.file;
     let has = |n: &str| file.contains(n);
-    let mut cfg = DeepseekV2Config::from_gguf(&file.meta(), &has)?;
-    if let Some(dims) = file.dims("token_embd.weight") {
-        cfg.vocab_size = dims[0];
-    }
+    let cfg = DeepseekV2Config::from_gguf(&file.meta(), file.vocab_size()?, &has)?;
     let vb = file.into_weights(hf_name, |_| Layout::Same, ckpt.dtype, &ckpt.device);
     Ok(Box::new(DeepseekV2::load(
         vb,

@@ -419,9 +419,7 @@ fn config_from_gguf(meta: &Meta, file: &GgufFile) -> anyhow::Result<Gemma3Config
         },
         Some(other) => bail!("GGUF rope scaling {other:?} is not supported for gemma3"),
     };
-    let vocab_size = file
-        .dims("token_embd.weight")
-        .context("GGUF file lacks token_embd.weight")?[0];
+    let vocab_size = file.vocab_size()?;
     let query_pre_attn_scalar = if num_layers == 62 {
         (hidden / num_heads) as f64
     } else {

@@ -284,10 +284,7 @@ fn config_from_gguf(meta: &Meta, vocab_size: usize) -> anyhow::Result<Gpt2Config
 
 pub fn from_gguf(name: &'static str, ckpt: GgufCheckpoint) -> anyhow::Result<Box<dyn Model>> {
     let file = ckpt.file;
-    let vocab = file
-        .dims("token_embd.weight")
-        .context("GGUF file lacks token_embd.weight")?[0];
-    let cfg = config_from_gguf(&file.meta(), vocab)?;
+    let cfg = config_from_gguf(&file.meta(), file.vocab_size()?)?;
     // Conv1D weights are [in, out] under their Hugging Face names.
     let conv: std::collections::HashSet<String> = file
         .tensor_names()

@@ -242,9 +242,6 @@ impl RawConfig {
         let top_k = self
             .num_experts_per_tok
             .unwrap_or(if family == Family::Qwen3Moe { 8 } else { 2 });
-        if num_experts == 0 || top_k == 0 || top_k > num_experts {
-            bail!("config.json: num_experts_per_tok {top_k} must be between 1 and the {num_experts} experts");
-        }
         let sparse = if family == Family::Mixtral {
             vec![true; n]
         } else {
@@ -267,14 +264,18 @@ impl RawConfig {
             ),
             _ => None,
         };
+        let routing = Routing {
+            num_experts,
+            top_k,
+            norm_topk_prob: family == Family::Mixtral || self.norm_topk_prob.unwrap_or(false),
+            scaling: 1.0,
+            groups: None,
+        };
+        routing
+            .check()
+            .map_err(|e| anyhow::anyhow!("config.json: num_experts_per_tok: {e}"))?;
         Ok(Some(MoeConfig {
-            routing: Routing {
-                num_experts,
-                top_k,
-                norm_topk_prob: family == Family::Mixtral || self.norm_topk_prob.unwrap_or(false),
-                scaling: 1.0,
-                groups: None,
-            },
+            routing,
             expert_intermediate,
             sparse,
             shared_intermediate,
@@ -608,6 +609,7 @@ fn config_from_gguf(
     meta: &Meta,
     prefix: &str,
     family: Family,
+    vocab_size: usize,
     has: &dyn Fn(&str) -> bool,
 ) -> anyhow::Result<LlamaConfig> {
     let k = |s: &str| format!("{prefix}.{s}");
@@ -646,24 +648,24 @@ fn config_from_gguf(
     })?;
     let moe = match family {
         Family::Mixtral | Family::Qwen2Moe | Family::Qwen3Moe => {
-            let top_k = meta.usize_req(&k("expert_used_count"))?;
-            if num_experts == 0 || top_k == 0 || top_k > num_experts {
-                bail!("GGUF: expert_used_count {top_k} must be between 1 and the {num_experts} experts");
-            }
+            let routing = Routing {
+                num_experts,
+                top_k: meta.usize_req(&k("expert_used_count"))?,
+                // As llama.cpp builds these graphs: renormalized for
+                // Mixtral and Qwen3-MoE, not for Qwen2-MoE.
+                norm_topk_prob: family != Family::Qwen2Moe,
+                scaling: 1.0,
+                groups: None,
+            };
+            routing
+                .check()
+                .map_err(|e| anyhow::anyhow!("GGUF: expert_used_count: {e}"))?;
             let expert_intermediate = match family {
                 Family::Mixtral => intermediate_size,
                 _ => meta.usize_req(&k("expert_feed_forward_length"))?,
             };
             Some(MoeConfig {
-                routing: Routing {
-                    num_experts,
-                    top_k,
-                    // As llama.cpp builds these graphs: renormalized for
-                    // Mixtral and Qwen3-MoE, not for Qwen2-MoE.
-                    norm_topk_prob: family != Family::Qwen2Moe,
-                    scaling: 1.0,
-                    groups: None,
-                },
+                routing,
                 expert_intermediate,
                 sparse: vec![true; num_layers],
                 shared_intermediate: match family {
@@ -679,11 +681,6 @@ fn config_from_gguf(
         }
         _ => None,
     };
-    let vocab_size = meta
-        .array("tokenizer.ggml.tokens")?
-        .map(Vec::len)
-        .or(meta.u64(&k("vocab_size"))?.map(|v| v as usize))
-        .context("GGUF metadata has neither tokenizer.ggml.tokens nor a vocab size")?;
     Ok(LlamaConfig {
         family,
         hidden_size,
@@ -716,13 +713,10 @@ pub fn from_gguf(name: &'static str, ckpt: GgufCheckpoint) -> anyhow::Result<Box
     let arch = file.architecture()?.to_string();
     let family = Family::from_name(&arch).unwrap_or(Family::Llama);
     let has = |n: &str| file.contains(n);
-    let mut cfg = config_from_gguf(&file.meta(), &arch, family, &has)?;
+    let mut cfg = config_from_gguf(&file.meta(), &arch, family, file.vocab_size()?, &has)?;
     if file.contains("rope_freqs.weight") {
         let f = file.dequantize("rope_freqs.weight", DType::F32, &ckpt.device)?;
         cfg.rope_freq_factors = Some(f.flatten_all()?.to_vec1()?);
-    }
-    if let Some(dims) = file.dims("token_embd.weight") {
-        cfg.vocab_size = dims[0];
     }
     // llama.cpp stores Llama q/k rows interleaved for its RoPE.
     let permuted = matches!(cfg.family.base(), Family::Llama | Family::Mistral);

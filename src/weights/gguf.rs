@@ -182,6 +182,15 @@ impl GgufFile {
         self.infos.get(name).map(|i| i.shape.dims())
     }
 
+    /// The vocabulary size: the rows of the token embedding table, which
+    /// every decoder has (the tokenizer's list may be shorter, padded rows
+    /// included in the table).
+    pub fn vocab_size(&self) -> anyhow::Result<usize> {
+        Ok(self
+            .dims("token_embd.weight")
+            .context("GGUF file lacks token_embd.weight")?[0])
+    }
+
     /// Bytes of all tensor data in the file.
     pub fn tensor_bytes(&self) -> usize {
         self.infos.values().map(tensor_bytes).sum()
@@ -244,11 +253,13 @@ impl GgufFile {
         device: &Device,
     ) -> candle_core::Result<Tensor> {
         let info = self.info(name)?;
-        let raw = self.raw(name)?;
-        let storage = QStorage::from_data(Cow::Owned(raw), device, info.ggml_dtype)?;
-        QTensor::new(storage, info.shape.clone())?
-            .dequantize(device)?
-            .to_dtype(dtype)
+        dequantize_bytes(
+            self.raw(name)?,
+            info.ggml_dtype,
+            info.shape.clone(),
+            dtype,
+            device,
+        )
     }
 
     /// Weights under Hugging Face names. `rename` maps GGUF names to them
@@ -302,6 +313,20 @@ impl GgufFile {
             false => Weights::dense(vb),
         }
     }
+}
+
+/// Stored bytes of type `ty` as a `shape` tensor of `dtype`.
+fn dequantize_bytes(
+    raw: Vec<u8>,
+    ty: GgmlDType,
+    shape: Shape,
+    dtype: DType,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
+    let storage = QStorage::from_data(Cow::Owned(raw), device, ty)?;
+    QTensor::new(storage, shape)?
+        .dequantize(device)?
+        .to_dtype(dtype)
 }
 
 fn tensor_bytes(info: &TensorInfo) -> usize {
@@ -384,12 +409,9 @@ impl QuantSource for GgufSource {
         dtype: DType,
         device: &Device,
     ) -> Option<candle_core::Result<Tensor>> {
-        let t = self.slice(hf, index)?.and_then(|s| {
-            let storage = QStorage::from_data(Cow::Owned(s.bytes), device, s.ty)?;
-            QTensor::new(storage, (s.n, s.k))?
-                .dequantize(device)?
-                .to_dtype(dtype)
-        });
+        let t = self
+            .slice(hf, index)?
+            .and_then(|s| dequantize_bytes(s.bytes, s.ty, (s.n, s.k).into(), dtype, device));
         Some(t)
     }
 }

@@ -33,46 +33,49 @@ pub fn max_rows(ty: QType) -> usize {
     }
 }
 
+/// `$f::<[$c,] R>(w, x, out)` with `R = x.len()`, up to 4 (`rows!`) or 8
+/// (`rows8!`) rows: the kernels take the row count as a constant.
+macro_rules! rows {
+    ($f:ident $(, $c:expr)?; $w:expr, $x:expr, $out:expr) => {
+        match $x.len() {
+            1 => $f::<$($c,)? 1>($w, $x, $out),
+            2 => $f::<$($c,)? 2>($w, $x, $out),
+            3 => $f::<$($c,)? 3>($w, $x, $out),
+            _ => $f::<$($c,)? 4>($w, $x, $out),
+        }
+    };
+}
+macro_rules! rows8 {
+    ($f:ident $(, $c:expr)?; $w:expr, $x:expr, $out:expr) => {
+        match $x.len() {
+            1 => $f::<$($c,)? 1>($w, $x, $out),
+            2 => $f::<$($c,)? 2>($w, $x, $out),
+            3 => $f::<$($c,)? 3>($w, $x, $out),
+            4 => $f::<$($c,)? 4>($w, $x, $out),
+            5 => $f::<$($c,)? 5>($w, $x, $out),
+            6 => $f::<$($c,)? 6>($w, $x, $out),
+            7 => $f::<$($c,)? 7>($w, $x, $out),
+            _ => $f::<$($c,)? 8>($w, $x, $out),
+        }
+    };
+}
+
 /// # Safety
 /// AVX2, FMA and F16C are present; the inputs are as `Kernel::dot_rows`
 /// checks them; `1 <= x.len() <= max_rows(ty)`, `x.len() == out.len()`.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn dot_rows(ty: QType, w: &[u8], x: &[ActRow], out: &mut [f32]) {
-    macro_rules! rows {
-        ($f:ident $(, $c:expr)?) => {
-            match x.len() {
-                1 => $f::<$($c,)? 1>(w, x, out),
-                2 => $f::<$($c,)? 2>(w, x, out),
-                3 => $f::<$($c,)? 3>(w, x, out),
-                _ => $f::<$($c,)? 4>(w, x, out),
-            }
-        };
-    }
-    macro_rules! rows8 {
-        ($f:ident $(, $c:expr)?) => {
-            match x.len() {
-                1 => $f::<$($c,)? 1>(w, x, out),
-                2 => $f::<$($c,)? 2>(w, x, out),
-                3 => $f::<$($c,)? 3>(w, x, out),
-                4 => $f::<$($c,)? 4>(w, x, out),
-                5 => $f::<$($c,)? 5>(w, x, out),
-                6 => $f::<$($c,)? 6>(w, x, out),
-                7 => $f::<$($c,)? 7>(w, x, out),
-                _ => $f::<$($c,)? 8>(w, x, out),
-            }
-        };
-    }
     // SAFETY: per the caller.
     unsafe {
         match ty {
-            QType::Q4_0 => rows!(legacy, Q4_0),
-            QType::Q4_1 => rows!(legacy, Q4_1),
-            QType::Q5_0 => rows!(legacy, Q5_0),
-            QType::Q5_1 => rows!(legacy, Q5_1),
-            QType::Q8_0 => rows!(legacy, Q8_0),
-            QType::Q4K => rows8!(q45k, false),
-            QType::Q5K => rows8!(q45k, true),
-            QType::Q6K => rows8!(q6k),
+            QType::Q4_0 => rows!(legacy, Q4_0; w, x, out),
+            QType::Q4_1 => rows!(legacy, Q4_1; w, x, out),
+            QType::Q5_0 => rows!(legacy, Q5_0; w, x, out),
+            QType::Q5_1 => rows!(legacy, Q5_1; w, x, out),
+            QType::Q8_0 => rows!(legacy, Q8_0; w, x, out),
+            QType::Q4K => rows8!(q45k, false; w, x, out),
+            QType::Q5K => rows8!(q45k, true; w, x, out),
+            QType::Q6K => rows8!(q6k; w, x, out),
         }
     }
 }
@@ -97,40 +100,14 @@ pub fn max_rows_vnni(ty: QType) -> usize {
 /// VL and VNNI are present.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub unsafe fn dot_rows_vnni(ty: QType, w: &[u8], x: &[ActRow], out: &mut [f32]) {
-    if ty == QType::Q8_0 {
-        // SAFETY: per the caller.
-        unsafe {
-            match x.len() {
-                1 => q8_0_512::<1>(w, x, out),
-                2 => q8_0_512::<2>(w, x, out),
-                3 => q8_0_512::<3>(w, x, out),
-                4 => q8_0_512::<4>(w, x, out),
-                5 => q8_0_512::<5>(w, x, out),
-                6 => q8_0_512::<6>(w, x, out),
-                7 => q8_0_512::<7>(w, x, out),
-                _ => q8_0_512::<8>(w, x, out),
-            }
-        }
-        return;
-    }
-    macro_rules! rows {
-        ($c:expr) => {
-            match x.len() {
-                1 => legacy_vnni::<$c, 1>(w, x, out),
-                2 => legacy_vnni::<$c, 2>(w, x, out),
-                3 => legacy_vnni::<$c, 3>(w, x, out),
-                _ => legacy_vnni::<$c, 4>(w, x, out),
-            }
-        };
-    }
     // SAFETY: per the caller.
     unsafe {
         match ty {
-            QType::Q4_0 => rows!(Q4_0),
-            QType::Q4_1 => rows!(Q4_1),
-            QType::Q5_0 => rows!(Q5_0),
-            QType::Q5_1 => rows!(Q5_1),
-            QType::Q8_0 => rows!(Q8_0),
+            QType::Q4_0 => rows!(legacy_vnni, Q4_0; w, x, out),
+            QType::Q4_1 => rows!(legacy_vnni, Q4_1; w, x, out),
+            QType::Q5_0 => rows!(legacy_vnni, Q5_0; w, x, out),
+            QType::Q5_1 => rows!(legacy_vnni, Q5_1; w, x, out),
+            QType::Q8_0 => rows8!(q8_0_512; w, x, out),
             _ => dot_rows(ty, w, x, out),
         }
     }
