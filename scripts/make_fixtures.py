@@ -163,6 +163,34 @@ GPT2_VARIANTS = {
     "gpt2_8heads": dict(n_head=8, n_layer=3, n_inner=96, scale_attn_by_inverse_layer_idx=True),
 }
 
+# State-space models name their sizes differently; these replace BASE. The prompts (up to 45 tokens)
+# run past Mamba-2's chunk_size, so transformers' chunked SSD path is what the goldens come from.
+SSM_BASE = dict(
+    vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, layer_norm_epsilon=1e-5,
+    bos_token_id=1, eos_token_id=2, pad_token_id=0,
+)
+SSM_VARIANTS = {
+    # Mamba: state 16, kernel 4, time_step_rank "auto" (4), tied head.
+    "mamba_tied": dict(model_type="mamba", state_size=16, conv_kernel=4, expand=2),
+    # Mamba: state 8, kernel 3, expand 3, explicit rank, biases on the projections, none on the
+    # convolution, own head, three layers.
+    "mamba_bias": dict(
+        model_type="mamba", state_size=8, conv_kernel=3, expand=3, time_step_rank=8, use_bias=True,
+        use_conv_bias=False, tie_word_embeddings=False, num_hidden_layers=3,
+    ),
+    # Mamba-2: 8 heads of 16 in 2 groups, state 16, kernel 4, chunks of 16.
+    "mamba2_groups": dict(
+        model_type="mamba2", num_heads=8, head_dim=16, state_size=16, n_groups=2, conv_kernel=4,
+        chunk_size=16, expand=2,
+    ),
+    # Mamba-2: 4 heads of 32 in one group, state 32, kernel 2, chunks of 8, biases, tied head,
+    # three layers.
+    "mamba2_onegroup": dict(
+        model_type="mamba2", num_heads=4, head_dim=32, state_size=32, n_groups=1, conv_kernel=2,
+        chunk_size=8, expand=2, use_bias=True, tie_word_embeddings=True, num_hidden_layers=3,
+    ),
+}
+
 PROMPT_LENGTHS = [1, 6, 19, 45]
 
 
@@ -566,6 +594,9 @@ def main():
     for name, spec in GPT2_VARIANTS.items():
         if want(name):
             make_variant(name, {"model_type": "gpt2", **spec}, base=GPT2_BASE)
+    for name, spec in SSM_VARIANTS.items():
+        if want(name):
+            make_variant(name, spec, base=SSM_BASE)
     if want("gpt2_4heads") or want("gpt2_gguf"):
         make_gpt2_gguf("gpt2_4heads")
     for name, arch in MOE_GGUF.items():

@@ -144,7 +144,15 @@ pub fn build_app(args: &ServeArgs) -> anyhow::Result<(axum::Router, Arc<AppState
         .clone()
         .unwrap_or_else(|| args.model.display_name());
     let mut engine_cfg = args.engine.engine_config(max_model_len)?;
-    engine_cfg.enable_prefix_caching = args.cache.prefix_caching();
+    // A recurrent state is not in blocks of tokens: nothing to share.
+    let cacheable = loaded.model.spec().cache.supports_prefix_caching();
+    if args.cache.prefix_caching() && !cacheable {
+        tracing::info!(
+            "prefix caching is off: {} keeps a recurrent state, not per-token blocks",
+            loaded.model.spec().architecture
+        );
+    }
+    engine_cfg.enable_prefix_caching = args.cache.prefix_caching() && cacheable;
     let memory = crate::metrics::MemoryInfo {
         block_size: sizing.block_size,
         num_blocks: sizing.num_blocks,

@@ -133,6 +133,9 @@ impl CacheArgs {
             .map(parse_memory_size)
             .transpose()?;
         let dtype = crate::kv_cache::KvDtype::parse(&self.kv_cache_dtype, model.spec().dtype)?;
+        if model.spec().cache.is_recurrent() {
+            return self.state_sizing(model, max_model_len, max_seqs, memory);
+        }
         let bytes_per_token = model.spec().cache.bytes_per_token(dtype);
         let useful = (max_seqs.saturating_mul(max_model_len) + self.block_size) as u64
             * bytes_per_token as u64;
@@ -155,6 +158,50 @@ impl CacheArgs {
             dtype.name(),
             max_model_len,
             sizing.max_tokens() as f64 / max_model_len.max(1) as f64,
+        );
+        Ok(sizing)
+    }
+}
+
+impl CacheArgs {
+    /// A state-space model's pool: one slot per sequence holding its
+    /// convolution and SSM states (f32), in place of KV blocks; `--block-size`
+    /// does not apply (a slot is one block as long as `max_model_len`).
+    fn state_sizing(
+        &self,
+        model: &dyn Model,
+        max_model_len: usize,
+        max_seqs: usize,
+        memory: Option<u64>,
+    ) -> anyhow::Result<KvCacheSizing> {
+        let spec = model.spec();
+        if !matches!(
+            self.kv_cache_dtype.to_ascii_lowercase().as_str(),
+            "auto" | "float32" | "fp32" | "f32" | "float"
+        ) {
+            anyhow::bail!(
+                "--kv-cache-dtype {}: {} keeps its recurrent state in float32 (use auto)",
+                self.kv_cache_dtype,
+                spec.architecture
+            );
+        }
+        let per_seq = spec.cache.state_bytes_per_seq();
+        let useful = per_seq.saturating_mul(max_seqs as u64);
+        let sizing = KvCacheSizing::for_states(
+            max_model_len,
+            per_seq,
+            self.num_kv_blocks,
+            memory,
+            DEFAULT_KV_CACHE_MEMORY.min(useful),
+        )?
+        .with_dtype(crate::kv_cache::KvDtype::F32);
+        tracing::info!(
+            "state cache: {} sequence slots x {:.2} MiB (convolution + SSM state, float32) = \
+             {:.1} MiB; at most {} sequences run at once",
+            sizing.num_blocks,
+            per_seq as f64 / (1u64 << 20) as f64,
+            sizing.total_bytes() as f64 / (1u64 << 20) as f64,
+            sizing.num_blocks,
         );
         Ok(sizing)
     }

@@ -11,6 +11,9 @@ pub struct KvCacheSizing {
     pub block_size: usize,
     /// Bytes of key + value storage one token takes across all layers.
     pub bytes_per_token: usize,
+    /// Bytes of one block across all layers: `block_size` tokens' keys and
+    /// values, or one sequence's recurrent state (state-space models).
+    pub bytes_per_block: u64,
     /// Element type of the cache; `None`: the model's dtype.
     pub dtype: Option<KvDtype>,
 }
@@ -29,6 +32,44 @@ impl KvCacheSizing {
             bail!("--block-size must be at least 1");
         }
         let bytes_per_block = (bytes_per_token * block_size) as u64;
+        Self::from_block_bytes(
+            block_size,
+            bytes_per_token,
+            bytes_per_block,
+            num_blocks,
+            memory_bytes,
+            default_memory_bytes,
+        )
+    }
+
+    /// For a state-space model: one block per sequence, holding its whole
+    /// recurrent state (`bytes_per_seq`), as long as the longest sequence
+    /// (`max_model_len` tokens), so that a sequence never takes a second one.
+    pub fn for_states(
+        max_model_len: usize,
+        bytes_per_seq: u64,
+        num_blocks: Option<usize>,
+        memory_bytes: Option<u64>,
+        default_memory_bytes: u64,
+    ) -> anyhow::Result<Self> {
+        Self::from_block_bytes(
+            max_model_len.max(1),
+            0,
+            bytes_per_seq,
+            num_blocks,
+            memory_bytes,
+            default_memory_bytes,
+        )
+    }
+
+    fn from_block_bytes(
+        block_size: usize,
+        bytes_per_token: usize,
+        bytes_per_block: u64,
+        num_blocks: Option<usize>,
+        memory_bytes: Option<u64>,
+        default_memory_bytes: u64,
+    ) -> anyhow::Result<Self> {
         let num_blocks = match num_blocks {
             Some(n) => n,
             None => {
@@ -46,11 +87,12 @@ impl KvCacheSizing {
             num_blocks,
             block_size,
             bytes_per_token,
+            bytes_per_block,
             dtype: None,
         })
     }
 
-    /// Stores the cache as `dtype` (whose size `bytes_per_token` must reflect).
+    /// Stores the cache as `dtype` (whose size `bytes_per_block` must reflect).
     pub fn with_dtype(self, dtype: impl Into<KvDtype>) -> Self {
         Self {
             dtype: Some(dtype.into()),
@@ -63,7 +105,7 @@ impl KvCacheSizing {
     }
 
     pub fn total_bytes(&self) -> u64 {
-        (self.max_tokens() * self.bytes_per_token) as u64
+        self.num_blocks as u64 * self.bytes_per_block
     }
 }
 

@@ -84,6 +84,9 @@ pub struct KvLayout {
     /// Only keys are stored, and attention reads them as the values too
     /// (multi-head latent attention: one latent row per token serves both).
     pub values_are_keys: bool,
+    /// f32 values of recurrent state per block in each layer: a state-space
+    /// model's blocks each hold one sequence's whole state (0 for attention).
+    pub state_len: usize,
 }
 
 impl KvLayout {
@@ -230,6 +233,9 @@ impl KvBuffer {
 pub struct LayerKv {
     pub k: KvBuffer,
     pub v: KvBuffer,
+    /// `[num_blocks][state_len]`: the recurrent state of the sequence that
+    /// holds each block (state-space layers; empty otherwise).
+    pub state: Vec<f32>,
 }
 
 /// All layers' key/value storage: what the model reads and writes each step.
@@ -247,6 +253,7 @@ impl KvStorage {
             .map(|_| LayerKv {
                 k: KvBuffer::zeros(dtype, len, hd),
                 v: KvBuffer::zeros(dtype, v_len, hd),
+                state: vec![0.0; layout.num_blocks * layout.state_len],
             })
             .collect();
         Ok(Self { layout, layers })
@@ -274,6 +281,9 @@ impl KvStorage {
             if !self.layout.values_are_keys {
                 layer.v.copy_within(s..s + n, d);
             }
+            let m = self.layout.state_len;
+            let (s, d) = (src as usize * m, dst as usize * m);
+            layer.state.copy_within(s..s + m, d);
         }
     }
 }
@@ -291,6 +301,7 @@ mod tests {
             block_size: 4,
             num_blocks: 5,
             values_are_keys: false,
+            state_len: 0,
         };
         assert_eq!(l.index(0, 0), 0);
         assert_eq!(l.index(1, 0), 3);
@@ -308,6 +319,7 @@ mod tests {
             block_size: 2,
             num_blocks: 3,
             values_are_keys: false,
+            state_len: 0,
         };
         let mut s = KvStorage::new(l, DType::F32).unwrap();
         for layer in 0..2 {
@@ -332,6 +344,7 @@ mod tests {
             block_size: 2,
             num_blocks: 3,
             values_are_keys: false,
+            state_len: 0,
         };
         let n = l.block_len();
         for dtype in [KvDtype::Q8_0, KvDtype::Fp8E4M3] {

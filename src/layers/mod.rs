@@ -12,6 +12,7 @@ pub mod mlp;
 pub mod moe;
 pub mod norm;
 pub mod rope;
+pub mod ssm;
 
 pub use attention::{AttnParams, PagedAttention};
 pub use batch::{ForwardBatch, Logits, SeqSlice};

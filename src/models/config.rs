@@ -11,11 +11,73 @@ use crate::tokenizer::SpecialTokens;
 
 /// Parses `config.json` text into `T`; errors name the offending field.
 pub fn parse<T: DeserializeOwned>(text: &str) -> anyhow::Result<T> {
-    let de = &mut serde_json::Deserializer::from_str(text);
+    let text = python_infinity(text);
+    let de = &mut serde_json::Deserializer::from_str(&text);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         anyhow::anyhow!("config.json: field `{path}`: {}", e.into_inner())
     })
+}
+
+/// `text` with Python's `Infinity` (which `json.dumps` writes for
+/// `float("inf")`, e.g. Mamba-2's `time_step_limit`) replaced by the largest
+/// f64, which is infinite once narrowed to f32. Strings are left alone.
+fn python_infinity(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.contains("Infinity") {
+        return text.into();
+    }
+    let mut out = String::with_capacity(text.len());
+    let (mut in_string, mut escaped) = (false, false);
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        if !in_string && rest.starts_with("Infinity") {
+            out.push_str("1.7976931348623157e308");
+            rest = &rest["Infinity".len()..];
+            continue;
+        }
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_string = false;
+            }
+        } else if c == '"' {
+            in_string = true;
+        }
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    out.into()
+}
+
+/// A float as transformers writes it: a number, or `{"__float__": "Infinity"}`
+/// (its encoding of the values JSON has no number for).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PyFloat(pub f64);
+
+impl<'de> Deserialize<'de> for PyFloat {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Num(f64),
+            Tagged {
+                #[serde(rename = "__float__")]
+                value: String,
+            },
+        }
+        match Raw::deserialize(d)? {
+            Raw::Num(v) => Ok(Self(v)),
+            Raw::Tagged { value } => match value.as_str() {
+                "Infinity" | "inf" => Ok(Self(f64::INFINITY)),
+                "-Infinity" | "-inf" => Ok(Self(f64::NEG_INFINITY)),
+                "NaN" | "nan" => Ok(Self(f64::NAN)),
+                other => other.parse().map(Self).map_err(serde::de::Error::custom),
+            },
+        }
+    }
 }
 
 /// The fields every config has, whatever its architecture.

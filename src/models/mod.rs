@@ -13,6 +13,8 @@ pub mod deepseek2;
 pub mod gemma3;
 pub mod gpt2;
 pub mod llama;
+pub mod mamba;
+pub mod mamba2;
 pub mod registry;
 
 use candle_core::{DType, Result, Tensor};
@@ -38,6 +40,28 @@ pub enum LayerCache {
     /// (Their blocks are all kept today; freeing those that fell out of every
     /// sliding layer's window is the cache side's job, later.)
     SlidingWindow(usize),
+    /// A state-space layer's fixed-size recurrent state (Mamba): one slot per
+    /// sequence, whatever its length, instead of per-token keys and values.
+    MambaState(StateShape),
+}
+
+/// One state-space layer's per-sequence state, in f32 values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StateShape {
+    /// The convolution's last `conv_kernel - 1` inputs.
+    pub conv: usize,
+    /// The SSM state.
+    pub ssm: usize,
+}
+
+impl StateShape {
+    pub fn len(&self) -> usize {
+        self.conv + self.ssm
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// The cache a model asks the engine for: per-token keys and values of
@@ -56,6 +80,7 @@ impl CacheSpec {
     /// The storage layout for a pool of `sizing`'s shape.
     pub fn layout(&self, sizing: &KvCacheSizing) -> KvLayout {
         KvLayout {
+            state_len: self.state_len(),
             num_layers: self.layers.len(),
             num_kv_heads: self.num_kv_heads,
             head_dim: self.head_dim,
@@ -72,6 +97,35 @@ impl CacheSpec {
         self.layers
             .iter()
             .all(|l| matches!(l, LayerCache::FullAttention | LayerCache::SlidingWindow(_)))
+    }
+
+    /// f32 values of one sequence's state in each layer (the largest layer's;
+    /// 0 for a model without state-space layers).
+    pub fn state_len(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| match l {
+                LayerCache::MambaState(s) => s.len(),
+                _ => 0,
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// A state-space model: every layer keeps a fixed-size state, so the
+    /// cache is one slot per sequence (one block as long as the longest
+    /// sequence) rather than blocks of tokens.
+    pub fn is_recurrent(&self) -> bool {
+        !self.layers.is_empty()
+            && self
+                .layers
+                .iter()
+                .all(|l| matches!(l, LayerCache::MambaState(_)))
+    }
+
+    /// Bytes of state one sequence takes across all layers.
+    pub fn state_bytes_per_seq(&self) -> u64 {
+        (self.layers.len() * self.state_len() * std::mem::size_of::<f32>()) as u64
     }
 
     /// Bytes of cache one token takes in `dtype`.

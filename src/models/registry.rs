@@ -5,7 +5,7 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
-use super::{deepseek2, gemma3, gpt2, llama, Model};
+use super::{deepseek2, gemma3, gpt2, llama, mamba, mamba2, Model};
 use crate::layers::Quantization;
 use crate::tokenizer::{SpecialTokens, Tokenizer};
 use crate::weights::gguf::GgufFile;
@@ -129,6 +129,22 @@ pub const ARCHITECTURES: &[Architecture] = &[
         from_hf: gpt2::from_hf,
         from_gguf: Some(gpt2::from_gguf),
         hf_linear_in_out: true,
+    },
+    Architecture {
+        name: "MambaForCausalLM",
+        model_types: &["mamba"],
+        gguf: &[],
+        from_hf: mamba::from_hf,
+        from_gguf: None,
+        hf_linear_in_out: false,
+    },
+    Architecture {
+        name: "Mamba2ForCausalLM",
+        model_types: &["mamba2"],
+        gguf: &[],
+        from_hf: mamba2::from_hf,
+        from_gguf: None,
+        hf_linear_in_out: false,
     },
 ];
 

@@ -33,6 +33,14 @@ pub const FIXTURES: &[&str] = &[
     "deepseek_v2_yarn",
 ];
 
+/// State-space fixtures (no KV blocks: one state slot per sequence).
+pub const SSM_FIXTURES: &[&str] = &[
+    "mamba_tied",
+    "mamba_bias",
+    "mamba2_groups",
+    "mamba2_onegroup",
+];
+
 pub fn repo_path(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
 }
@@ -75,6 +83,15 @@ pub fn runner_with_cache_dtype(
     dtype: impl Into<candela::kv_cache::KvDtype>,
 ) -> StepRunner {
     let dtype = dtype.into();
+    let cache = &m.model.spec().cache;
+    if cache.is_recurrent() {
+        // One slot per sequence (block_size does not apply).
+        let sizing =
+            KvCacheSizing::for_states(4096, cache.state_bytes_per_seq(), Some(num_blocks), None, 0)
+                .unwrap()
+                .with_dtype(dtype);
+        return StepRunner::new(m.model.as_ref(), sizing).unwrap();
+    }
     let bpt = m.model.spec().cache.bytes_per_token(dtype);
     let sizing = KvCacheSizing::new(block_size, bpt, Some(num_blocks), None, 0)
         .unwrap()

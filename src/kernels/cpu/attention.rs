@@ -787,6 +787,7 @@ mod tests {
                 block_size: bs,
                 num_blocks: 8,
                 values_are_keys,
+                state_len: 0,
             };
             let mut storage = KvStorage::new(layout, cache_dtype).unwrap();
             // Scattered blocks, and the sequence processed in chunks of 5, 1 and 5 tokens.
@@ -843,6 +844,7 @@ mod tests {
             block_size: bs,
             num_blocks: 2,
             values_are_keys: false,
+            state_len: 0,
         };
         let mut storage = KvStorage::new(layout, DType::F32).unwrap();
         let q = Tensor::zeros((1, 4, hd), DType::F32, &Device::Cpu).unwrap();

@@ -14,6 +14,7 @@ pub mod kv_quant;
 pub mod matmul;
 pub mod matmul_q8;
 pub mod quant;
+pub mod ssm;
 #[cfg(target_arch = "x86_64")]
 mod vmath;
 
