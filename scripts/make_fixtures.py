@@ -468,6 +468,55 @@ def write_gguf_pair(name, arch, metadata, tensors):
         print(f"{name}{suffix}.gguf written")
 
 
+def make_mamba_gguf(name):
+    """GGUF files of a Mamba fixture in llama.cpp's `mamba` layout, as its converter writes them:
+    `ssm_a` holds A = -exp(A_log), the convolution is squeezed to [d_inner, d_conv], a tied head is
+    omitted."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    src = FIXTURES / name
+    cfg = json.loads((src / "config.json").read_text())
+    w = load_file(str(src / "model.safetensors"))
+    parts = {
+        "norm.weight": "attn_norm.weight", "mixer.in_proj.weight": "ssm_in.weight",
+        "mixer.in_proj.bias": "ssm_in.bias", "mixer.conv1d.weight": "ssm_conv1d.weight",
+        "mixer.conv1d.bias": "ssm_conv1d.bias", "mixer.x_proj.weight": "ssm_x.weight",
+        "mixer.dt_proj.weight": "ssm_dt.weight", "mixer.dt_proj.bias": "ssm_dt.bias",
+        "mixer.A_log": "ssm_a", "mixer.D": "ssm_d", "mixer.out_proj.weight": "ssm_out.weight",
+        "mixer.out_proj.bias": "ssm_out.bias",
+    }
+    tensors = {"token_embd.weight": w["backbone.embeddings.weight"], "output_norm.weight": w["backbone.norm_f.weight"]}
+    if not cfg["tie_word_embeddings"]:
+        tensors["output.weight"] = w["lm_head.weight"]
+    for i in range(cfg["num_hidden_layers"]):
+        for hf, g in parts.items():
+            key = f"backbone.layers.{i}.{hf}"
+            if key not in w:
+                continue
+            t = w[key]
+            if hf == "mixer.A_log":
+                t = -np.exp(t)
+            if hf == "mixer.conv1d.weight":
+                t = t.squeeze(1)
+            tensors[f"blk.{i}.{g}"] = t
+
+    def metadata(out):
+        out.add_context_length(2**20)
+        out.add_embedding_length(cfg["hidden_size"])
+        out.add_feed_forward_length(0)
+        out.add_head_count(0)
+        out.add_block_count(cfg["num_hidden_layers"])
+        out.add_ssm_conv_kernel(cfg["conv_kernel"])
+        out.add_ssm_inner_size(cfg["intermediate_size"])
+        out.add_ssm_state_size(cfg["state_size"])
+        out.add_ssm_time_step_rank(cfg["time_step_rank"])
+        out.add_layer_norm_rms_eps(cfg["layer_norm_epsilon"])
+        out.add_ssm_dt_b_c_rms(False)
+
+    write_gguf_pair(name, "mamba", metadata, tensors)
+
+
 def make_deepseek_gguf(name):
     """GGUF files of a DeepSeek-V2 fixture in llama.cpp's `deepseek2` layout, as its converter writes
     them: kv_b_proj split per head into attn_k_b (transposed, [heads, kv_lora_rank, qk_nope]) and
@@ -605,6 +654,9 @@ def main():
     for name in ["deepseek_v2_lite", "deepseek_v2_yarn"]:
         if want(name) or want("moe_gguf"):
             make_deepseek_gguf(name)
+    for name in ["mamba_tied", "mamba_bias"]:
+        if want(name) or want("mamba_gguf"):
+            make_mamba_gguf(name)
     if want("stories"):
         make_stories_golden()
     if want("gemma3_270m"):

@@ -135,15 +135,18 @@ fn random_request(
 /// Returns the prompt tokens served from the prefix cache.
 fn run_seed(seed: u64, ops: usize) -> u64 {
     let mut rng = StdRng::seed_from_u64(seed);
-    // The embedded model half the time; else a Mixture-of-Experts fixture
-    // or DeepSeek-V2's latent attention, whose cache stores keys only
-    // (block copies and preemption must hold for it too).
+    // The embedded model most of the time; else a Mixture-of-Experts
+    // fixture, DeepSeek-V2's latent attention, whose cache stores keys only,
+    // or Mamba-2, whose cache is one state slot per sequence (block copies
+    // and preemption must hold for them too).
     let model = [
+        None,
         None,
         None,
         Some("qwen2_moe_shared"),
         Some("deepseek_v2_lite"),
-    ][rng.random_range(0..4)]
+        Some("mamba2_groups"),
+    ][rng.random_range(0..6)]
     .map(|name| common::fixture_dir(name).to_str().unwrap().to_string());
     let loaded = load_model(&LoadOptions {
         model,
@@ -168,9 +171,26 @@ fn run_seed(seed: u64, ops: usize) -> u64 {
     let cache_dtype =
         [KvDtype::F32, KvDtype::F16, KvDtype::Q8_0, KvDtype::Fp8E4M3][rng.random_range(0..4)];
     let bpt = loaded.model.spec().cache.bytes_per_token(cache_dtype);
-    let sizing = KvCacheSizing::new(block_size, bpt, Some(num_blocks), None, 0)
+    let cache = &loaded.model.spec().cache;
+    let (sizing, capacity) = if cache.is_recurrent() {
+        // 2-12 state slots, each as long as the longest sequence.
+        let slots = rng.random_range(2..=12);
+        let s = KvCacheSizing::for_states(
+            cfg.max_model_len,
+            cache.state_bytes_per_seq(),
+            Some(slots),
+            None,
+            0,
+        )
         .unwrap()
-        .with_dtype(cache_dtype);
+        .with_dtype(KvDtype::F32);
+        (s, slots * cfg.max_model_len)
+    } else {
+        let s = KvCacheSizing::new(block_size, bpt, Some(num_blocks), None, 0)
+            .unwrap()
+            .with_dtype(cache_dtype);
+        (s, capacity)
+    };
     let stats = Arc::new(EngineStats::default());
     let mut core =
         EngineCore::new(loaded.model, loaded.tokenizer, sizing, cfg, stats.clone()).unwrap();

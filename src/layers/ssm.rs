@@ -57,11 +57,15 @@ pub struct CausalConv1d {
 }
 
 impl CausalConv1d {
-    /// The checkpoint's `weight` (`[channels, 1, kernel]`) and `bias`.
+    /// The checkpoint's `weight` (`[channels, 1, kernel]`, or `[channels,
+    /// kernel]` in GGUF files) and `bias`.
     pub fn load(vb: Weights, channels: usize, kernel: usize, bias: bool) -> Result<Self> {
-        let w = vb
-            .get((channels, 1, kernel), "weight")?
-            .to_dtype(DType::F32)?;
+        // llama.cpp's GGUF files squeeze the middle dimension out.
+        let w = match vb.get((channels, 1, kernel), "weight") {
+            Ok(w) => w,
+            Err(_) => vb.get((channels, kernel), "weight")?,
+        }
+        .to_dtype(DType::F32)?;
         let weight = w
             .reshape((channels, kernel))?
             .t()?

@@ -15,12 +15,13 @@ use rayon::prelude::*;
 use serde::Deserialize;
 
 use super::config;
-use super::registry::Checkpoint;
+use super::registry::{Checkpoint, GgufCheckpoint};
 use super::{logits_rows, CacheSpec, LayerCache, Model, ModelKind, ModelSpec};
 use crate::kernels::cpu::{elementwise, ssm};
 use crate::kv_cache::KvStorage;
 use crate::layers::ssm::{f32_rows, seq_rows, seq_states, CausalConv1d, Mixer, MixerBlock};
 use crate::layers::{Embedding, ForwardBatch, Linear, Quantization, RmsNorm};
+use crate::weights::gguf::{layer_part, GgufFile, Layout};
 use crate::weights::Weights;
 
 /// The context a state-space model reports when its config names none (as
@@ -184,11 +185,15 @@ impl MambaMixer {
                 quant,
             )
         };
-        let a = vb
-            .get((d, n), "A_log")?
-            .to_dtype(DType::F32)?
-            .exp()?
-            .neg()?;
+        // GGUF files hold A itself (llama.cpp's converter takes -exp(A_log)).
+        let a = if vb.contains_tensor("A") {
+            vb.get((d, n), "A")?.to_dtype(DType::F32)?
+        } else {
+            vb.get((d, n), "A_log")?
+                .to_dtype(DType::F32)?
+                .exp()?
+                .neg()?
+        };
         Ok(Self {
             in_proj: lin("in_proj", 2 * d, h, cfg.use_bias)?,
             conv: CausalConv1d::load(vb.pp("conv1d"), d, cfg.conv_kernel, cfg.use_conv_bias)?,
@@ -362,6 +367,75 @@ impl<M: Mixer> Model for SsmLm<M> {
         let x = self.norm_f.forward(&logits_rows(&x, batch)?)?;
         self.lm_head.forward(&x)?.to_dtype(DType::F32)?.contiguous()
     }
+}
+
+/// llama.cpp's `mamba` tensor names → the checkpoint's (`ssm_a`, which
+/// holds `A`, becomes `mixer.A`).
+fn hf_name(gguf: &str) -> Option<String> {
+    match gguf {
+        "token_embd.weight" => return Some("backbone.embeddings.weight".into()),
+        "output_norm.weight" => return Some("backbone.norm_f.weight".into()),
+        "output.weight" => return Some("lm_head.weight".into()),
+        _ => {}
+    }
+    let (layer, rest) = layer_part(gguf)?;
+    let hf = match rest {
+        "attn_norm.weight" => "norm.weight",
+        "ssm_in.weight" => "mixer.in_proj.weight",
+        "ssm_in.bias" => "mixer.in_proj.bias",
+        "ssm_conv1d.weight" => "mixer.conv1d.weight",
+        "ssm_conv1d.bias" => "mixer.conv1d.bias",
+        "ssm_x.weight" => "mixer.x_proj.weight",
+        "ssm_dt.weight" => "mixer.dt_proj.weight",
+        "ssm_dt.bias" => "mixer.dt_proj.bias",
+        "ssm_a" => "mixer.A",
+        "ssm_d" => "mixer.D",
+        "ssm_out.weight" => "mixer.out_proj.weight",
+        "ssm_out.bias" => "mixer.out_proj.bias",
+        _ => return None,
+    };
+    Some(format!("backbone.layers.{layer}.{hf}"))
+}
+
+fn config_from_gguf(file: &GgufFile) -> anyhow::Result<MambaConfig> {
+    let meta = file.meta();
+    let k = |s: &str| format!("mamba.{s}");
+    if meta.bool(&k("ssm.dt_b_c_rms"))?.unwrap_or(false) {
+        bail!("GGUF: Falcon-Mamba (RMS norms on dt, B and C) is not supported");
+    }
+    let hidden = meta.usize_req(&k("embedding_length"))?;
+    Ok(MambaConfig {
+        common: SsmCommon {
+            hidden_size: hidden,
+            num_layers: meta.usize_req(&k("block_count"))?,
+            vocab_size: file.vocab_size()?,
+            eps: meta
+                .f32(&k("attention.layer_norm_rms_epsilon"))?
+                .unwrap_or(1e-5) as f64,
+            tie_word_embeddings: !file.contains("output.weight"),
+            max_position_embeddings: meta
+                .u64(&k("context_length"))?
+                .map_or(DEFAULT_CONTEXT, |v| v as usize),
+        },
+        intermediate_size: meta.usize_req(&k("ssm.inner_size"))?,
+        state_size: meta.usize_req(&k("ssm.state_size"))?,
+        conv_kernel: meta.usize_req(&k("ssm.conv_kernel"))?,
+        time_step_rank: meta.usize_req(&k("ssm.time_step_rank"))?,
+        use_bias: file.contains("blk.0.ssm_in.bias"),
+        use_conv_bias: file.contains("blk.0.ssm_conv1d.bias"),
+    })
+}
+
+/// A Mamba GGUF file (llama.cpp's `mamba`).
+pub fn from_gguf(name: &'static str, ckpt: GgufCheckpoint) -> anyhow::Result<Box<dyn Model>> {
+    let cfg = config_from_gguf(&ckpt.file)?;
+    let quant = ckpt.quantization;
+    let vb = ckpt
+        .file
+        .into_weights(hf_name, |_| Layout::Same, ckpt.dtype, &ckpt.device);
+    Ok(Box::new(SsmLm::load(vb, &cfg.common, name, quant, |vb| {
+        MambaMixer::load(vb, &cfg, quant)
+    })?))
 }
 
 pub fn from_hf(name: &'static str, ckpt: Checkpoint) -> anyhow::Result<Box<dyn Model>> {

@@ -133,9 +133,9 @@ pub const ARCHITECTURES: &[Architecture] = &[
     Architecture {
         name: "MambaForCausalLM",
         model_types: &["mamba"],
-        gguf: &[],
+        gguf: &["mamba"],
         from_hf: mamba::from_hf,
-        from_gguf: None,
+        from_gguf: Some(mamba::from_gguf),
         hf_linear_in_out: false,
     },
     Architecture {
