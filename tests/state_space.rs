@@ -345,3 +345,79 @@ fn mamba_gguf_files_are_the_same_models_as_their_folders() {
         }
     }
 }
+
+#[test]
+fn every_position_logits_equal_each_prefix_alone() {
+    // Prompt logprobs ask for logits at every position of a chunk: row j must
+    // be what the prefix ending at j gives alone.
+    for name in ["mamba_bias", "mamba2_groups"] {
+        let m = load(&fixture_dir(name), DType::F32);
+        let model = m.model.as_ref();
+        let prompt = ids(&golden(name)["logits"][2]["prompt"]);
+        let mut r = runner(&m, 16, 2);
+        let mut all = Vec::new();
+        for c in prompt.chunks(7) {
+            let rows = r
+                .step(
+                    model,
+                    &[SeqWork {
+                        seq: 1,
+                        tokens: c.to_vec(),
+                        logits: Logits::All,
+                    }],
+                )
+                .unwrap();
+            all.extend(rows.into_iter().next().unwrap());
+        }
+        r.free(1);
+        assert_eq!(all.len(), prompt.len());
+        for (j, row) in all.iter().enumerate() {
+            let alone = chunked_logits(&mut r, model, &prompt[..=j], 64);
+            let d = max_abs_diff(row, &alone);
+            assert!(d < 1e-4, "{name} position {j}: max |Δ| {d}");
+        }
+    }
+}
+
+#[test]
+fn logprobs_and_stop_tokens_work_as_for_transformers() {
+    let e = engine("mamba_tied", 4);
+    let prompt = ids(&golden("mamba_tied")["greedy"][0]["prompt"]);
+    let want = ids(&golden("mamba_tied")["greedy"][0]["tokens"]);
+    let mut r = GenerateRequest::greedy(prompt.clone(), 32);
+    r.stop.ignore_eos = true;
+    r.logprobs = Some(3);
+    r.prompt_logprobs = Some(1);
+    // Stop at the first token that differs from the first generated one.
+    let stop = *want.iter().find(|&&t| t != want[0]).unwrap();
+    r.stop.stop_token_ids = vec![stop];
+    let mut s = e.submit(r).unwrap();
+    let (mut tokens, mut prompt_lps, mut finish) = (Vec::new(), None, None);
+    while let Some(ev) = s.blocking_next() {
+        match ev {
+            EngineEvent::PromptLogprobs(p) => prompt_lps = Some(p),
+            EngineEvent::Output(o) => {
+                let lp = &o.logprobs[0];
+                assert_eq!(lp.top.len(), 3);
+                assert_eq!(
+                    lp.top[0].0, lp.token_id,
+                    "greedy takes the most likely token"
+                );
+                tokens.extend(o.token_ids);
+                finish = o.finish_reason.or(finish);
+            }
+            EngineEvent::Error(e) => panic!("{e}"),
+            _ => {}
+        }
+    }
+    let at = want.iter().position(|&t| t == stop).unwrap();
+    assert_eq!(
+        tokens,
+        want[..=at],
+        "greedy up to and including the stop token"
+    );
+    assert_eq!(finish, Some(candela::engine::FinishReason::Stop));
+    let p = prompt_lps.expect("prompt logprobs");
+    assert_eq!(p.len(), prompt.len());
+    assert!(p[0].is_none() && p[1..].iter().all(|x| x.is_some()));
+}

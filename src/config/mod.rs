@@ -81,7 +81,8 @@ impl ModelArgs {
 
 #[derive(Debug, Clone, Args, Serialize, Deserialize)]
 pub struct CacheArgs {
-    /// Tokens per KV cache block.
+    /// Tokens per KV cache block (state-space models take one state slot per
+    /// sequence instead).
     #[arg(long, default_value_t = 16)]
     pub block_size: usize,
 
