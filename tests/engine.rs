@@ -66,6 +66,7 @@ fn collect(mut s: RequestStream) -> Collected {
             EngineEvent::Done { usage, .. } => c.usage = Some(usage),
             EngineEvent::Error(e) => panic!("engine error: {e}"),
             EngineEvent::PromptLogprobs(_) => {}
+            EngineEvent::Embedding(_) => panic!("embedding event from a generative request"),
         }
     }
     c

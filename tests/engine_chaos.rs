@@ -81,6 +81,9 @@ impl Live {
                 }
                 EngineEvent::Error(e) => panic!("seed {seed}: request {id} failed: {e}"),
                 EngineEvent::PromptLogprobs(_) => {}
+                EngineEvent::Embedding(_) => {
+                    panic!("seed {seed}: embedding event from a generative request")
+                }
             }
         }
     }

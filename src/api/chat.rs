@@ -144,6 +144,7 @@ pub fn prepare_value(st: &AppState, body: Value) -> Result<Prepared, ApiError> {
 fn prepare_request(st: &AppState, req: ChatRequest) -> Result<Prepared, ApiError> {
     refuse_unsupported(&req)?;
     st.check_model(req.common.model.as_deref())?;
+    st.check_generates()?;
     let messages = req
         .messages
         .as_deref()
@@ -220,6 +221,7 @@ fn prepare_request(st: &AppState, req: ChatRequest) -> Result<Prepared, ApiError
             logprobs: logprobs.then_some(top.unwrap_or(0)),
             prompt_logprobs: None,
             grammar,
+            embed: false,
         })
         .map_err(|e| match e {
             // Chat's name for the number of alternatives.
@@ -332,6 +334,8 @@ async fn run(st: Arc<AppState>, body: axum::body::Bytes) -> Result<Response, Api
     use futures_util::StreamExt;
     while let Some((_, ev)) = events.next().await {
         match ev {
+            // Generation requests never get one (validation refuses the task).
+            EngineEvent::Embedding(_) => {}
             EngineEvent::Output(o) => {
                 w.tracker.on_output(o.index, &o);
                 let out = &mut w.outputs[o.index];
@@ -422,6 +426,8 @@ impl ChunkWriter for Writer {
         out: &mut VecDeque<Frame>,
     ) -> Result<(), ApiError> {
         match ev {
+            // Generation requests never get one (validation refuses the task).
+            EngineEvent::Embedding(_) => {}
             EngineEvent::Output(o) => {
                 self.tracker.on_output(o.index, &o);
                 let logprobs = self.logprobs.then(|| {

@@ -73,6 +73,7 @@ pub fn check_text_fits(
 fn prepare(st: &AppState, body: &[u8]) -> Result<Prepared, ApiError> {
     let req: CompletionRequest = parse_json(body)?;
     st.check_model(req.common.model.as_deref())?;
+    st.check_generates()?;
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::bad_request("suffix", "suffix is not supported"));
     }
@@ -157,6 +158,7 @@ fn prepare(st: &AppState, body: &[u8]) -> Result<Prepared, ApiError> {
             logprobs,
             prompt_logprobs: if echo { logprobs } else { None },
             grammar: grammar.clone(),
+            embed: false,
         };
         reqs.push(st.engine.validate(r)?);
         echoed.push(text);
@@ -243,6 +245,8 @@ async fn collect(mut events: sse::Merged, mut w: Writer) -> Result<CompletionRes
     let mut choices: Vec<Choice> = (0..w.echoed.len()).map(|_| Choice::default()).collect();
     while let Some((p, ev)) = events.next().await {
         match ev {
+            // Generation requests never get one (validation refuses the task).
+            EngineEvent::Embedding(_) => {}
             EngineEvent::PromptLogprobs(lps) => {
                 for j in 0..w.n {
                     choices[p * w.n + j].prompt_lps = Some(lps.clone());
@@ -397,6 +401,8 @@ impl ChunkWriter for Writer {
         out: &mut VecDeque<Frame>,
     ) -> Result<(), ApiError> {
         match ev {
+            // Generation requests never get one (validation refuses the task).
+            EngineEvent::Embedding(_) => {}
             EngineEvent::PromptLogprobs(lps) => self.echo_prompt(p, Some(&lps), out),
             EngineEvent::Output(o) => {
                 self.echo_prompt(p, None, out);

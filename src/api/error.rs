@@ -116,6 +116,10 @@ impl From<EngineError> for ApiError {
                     param: None,
                 }
             }
+            EngineError::WrongTask(message) => Self::BadRequest {
+                message,
+                param: Some("model".into()),
+            },
             EngineError::Overloaded { .. } => Self::Overloaded(e.to_string()),
             EngineError::EngineDead | EngineError::ShuttingDown => Self::Unavailable(e.to_string()),
             EngineError::Internal(m) => Self::Internal(m),

@@ -27,6 +27,8 @@ pub async fn models(State(st): State<Arc<AppState>>) -> Response {
             "root": st.model_root,
             "parent": null,
             "max_model_len": st.max_model_len,
+            // vLLM's task names: "generate" or "embed".
+            "task": st.engine.model_kind().task(),
         }]
     }))
     .into_response()

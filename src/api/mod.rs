@@ -4,6 +4,7 @@ mod auth;
 mod chat;
 mod chat_output;
 mod completions;
+mod embeddings;
 pub mod error;
 pub mod guard;
 mod logprobs;
@@ -112,6 +113,22 @@ impl AppState {
     }
 
     /// The requested model must be the one served (if named at all).
+    /// Text generation needs a generative model: an embedding model gets a
+    /// 400 naming its task (before any template or tokenizer work).
+    pub fn check_generates(&self) -> Result<(), ApiError> {
+        let kind = self.engine.model_kind();
+        if kind.is_embedding() {
+            return Err(ApiError::bad_request(
+                "model",
+                format!(
+                    "this model serves the {} task, not text generation: use /v1/embeddings",
+                    kind.task()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     pub fn check_model(&self, requested: Option<&str>) -> Result<(), ApiError> {
         match requested {
             None => Ok(()),
@@ -146,6 +163,7 @@ pub fn router(state: Arc<AppState>, http: &HttpConfig) -> Router {
         .route("/v1/completions", post(completions::handle))
         .route("/v1/chat/completions", post(chat::handle))
         .route("/v1/responses", post(responses::handle))
+        .route("/v1/embeddings", post(embeddings::handle))
         .route("/v1/models", get(misc::models))
         .route("/tokenize", post(misc::tokenize))
         .route("/detokenize", post(misc::detokenize))

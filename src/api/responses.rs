@@ -429,6 +429,8 @@ impl ChunkWriter for Writer {
         out: &mut VecDeque<Frame>,
     ) -> Result<(), ApiError> {
         match ev {
+            // Generation requests never get one (validation refuses the task).
+            EngineEvent::Embedding(_) => {}
             EngineEvent::Output(o) => {
                 self.tracker.on_output(0, &o);
                 let end = o.finish_reason.is_some();

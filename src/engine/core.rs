@@ -92,15 +92,19 @@ impl EngineCore {
         stats: std::sync::Arc<EngineStats>,
     ) -> anyhow::Result<Self> {
         let runner = ModelRunner::new(model.as_ref(), &sizing)?;
+        let embeds = model.spec().kind.is_embedding();
         let sched = Scheduler::new(
             SchedulerConfig {
                 max_num_batched_tokens: cfg.max_num_batched_tokens,
                 max_num_seqs: cfg.max_num_seqs,
+                whole_prompts: embeds,
             },
             KvCacheManager::with_prefix_caching(
                 sizing.num_blocks,
                 sizing.block_size,
-                cfg.enable_prefix_caching && model.spec().cache.supports_prefix_caching(),
+                cfg.enable_prefix_caching
+                    && model.spec().cache.supports_prefix_caching()
+                    && !embeds,
             ),
         );
         Ok(Self {
@@ -142,6 +146,14 @@ impl EngineCore {
     ) {
         let arrived = slot.arrived();
         let req = req.into_inner();
+        if req.embed != self.sched_embeds() || (req.embed && req.n != 1) {
+            // EngineHandle::validate refuses these; a direct caller gets told.
+            let _ = tx.send(EngineEvent::Error(EngineError::WrongTask(format!(
+                "{} does not serve this kind of request",
+                self.model.spec().architecture
+            ))));
+            return;
+        }
         let seq = self.new_seq(id, 0);
         let arrival = self.next_arrival;
         self.next_arrival += 1;
@@ -318,7 +330,12 @@ impl EngineCore {
             if kind == Logits::All {
                 self.collect_prompt_logprobs(s.seq, s.start, seq_rows);
             }
-            if s.sample {
+            if s.sample && self.sched_embeds() {
+                let row = seq_rows
+                    .last()
+                    .expect("an embedded sequence has its vector");
+                self.emit_embedding(s.seq, row);
+            } else if s.sample {
                 let last = seq_rows.last().expect("a sampling sequence has logits");
                 self.sample_and_emit(s.seq, last);
             }
@@ -336,6 +353,31 @@ impl EngineCore {
             "step"
         );
         Ok(true)
+    }
+
+    fn sched_embeds(&self) -> bool {
+        self.model.spec().kind.is_embedding()
+    }
+
+    /// An embedding request's one result: the vector, then `Done`; the
+    /// sequence and its blocks are freed at once.
+    fn emit_embedding(&mut self, seq: SeqId, row: &[f32]) {
+        let Some(&(rid, _)) = self.owners.get(&seq) else {
+            return;
+        };
+        let Some(r) = self.requests.get_mut(&rid) else {
+            return;
+        };
+        if r.tx.send(EngineEvent::Embedding(row.to_vec())).is_err() {
+            self.disconnected.push(rid);
+            return;
+        }
+        r.timings.first_token.get_or_insert_with(Instant::now);
+        r.seqs[0].finished = true;
+        self.sched.remove(seq);
+        self.owners.remove(&seq);
+        self.stats.record_finished_seq(FinishReason::Stop);
+        self.finish_request_if_done(rid);
     }
 
     fn owner_mut(&mut self, seq: SeqId) -> Option<&mut RequestState> {

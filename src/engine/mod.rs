@@ -29,7 +29,7 @@ pub use request::{
 pub use stats::{EngineStats, QueueSlot, StatsSnapshot};
 
 use crate::kv_cache::KvCacheSizing;
-use crate::models::LoadedModel;
+use crate::models::{LoadedModel, ModelKind};
 use crate::tokenizer::Tokenizer;
 
 enum Command {
@@ -57,6 +57,9 @@ struct Shared {
     next_id: AtomicU64,
     cfg: EngineConfig,
     limits: Limits,
+    /// What the model computes: generation or embedding requests only.
+    kind: ModelKind,
+    architecture: &'static str,
 }
 
 /// Cheap-to-clone handle to the engine thread.
@@ -85,6 +88,7 @@ impl EngineHandle {
         let stats = Arc::new(EngineStats::default());
         let tokenizer = Arc::new(loaded.tokenizer.clone());
         let vocab_size = loaded.model.spec().vocab_size;
+        let (kind, architecture) = (loaded.model.spec().kind, loaded.model.spec().architecture);
         let mut core = EngineCore::new(loaded.model, loaded.tokenizer, sizing, cfg, stats.clone())?;
         let shared = Arc::new(Shared {
             stats,
@@ -97,6 +101,8 @@ impl EngineHandle {
                 max_model_len: cfg.max_model_len,
                 cache_tokens: sizing.max_tokens(),
             },
+            kind,
+            architecture,
         });
         let (tx, rx) = mpsc::channel();
         let (stopped_tx, stopped) = watch::channel(false);
@@ -167,7 +173,28 @@ impl EngineHandle {
     /// Validates a request against this engine's limits (see
     /// [`GenerateRequest::validate`]).
     pub fn validate(&self, req: GenerateRequest) -> Result<ValidRequest, EngineError> {
+        let kind = self.shared.kind;
+        if req.embed != kind.is_embedding() {
+            let (asked, route) = if req.embed {
+                (
+                    "embeddings",
+                    "/v1/completions, /v1/chat/completions or /v1/responses",
+                )
+            } else {
+                ("text generation", "/v1/embeddings")
+            };
+            return Err(EngineError::WrongTask(format!(
+                "this model ({}) serves the {} task, not {asked}: use {route}",
+                self.shared.architecture,
+                kind.task()
+            )));
+        }
         req.validate(&self.shared.limits)
+    }
+
+    /// What the model computes.
+    pub fn model_kind(&self) -> ModelKind {
+        self.shared.kind
     }
 
     /// Validates and queues one request (benchmarks, tests, tools). Errors

@@ -108,6 +108,9 @@ pub struct GenerateRequest {
     pub prompt_logprobs: Option<usize>,
     /// What every sample's output must match (structured outputs).
     pub grammar: Option<Grammar>,
+    /// An embedding request (an encoder model's one pass over the prompt,
+    /// pooled): no tokens are generated, and the sampling fields are unused.
+    pub embed: bool,
 }
 
 impl GenerateRequest {
@@ -123,6 +126,15 @@ impl GenerateRequest {
             logprobs: None,
             prompt_logprobs: None,
             grammar: None,
+            embed: false,
+        }
+    }
+
+    /// A request for the pooled embedding of `prompt_ids`.
+    pub fn embedding(prompt_ids: Vec<u32>) -> Self {
+        Self {
+            embed: true,
+            ..Self::new(prompt_ids, 1)
         }
     }
 
@@ -166,7 +178,8 @@ impl GenerateRequest {
                 });
             }
         }
-        let requested = self.prompt_ids.len() + self.stop.max_tokens;
+        // An embedding takes the prompt's positions only.
+        let requested = self.prompt_ids.len() + if self.embed { 0 } else { self.stop.max_tokens };
         if requested > limits.max_model_len {
             return Err(EngineError::ContextLength {
                 max_model_len: limits.max_model_len,
@@ -414,6 +427,9 @@ pub enum EngineEvent {
         usage: Usage,
         timings: Timings,
     },
+    /// The pooled embedding of an embedding request's prompt; `Done`
+    /// follows.
+    Embedding(Vec<f32>),
     /// The request failed; the stream ends after this.
     Error(EngineError),
 }
@@ -434,6 +450,9 @@ pub enum EngineError {
         prompt: usize,
         max_tokens: usize,
     },
+    /// A generation request to an embedding model, or the other way round.
+    #[error("{0}")]
+    WrongTask(String),
     #[error("the request needs {needed} KV cache tokens but the whole cache holds {capacity}")]
     TooLargeForCache { needed: usize, capacity: usize },
     #[error("the server is overloaded: {waiting} requests are already waiting; retry later")]

@@ -14,6 +14,10 @@ pub struct SchedulerConfig {
     pub max_num_batched_tokens: usize,
     /// Most sequences in one step (`--max-num-seqs`).
     pub max_num_seqs: usize,
+    /// Prompts are never chunked: an encoder's bidirectional attention needs
+    /// the whole sequence in one step. A prompt waits for a step with room
+    /// for all of it, or runs alone when it is longer than a step's budget.
+    pub whole_prompts: bool,
 }
 
 /// A sequence as the scheduler sees it: its tokens and how many are in the cache.
@@ -225,7 +229,14 @@ impl Scheduler {
                 0
             };
             let want = self.seqs[&id].tokens.len() - start;
-            let len = want.min(budget);
+            let mut len = want.min(budget);
+            if self.cfg.whole_prompts && len < want {
+                if !plan.scheduled.is_empty() {
+                    self.kv.free(id);
+                    break;
+                }
+                len = want;
+            }
             if !self.try_allocate(id, start, len, &mut plan) {
                 // Give back what the cache lent; wait for blocks, never skip
                 // ahead of the queue's head.
@@ -241,7 +252,7 @@ impl Scheduler {
                 len,
                 sample: len == want,
             });
-            budget -= len;
+            budget = budget.saturating_sub(len);
         }
         plan
     }
@@ -365,6 +376,7 @@ mod tests {
             SchedulerConfig {
                 max_num_batched_tokens: budget,
                 max_num_seqs: max_seqs,
+                whole_prompts: false,
             },
             KvCacheManager::new(blocks, block_size),
         )
@@ -508,6 +520,38 @@ mod tests {
         assert_eq!(p.preempted, vec![1]);
         assert!(p.scheduled.is_empty());
         assert_eq!(s.kv().num_free_blocks(), 2);
+    }
+
+    #[test]
+    fn whole_prompts_are_never_chunked() {
+        let mut s = sched(64, 4, 16, 8);
+        s.cfg.whole_prompts = true;
+        s.add(1, vec![1; 10], 0, false);
+        s.add(2, vec![1; 10], 1, false);
+        s.add(3, vec![1; 40], 2, false);
+        // 10 fit; the next 10 do not fit the 6 left: they wait for the next step.
+        let p = s.schedule();
+        assert_eq!(p.scheduled.len(), 1);
+        assert_eq!((p.scheduled[0].len, p.scheduled[0].sample), (10, true));
+        s.advance(&p);
+        s.remove(1);
+        let p = s.schedule();
+        assert_eq!(
+            p.scheduled.iter().map(|x| x.seq).collect::<Vec<_>>(),
+            vec![2]
+        );
+        s.advance(&p);
+        s.remove(2);
+        // Longer than a step's budget: alone, whole.
+        let p = s.schedule();
+        assert_eq!(
+            (
+                p.scheduled[0].seq,
+                p.scheduled[0].len,
+                p.scheduled[0].sample
+            ),
+            (3, 40, true)
+        );
     }
 
     #[test]

@@ -26,6 +26,7 @@ impl PagedAttention {
                 scale,
                 sliding_window: None,
                 softcap: None,
+                causal: true,
             },
         }
     }
@@ -33,6 +34,13 @@ impl PagedAttention {
     /// Each query sees only the last `window` positions (its own included).
     pub fn with_window(mut self, window: Option<usize>) -> Self {
         self.params.sliding_window = window;
+        self
+    }
+
+    /// Every query sees its whole sequence (an encoder's bidirectional
+    /// attention; the sequence must be whole in the step).
+    pub fn bidirectional(mut self) -> Self {
+        self.params.causal = false;
         self
     }
 

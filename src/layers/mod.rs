@@ -11,6 +11,7 @@ pub mod linear;
 pub mod mlp;
 pub mod moe;
 pub mod norm;
+pub mod pooling;
 pub mod rope;
 pub mod ssm;
 

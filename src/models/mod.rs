@@ -8,6 +8,7 @@
 //! that and runs the model's forward pass over the flattened batch. Adding
 //! one is a new file here plus an entry in [`registry::ARCHITECTURES`].
 
+pub mod bert;
 pub mod config;
 pub mod deepseek2;
 pub mod gemma3;
@@ -29,6 +30,30 @@ use crate::layers::{ExpertStats, ForwardBatch};
 pub enum ModelKind {
     /// A decoder that returns next-token logits.
     CausalLm,
+    /// An encoder that returns one pooled vector per sequence (embeddings):
+    /// its attention is bidirectional, so each sequence runs whole in one
+    /// step, and its cached keys depend on later tokens (no prefix caching).
+    Embedding {
+        /// Values per vector.
+        dim: usize,
+        /// Trained so that a prefix of the vector, renormalized, is an
+        /// embedding too (`dimensions` may shorten it).
+        matryoshka: bool,
+    },
+}
+
+impl ModelKind {
+    pub fn is_embedding(self) -> bool {
+        matches!(self, Self::Embedding { .. })
+    }
+
+    /// The task's name in errors and `/v1/models` (vLLM's names).
+    pub fn task(self) -> &'static str {
+        match self {
+            Self::CausalLm => "generate",
+            Self::Embedding { .. } => "embed",
+        }
+    }
 }
 
 /// What one layer keeps between steps.
@@ -162,7 +187,9 @@ pub struct ModelSpec {
 ///
 /// Implementations write the step's keys/values into `cache` at
 /// `batch.slot_mapping` and return one f32 row per entry of
-/// `batch.logits_indices`: next-token logits for a [`ModelKind::CausalLm`].
+/// `batch.logits_indices`: next-token logits for a [`ModelKind::CausalLm`],
+/// the pooled embedding of the sequence ending there for a
+/// [`ModelKind::Embedding`].
 /// Models are stateless: everything that outlives a step is in the cache.
 pub trait Model: Send + Sync {
     fn spec(&self) -> &ModelSpec;

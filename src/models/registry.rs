@@ -5,7 +5,7 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
-use super::{deepseek2, gemma3, gpt2, llama, mamba, mamba2, Model};
+use super::{bert, deepseek2, gemma3, gpt2, llama, mamba, mamba2, Model};
 use crate::layers::Quantization;
 use crate::tokenizer::{SpecialTokens, Tokenizer};
 use crate::weights::gguf::GgufFile;
@@ -18,6 +18,9 @@ pub struct Checkpoint<'a> {
     /// The weights under their checkpoint names, in the working dtype.
     pub vb: crate::weights::Weights<'a>,
     pub quantization: Quantization,
+    /// The folder, for the files beside `config.json` some architectures
+    /// read (sentence-transformers' pooling); `None` for the embedded model.
+    pub dir: Option<&'a std::path::Path>,
 }
 
 /// A GGUF file as an architecture's builder sees it: it maps the metadata
@@ -129,6 +132,14 @@ pub const ARCHITECTURES: &[Architecture] = &[
         from_hf: gpt2::from_hf,
         from_gguf: Some(gpt2::from_gguf),
         hf_linear_in_out: true,
+    },
+    Architecture {
+        name: "BertModel",
+        model_types: &["bert"],
+        gguf: &[],
+        from_hf: bert::from_hf,
+        from_gguf: None,
+        hf_linear_in_out: false,
     },
     Architecture {
         name: "MambaForCausalLM",
@@ -293,13 +304,14 @@ pub fn load_model(opts: &LoadOptions) -> anyhow::Result<LoadedModel> {
 }
 
 fn build_hf(config: &str, vb: VarBuilder, opts: &LoadOptions) -> anyhow::Result<Box<dyn Model>> {
-    build_hf_weights(config, crate::weights::Weights::dense(vb), opts)
+    build_hf_weights(config, crate::weights::Weights::dense(vb), opts, None)
 }
 
 fn build_hf_weights(
     config: &str,
     vb: crate::weights::Weights<'_>,
     opts: &LoadOptions,
+    dir: Option<&std::path::Path>,
 ) -> anyhow::Result<Box<dyn Model>> {
     let common: super::config::Common = super::config::parse(config)?;
     let arch = find_hf(&common.architecture()?)?;
@@ -309,6 +321,7 @@ fn build_hf_weights(
             config,
             vb,
             quantization: opts.quantization,
+            dir,
         },
     )
 }
@@ -358,7 +371,7 @@ fn load_dir(
         !arch.hf_linear_in_out,
     )
     .with_context(|| format!("reading safetensors in {}", dir.display()))?;
-    let model = build_hf_weights(&text, weights, opts)
+    let model = build_hf_weights(&text, weights, opts, Some(dir))
         .with_context(|| format!("loading the model in {}", dir.display()))?;
     Ok((tokenizer, model))
 }

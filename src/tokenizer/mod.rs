@@ -114,7 +114,15 @@ impl Tokenizer {
         chat_template_file: Option<String>,
         special: &SpecialTokens,
     ) -> anyhow::Result<Self> {
-        let inner = tokenizers::Tokenizer::from_bytes(tokenizer_json)
+        let mut inner = tokenizers::Tokenizer::from_bytes(tokenizer_json)
+            .map_err(|e| anyhow!("tokenizer.json: {e}"))?;
+        // Some tokenizer.json files (sentence-transformers exports) carry the padding and
+        // truncation their trainer used: padded to 128 with [PAD], a pooled embedding would
+        // average the pads. The engine packs sequences without padding and applies the
+        // context limit (or `truncate_prompt_tokens`) itself.
+        inner.with_padding(None);
+        inner
+            .with_truncation(None)
             .map_err(|e| anyhow!("tokenizer.json: {e}"))?;
         let tok_cfg = tokenizer_config.unwrap_or(Value::Null);
         let gen_cfg = generation_config.unwrap_or(Value::Null);
@@ -234,6 +242,38 @@ impl Tokenizer {
                 if ids.first() != Some(&bos) {
                     ids.insert(0, bos);
                 }
+            }
+        }
+        Ok(ids)
+    }
+
+    /// [`Tokenizer::encode`] with special tokens, cut to at most `max_len`
+    /// tokens as transformers' tokenizers truncate (`truncation=True`): the
+    /// text's tokens are cut from the right so that they fit with the special
+    /// tokens the post-processor adds (`[CLS] … [SEP]` stays whole).
+    pub fn encode_truncated(&self, text: &str, max_len: usize) -> anyhow::Result<Vec<u32>> {
+        let mut enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| anyhow!("tokenizing: {e}"))?;
+        let added = self
+            .inner
+            .get_post_processor()
+            .map_or(0, |p| tokenizers::PostProcessor::added_tokens(p, false));
+        enc.truncate(
+            max_len.saturating_sub(added),
+            0,
+            tokenizers::TruncationDirection::Right,
+        );
+        let enc = self
+            .inner
+            .post_process(enc, None, true)
+            .map_err(|e| anyhow!("tokenizing: {e}"))?;
+        let mut ids = enc.get_ids().to_vec();
+        if self.add_bos {
+            if let Some(bos) = self.bos_token_id.filter(|b| ids.first() != Some(b)) {
+                ids.insert(0, bos);
+                ids.truncate(max_len.max(1));
             }
         }
         Ok(ids)

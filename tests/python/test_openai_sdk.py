@@ -168,6 +168,42 @@ def test_real_chat_model_answers():
         s.stop()
 
 
+MINILM = ROOT / "models-cache" / "all-MiniLM-L6-v2"
+
+
+@pytest.mark.skipif(not MINILM.exists() and os.environ.get("CI") != "true", reason="run scripts/fetch_models.sh")
+def test_sdk_embeddings_match_sentence_transformers():
+    """The SDK asks for base64 unless told otherwise; both encodings give
+    sentence-transformers' vectors (tests/fixtures/minilm_golden.json)."""
+    import json
+    import math
+
+    golden = json.loads((ROOT / "tests" / "fixtures" / "minilm_golden.json").read_text())
+    cases = golden["cases"][:4]
+    s = Server("--model", str(MINILM), "--served-model-name", "minilm")
+    try:
+        c = openai.OpenAI(base_url=s.base + "/v1", api_key="none", max_retries=0)
+        assert [m.id for m in c.models.list().data] == ["minilm"]
+        for fmt in [openai.NOT_GIVEN, "float", "base64"]:
+            r = c.embeddings.create(model="minilm", input=[x["input"] for x in cases], encoding_format=fmt)
+            assert r.object == "list" and r.model == "minilm"
+            assert r.usage.prompt_tokens == sum(x["prompt_tokens"] for x in cases) == r.usage.total_tokens
+            for d, x in zip(r.data, cases):
+                if isinstance(d.embedding, str):  # the SDK leaves base64 to the caller when asked for it
+                    import base64
+                    import struct
+                    raw = base64.b64decode(d.embedding)
+                    d.embedding = list(struct.unpack(f"<{len(raw) // 4}f", raw))
+                dot = sum(a * b for a, b in zip(d.embedding, x["embedding"]))
+                norm = math.sqrt(sum(a * a for a in d.embedding)) * math.sqrt(sum(b * b for b in x["embedding"]))
+                assert dot / norm >= 0.99999
+        with pytest.raises(openai.BadRequestError) as e:
+            c.completions.create(model="minilm", prompt="hi")
+        assert "embed" in e.value.message
+    finally:
+        s.stop()
+
+
 def test_sigterm_finishes_in_flight_requests_then_exits():
     import signal
     import threading

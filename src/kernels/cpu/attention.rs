@@ -131,6 +131,10 @@ pub struct AttnParams {
     /// Gemma 2's attention logit soft-capping: scores become
     /// `cap * tanh(score / cap)` before the softmax.
     pub softcap: Option<f32>,
+    /// Each query sees only the positions up to its own (decoders); when
+    /// false, every position of its sequence in the cache (encoders, whose
+    /// sequences come whole in one step).
+    pub causal: bool,
 }
 
 /// Checks a batch against the cache layout before any kernel reads or writes
@@ -570,7 +574,11 @@ fn attend_typed<R: KvRows + Copy>(
             |scratch, (idx, o)| {
                 let (t, kv_head) = (idx / nkv, idx % nkv);
                 let seq = &batch.seqs[token_seq[t] as usize];
-                let pos = seq.num_cached() + (t - seq.query_start);
+                let pos = if p.causal {
+                    seq.num_cached() + (t - seq.query_start)
+                } else {
+                    seq.context_len - 1
+                };
                 let item = Item {
                     q: &q[idx * chunk..(idx + 1) * chunk],
                     group,
@@ -817,6 +825,7 @@ mod tests {
                     scale: 1.0 / (hd as f32).sqrt(),
                     sliding_window: window,
                     softcap,
+                    causal: true,
                 };
                 let o = paged_attention(&t(&q, nh), storage.layer(0), &layout, &b, params).unwrap();
                 got.extend(o.flatten_all().unwrap().to_vec1::<f32>().unwrap());
@@ -854,6 +863,7 @@ mod tests {
             scale: 1.0,
             sliding_window: None,
             softcap: None,
+            causal: true,
         };
         let mut out_of_pool = ForwardBatch::new();
         out_of_pool.push_seq(&[0], 0, &[7], bs, Logits::Last);

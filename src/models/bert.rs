@@ -1,0 +1,329 @@
+//! BERT (`BertModel`) as a sentence-embedding encoder: word, absolute
+//! position and token-type embeddings with a LayerNorm; post-LayerNorm
+//! layers of bidirectional multi-head attention (biases everywhere) and a
+//! GELU MLP; then the pooling that the folder's sentence-transformers files
+//! configure ([`Pooling`]). Each sequence runs whole in one step through the
+//! same paged attention as the decoders, every query seeing the whole
+//! sequence. Token type 0 throughout (single-segment inputs, as
+//! sentence-transformers encodes them).
+
+use anyhow::bail;
+use candle_core::{Result, Tensor};
+use serde::Deserialize;
+
+use super::config;
+use super::registry::Checkpoint;
+use super::{CacheSpec, LayerCache, Model, ModelKind, ModelSpec};
+use crate::kernels::cpu::elementwise;
+use crate::kv_cache::KvStorage;
+use crate::layers::pooling::Pooling;
+use crate::layers::{
+    fused_linear, linear, Activation, Embedding, ForwardBatch, LayerNorm, Linear, PagedAttention,
+    Quantization,
+};
+use crate::weights::Weights;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct BertConfig {
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub intermediate_size: usize,
+    pub vocab_size: usize,
+    pub max_position_embeddings: usize,
+    pub type_vocab_size: usize,
+    pub layer_norm_eps: f64,
+    pub activation: Activation,
+    /// Trained for Matryoshka truncation (`is_matryoshka` or
+    /// `matryoshka_dimensions` in the config, as vLLM reads them).
+    pub matryoshka: bool,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawConfig {
+    hidden_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    intermediate_size: usize,
+    vocab_size: usize,
+    max_position_embeddings: usize,
+    type_vocab_size: Option<usize>,
+    layer_norm_eps: Option<f64>,
+    hidden_act: Option<String>,
+    position_embedding_type: Option<String>,
+    is_decoder: Option<bool>,
+    is_matryoshka: Option<bool>,
+    matryoshka_dimensions: Option<Vec<usize>>,
+}
+
+impl BertConfig {
+    pub fn from_json(text: &str) -> anyhow::Result<Self> {
+        let raw: RawConfig = config::parse(text)?;
+        config::check_heads(
+            raw.num_hidden_layers,
+            raw.num_attention_heads,
+            raw.num_attention_heads,
+        )?;
+        if !raw.hidden_size.is_multiple_of(raw.num_attention_heads) {
+            bail!("config.json: hidden_size must be a multiple of num_attention_heads");
+        }
+        if let Some(p) = raw
+            .position_embedding_type
+            .as_deref()
+            .filter(|p| *p != "absolute")
+        {
+            bail!("config.json: position_embedding_type {p:?} is not supported (absolute)");
+        }
+        if raw.is_decoder.unwrap_or(false) {
+            bail!("config.json: BERT as a decoder is not supported");
+        }
+        let act = raw.hidden_act.as_deref().unwrap_or("gelu");
+        Ok(Self {
+            hidden_size: raw.hidden_size,
+            num_layers: raw.num_hidden_layers,
+            num_heads: raw.num_attention_heads,
+            intermediate_size: raw.intermediate_size,
+            vocab_size: raw.vocab_size,
+            max_position_embeddings: raw.max_position_embeddings,
+            type_vocab_size: raw.type_vocab_size.unwrap_or(2),
+            layer_norm_eps: raw.layer_norm_eps.unwrap_or(1e-12),
+            activation: Activation::from_name(act)?,
+            matryoshka: raw.is_matryoshka.unwrap_or(false) || raw.matryoshka_dimensions.is_some(),
+        })
+    }
+
+    fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_heads
+    }
+}
+
+#[derive(Debug)]
+struct Layer {
+    qkv: Linear,
+    attn: PagedAttention,
+    attn_out: Linear,
+    attn_norm: LayerNorm,
+    intermediate: Linear,
+    output: Linear,
+    output_norm: LayerNorm,
+}
+
+#[derive(Debug)]
+pub struct Bert {
+    word: Embedding,
+    position: Embedding,
+    /// Token type 0's row, added to every token.
+    token_type: Tensor,
+    embed_norm: LayerNorm,
+    layers: Vec<Layer>,
+    activation: Activation,
+    pooling: Pooling,
+    num_heads: usize,
+    head_dim: usize,
+    spec: ModelSpec,
+}
+
+impl Bert {
+    /// `max_len`: the longest input (sentence-transformers' `max_seq_length`
+    /// when the folder has one, else the position table).
+    pub fn load(
+        vb: Weights,
+        cfg: &BertConfig,
+        pooling: Pooling,
+        max_len: usize,
+        architecture: &'static str,
+        quant: Quantization,
+    ) -> Result<Self> {
+        // Checkpoints of BertFor* heads nest the encoder under `bert.`.
+        let b = if vb.contains_tensor("bert.embeddings.word_embeddings.weight") {
+            vb.pp("bert")
+        } else {
+            vb.clone()
+        };
+        let (h, eps, hd) = (cfg.hidden_size, cfg.layer_norm_eps, cfg.head_dim());
+        let e = b.pp("embeddings");
+        let word = Embedding::load(
+            e.pp("word_embeddings"),
+            cfg.vocab_size,
+            h,
+            Quantization::None,
+        )?;
+        let position = Embedding::load(
+            e.pp("position_embeddings"),
+            cfg.max_position_embeddings,
+            h,
+            Quantization::None,
+        )?;
+        let token_type = e
+            .pp("token_type_embeddings")
+            .get((cfg.type_vocab_size, h), "weight")?
+            .get(0)?;
+        let embed_norm = LayerNorm::load(e.pp("LayerNorm"), h, eps)?;
+        let layers = (0..cfg.num_layers)
+            .map(|i| {
+                let l = b.pp(format!("encoder.layer.{i}"));
+                let a = l.pp("attention");
+                let s = a.pp("self");
+                Ok(Layer {
+                    qkv: fused_linear(
+                        &[(s.pp("query"), h), (s.pp("key"), h), (s.pp("value"), h)],
+                        h,
+                        true,
+                        quant,
+                    )?,
+                    attn: PagedAttention::new(cfg.num_heads, 1.0 / (hd as f32).sqrt())
+                        .bidirectional(),
+                    attn_out: linear(a.pp("output.dense"), h, h, true, quant)?,
+                    attn_norm: LayerNorm::load(a.pp("output.LayerNorm"), h, eps)?,
+                    intermediate: linear(
+                        l.pp("intermediate.dense"),
+                        h,
+                        cfg.intermediate_size,
+                        true,
+                        quant,
+                    )?,
+                    output: linear(l.pp("output.dense"), cfg.intermediate_size, h, true, quant)?,
+                    output_norm: LayerNorm::load(l.pp("output.LayerNorm"), h, eps)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            word,
+            position,
+            token_type,
+            embed_norm,
+            layers,
+            activation: cfg.activation,
+            pooling,
+            num_heads: cfg.num_heads,
+            head_dim: hd,
+            spec: ModelSpec {
+                architecture,
+                kind: ModelKind::Embedding {
+                    dim: h,
+                    matryoshka: cfg.matryoshka,
+                },
+                vocab_size: cfg.vocab_size,
+                max_position_embeddings: max_len.min(cfg.max_position_embeddings),
+                positions_are_learned: true,
+                dtype: vb.dtype(),
+                cache: CacheSpec {
+                    num_kv_heads: cfg.num_heads,
+                    head_dim: hd,
+                    values_are_keys: false,
+                    layers: vec![LayerCache::FullAttention; cfg.num_layers],
+                },
+            },
+        })
+    }
+
+    /// The pooling this model applies.
+    pub fn pooling(&self) -> Pooling {
+        self.pooling
+    }
+}
+
+impl Model for Bert {
+    fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    fn forward(&self, batch: &ForwardBatch, cache: &mut KvStorage) -> Result<Tensor> {
+        let device = self.word.device().clone();
+        if let Some(s) = batch.seqs.iter().find(|s| s.num_cached() != 0) {
+            candle_core::bail!(
+                "an encoder needs whole sequences; got a chunk after {} tokens",
+                s.num_cached()
+            );
+        }
+        if let Some(&p) = batch
+            .positions
+            .iter()
+            .find(|&&p| p as usize >= self.spec.max_position_embeddings)
+        {
+            candle_core::bail!(
+                "position {p} is past the model's {} positions",
+                self.spec.max_position_embeddings
+            );
+        }
+        let ids = Tensor::new(batch.token_ids.as_slice(), &device)?;
+        let pos = Tensor::new(batch.positions.as_slice(), &device)?;
+        let x = (self.word.forward(&ids)? + self.position.forward(&pos)?)?;
+        let mut x = self
+            .embed_norm
+            .forward(&x.broadcast_add(&self.token_type)?)?;
+        let (nh, hd) = (self.num_heads, self.head_dim);
+        for (i, l) in self.layers.iter().enumerate() {
+            let (q, k, v) = super::llama::split_qkv(&l.qkv.forward(&x)?, nh, nh, hd)?;
+            let a = l
+                .attn_out
+                .forward(&l.attn.forward(&q, &k, &v, batch, cache, i)?)?;
+            x = l.attn_norm.forward(&elementwise::add(&x, &a)?)?;
+            let m = l
+                .output
+                .forward(&self.activation.forward(&l.intermediate.forward(&x)?)?)?;
+            x = l.output_norm.forward(&elementwise::add(&x, &m)?)?;
+        }
+        self.pooling.forward(&x, batch)?.contiguous()
+    }
+}
+
+/// sentence-transformers' `max_seq_length` (`sentence_bert_config.json`).
+fn max_seq_length(dir: Option<&std::path::Path>) -> anyhow::Result<Option<usize>> {
+    #[derive(Deserialize)]
+    struct St {
+        max_seq_length: Option<usize>,
+    }
+    let Some(path) = dir.map(|d| d.join("sentence_bert_config.json")) else {
+        return Ok(None);
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(t) => Ok(serde_json::from_str::<St>(&t)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+            .max_seq_length),
+        Err(_) => Ok(None),
+    }
+}
+
+pub fn from_hf(name: &'static str, ckpt: Checkpoint) -> anyhow::Result<Box<dyn Model>> {
+    let cfg = BertConfig::from_json(ckpt.config)?;
+    let pooling = Pooling::from_dir(ckpt.dir)?;
+    let max_len = max_seq_length(ckpt.dir)?.unwrap_or(cfg.max_position_embeddings);
+    tracing::info!(
+        "{name}: {:?} pooling{}, inputs up to {max_len} tokens",
+        pooling.mode,
+        if pooling.normalize {
+            ", normalized"
+        } else {
+            ""
+        }
+    );
+    Ok(Box::new(Bert::load(
+        ckpt.vb,
+        &cfg,
+        pooling,
+        max_len,
+        name,
+        ckpt.quantization,
+    )?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_defaults_and_refusals() {
+        let base = r#""hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "intermediate_size": 64, "vocab_size": 100, "max_position_embeddings": 64"#;
+        let c = BertConfig::from_json(&format!("{{{base}}}")).unwrap();
+        assert_eq!(
+            (c.type_vocab_size, c.layer_norm_eps, c.activation),
+            (2, 1e-12, Activation::Gelu)
+        );
+        assert!(BertConfig::from_json(&format!(
+            r#"{{{base}, "position_embedding_type": "relative_key"}}"#
+        ))
+        .is_err());
+    }
+}
