@@ -33,7 +33,7 @@ impl Activation {
         match self {
             Self::Silu => candle_nn::ops::silu(x),
             Self::GeluTanh => x.gelu(),
-            Self::Gelu => x.gelu_erf(),
+            Self::Gelu => elementwise::gelu_erf(x),
         }
     }
 }

@@ -687,8 +687,9 @@ mod tests {
 
     #[test]
     fn chunked_paged_attention_matches_contiguous_reference() {
-        // Head sizes 8, 32, 40, 64 and 128 (the AVX-512 kernel's runtime-length,
-        // 4- and 8-register variants where the CPU has it; the AVX2 kernel's
+        // Head sizes 8 to 160 (the AVX-512 kernel's exact 1- to 8-register
+        // variants, with more query heads than one register pass holds, and its
+        // runtime-length one where the CPU has it; the AVX2 kernel's
         // one- and four-chunk tiles); 7 query heads per KV head exceed one
         // register pass of the 64 variant and take the AVX2 kernel's 4-, 2-
         // and 1-head paths. Each with an f32, f16, bf16, q8_0 and fp8 cache
@@ -696,11 +697,17 @@ mod tests {
         // portable one.
         for (nh, nkv, hd) in [
             (4, 2, 8),
+            (17, 1, 16),
             (4, 1, 32),
+            (18, 2, 32),
             (6, 2, 40),
+            (7, 1, 48),
             (14, 2, 64),
+            (5, 1, 80),
+            (4, 1, 96),
             (4, 4, 128),
             (8, 2, 128),
+            (2, 1, 160),
         ] {
             for dt in [
                 KvDtype::F32,
