@@ -30,6 +30,21 @@ fn health_version_models_and_unknown_routes() {
     assert_eq!(m["data"][0]["id"], "stories");
     assert_eq!(m["data"][0]["object"], "model");
     assert_eq!(m["data"][0]["max_model_len"], 512);
+    // SageMaker's health path, and OpenAI's retrieve by id (ids may hold slashes).
+    assert_eq!(s.get("/ping").0, 200);
+    let (st, one) = s.get("/v1/models/stories");
+    assert_eq!(st, 200);
+    assert_eq!(serde_json::from_str::<Value>(&one).unwrap(), m["data"][0]);
+    let (st, body) = s.get("/v1/models/org/other-model");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_error(st, &body, 404, Some("model"));
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .ends_with("This server serves: `stories`."),
+        "{body}"
+    );
     let (st, body) = s.get("/v1/nothing");
     assert_error(st, &serde_json::from_str(&body).unwrap(), 404, None);
 }
@@ -247,6 +262,7 @@ fn client_errors_are_openai_errors() {
         .as_str()
         .unwrap()
         .starts_with("This model's maximum context length is 512 tokens."));
+    assert_eq!(v["error"]["code"], "context_length_exceeded");
     let (st, v) = s.post(
         "/v1/chat/completions",
         json!({"messages": [{"role": "wizard", "content": "x"}]}),

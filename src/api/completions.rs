@@ -55,7 +55,7 @@ pub fn check_text_fits(
 ) -> Result<(), ApiError> {
     let at_least = tok.min_tokens_for(text);
     if at_least > max_model_len {
-        return Err(ApiError::bad_request(
+        return Err(ApiError::context_length(
             param,
             format!(
                 "This model's maximum context length is {max_model_len} tokens. However, your \

@@ -138,7 +138,7 @@ fn prepare(st: &AppState, body: &[u8]) -> Result<Prepared, ApiError> {
         .map(|ids| {
             let len = ids.len();
             st.engine.validate(GenerateRequest::embedding(ids)).map_err(|e| match e {
-                crate::engine::EngineError::ContextLength { max_model_len, .. } => ApiError::bad_request(
+                crate::engine::EngineError::ContextLength { max_model_len, .. } => ApiError::context_length(
                     "input",
                     format!(
                         "This model's maximum context length is {max_model_len} tokens. However, you requested \

@@ -16,6 +16,13 @@ pub enum ApiError {
         message: String,
         param: Option<String>,
     },
+    /// 400: the prompt (and `max_tokens`) do not fit the context; OpenAI's
+    /// `context_length_exceeded` code, which SDK and LiteLLM users match on.
+    #[error("{message}")]
+    ContextLength {
+        message: String,
+        param: Option<String>,
+    },
     #[error("{0}")]
     Unauthorized(String),
     /// 403: a browser request from an origin that is not allowed.
@@ -27,8 +34,10 @@ pub enum ApiError {
     /// 408: the body did not arrive in time.
     #[error("{0}")]
     RequestTimeout(String),
-    #[error("The model `{0}` does not exist.")]
-    ModelNotFound(String),
+    /// 404: OpenAI's wording, then the names this server answers to (clients
+    /// configured for another server send whatever name they were given).
+    #[error("The model `{requested}` does not exist. This server serves: {served}.")]
+    ModelNotFound { requested: String, served: String },
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -51,14 +60,22 @@ impl ApiError {
         }
     }
 
+    /// A 400 with OpenAI's `context_length_exceeded` code.
+    pub fn context_length(param: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::ContextLength {
+            message: message.into(),
+            param: Some(param.into()),
+        }
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            Self::BadRequest { .. } | Self::ContextLength { .. } => StatusCode::BAD_REQUEST,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
-            Self::ModelNotFound(_) | Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::ModelNotFound { .. } | Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -69,11 +86,14 @@ impl ApiError {
     fn kind_and_code(&self) -> (&'static str, Option<&'static str>) {
         match self {
             Self::BadRequest { .. } => ("invalid_request_error", None),
+            Self::ContextLength { .. } => {
+                ("invalid_request_error", Some("context_length_exceeded"))
+            }
             Self::Unauthorized(_) => ("invalid_request_error", Some("invalid_api_key")),
             Self::Forbidden(_) => ("invalid_request_error", Some("origin_not_allowed")),
             Self::MethodNotAllowed(_) => ("invalid_request_error", Some("method_not_allowed")),
             Self::RequestTimeout(_) => ("invalid_request_error", Some("request_timeout")),
-            Self::ModelNotFound(_) => ("invalid_request_error", Some("model_not_found")),
+            Self::ModelNotFound { .. } => ("invalid_request_error", Some("model_not_found")),
             Self::NotFound(_) => ("invalid_request_error", Some("not_found")),
             Self::PayloadTooLarge(_) => ("invalid_request_error", Some("request_too_large")),
             Self::Overloaded(_) => ("server_overloaded", Some("rate_limit_exceeded")),
@@ -86,8 +106,8 @@ impl ApiError {
     pub fn body(&self) -> serde_json::Value {
         let (kind, code) = self.kind_and_code();
         let param = match self {
-            Self::BadRequest { param, .. } => param.clone(),
-            Self::ModelNotFound(_) => Some("model".into()),
+            Self::BadRequest { param, .. } | Self::ContextLength { param, .. } => param.clone(),
+            Self::ModelNotFound { .. } => Some("model".into()),
             _ => None,
         };
         json!({"error": {"message": self.to_string(), "type": kind, "param": param, "code": code}})
@@ -110,12 +130,14 @@ impl From<EngineError> for ApiError {
                 message,
                 param: Some(param),
             },
-            EngineError::ContextLength { .. } | EngineError::TooLargeForCache { .. } => {
-                Self::BadRequest {
-                    message: e.to_string(),
-                    param: None,
-                }
-            }
+            EngineError::ContextLength { .. } => Self::ContextLength {
+                message: e.to_string(),
+                param: None,
+            },
+            EngineError::TooLargeForCache { .. } => Self::BadRequest {
+                message: e.to_string(),
+                param: None,
+            },
             EngineError::WrongTask(message) => Self::BadRequest {
                 message,
                 param: Some("model".into()),
@@ -140,9 +162,24 @@ mod tests {
             json!({"error": {"message": "temperature must be non-negative", "type": "invalid_request_error",
                              "param": "temperature", "code": null}})
         );
-        let e = ApiError::ModelNotFound("gpt-9".into());
+        let e = ApiError::ModelNotFound {
+            requested: "gpt-9".into(),
+            served: "`stories`".into(),
+        };
         assert_eq!(e.status(), StatusCode::NOT_FOUND);
         assert_eq!(e.body()["error"]["code"], "model_not_found");
+        assert_eq!(
+            e.body()["error"]["message"],
+            "The model `gpt-9` does not exist. This server serves: `stories`."
+        );
+        let e = ApiError::from(EngineError::ContextLength {
+            max_model_len: 8,
+            requested: 9,
+            prompt: 5,
+            max_tokens: 4,
+        });
+        assert_eq!(e.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(e.body()["error"]["code"], "context_length_exceeded");
         assert_eq!(
             ApiError::from(EngineError::Overloaded { waiting: 3 }).status(),
             StatusCode::TOO_MANY_REQUESTS

@@ -16,22 +16,35 @@ use super::protocol::chat::ChatMessage;
 use super::validate::parse_json;
 use super::AppState;
 
+/// The served model as OpenAI's model object (with vLLM's extra fields).
+fn model_object(st: &AppState) -> Value {
+    json!({
+        "id": st.model_name,
+        "object": "model",
+        "created": st.created,
+        "owned_by": "candela",
+        "root": st.model_root,
+        "parent": null,
+        "max_model_len": st.max_model_len,
+        // vLLM's task names: "generate" or "embed".
+        "task": st.engine.model_kind().task(),
+    })
+}
+
 pub async fn models(State(st): State<Arc<AppState>>) -> Response {
-    axum::Json(json!({
-        "object": "list",
-        "data": [{
-            "id": st.model_name,
-            "object": "model",
-            "created": st.created,
-            "owned_by": "candela",
-            "root": st.model_root,
-            "parent": null,
-            "max_model_len": st.max_model_len,
-            // vLLM's task names: "generate" or "embed".
-            "task": st.engine.model_kind().task(),
-        }]
-    }))
-    .into_response()
+    axum::Json(json!({"object": "list", "data": [model_object(&st)]})).into_response()
+}
+
+/// `GET /v1/models/{id}`: OpenAI's retrieve; ids may contain `/` (a path or
+/// a hub repo id), hence the wildcard route.
+pub async fn model(
+    State(st): State<Arc<AppState>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    match st.check_model(Some(&id)) {
+        Ok(()) => axum::Json(model_object(&st)).into_response(),
+        Err(e) => e.into_response(),
+    }
 }
 
 #[derive(Deserialize)]

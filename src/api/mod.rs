@@ -133,7 +133,10 @@ impl AppState {
         match requested {
             None => Ok(()),
             Some(m) if m == self.model_name || m == self.model_root => Ok(()),
-            Some(m) => Err(ApiError::ModelNotFound(m.to_string())),
+            Some(m) => Err(ApiError::ModelNotFound {
+                requested: m.to_string(),
+                served: format!("`{}`", self.model_name),
+            }),
         }
     }
 }
@@ -165,6 +168,7 @@ pub fn router(state: Arc<AppState>, http: &HttpConfig) -> Router {
         .route("/v1/responses", post(responses::handle))
         .route("/v1/embeddings", post(embeddings::handle))
         .route("/v1/models", get(misc::models))
+        .route("/v1/models/{*id}", get(misc::model))
         .route("/tokenize", post(misc::tokenize))
         .route("/detokenize", post(misc::detokenize))
         .route("/reset_prefix_cache", post(misc::reset_prefix_cache))
@@ -174,6 +178,8 @@ pub fn router(state: Arc<AppState>, http: &HttpConfig) -> Router {
         ));
     let open = Router::new()
         .route("/health", get(misc::health))
+        // SageMaker's name for the health check.
+        .route("/ping", get(misc::health))
         .route("/version", get(misc::version))
         .route("/metrics", get(misc::metrics));
     let request_id = HeaderName::from_static("x-request-id");
