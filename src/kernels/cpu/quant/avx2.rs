@@ -90,10 +90,11 @@ pub fn max_rows_vnni(ty: QType) -> usize {
     }
 }
 
-/// [`dot_rows`] with AVX-512 VNNI's `vpdpbusd`: Q8_0 two blocks per 512-bit
-/// register ([`q8_0_512`]), the other 32-value formats on 256-bit registers
-/// (the K formats multiply their sub-block scales inside `vpmaddwd` and keep
-/// the AVX2 kernels).
+/// [`dot_rows`] with AVX-512 VNNI: Q8_0 two blocks per 512-bit register
+/// ([`q8_0_512`]), the other 32-value formats with `vpdpbusd` on 256-bit
+/// registers, the K formats two sub-blocks per 512-bit register with
+/// `vpdpwssd` applying their scales ([`q45k_512`], [`q6k_512`]) from three
+/// activation rows on.
 ///
 /// # Safety
 /// As [`dot_rows`] with `x.len() <= max_rows_vnni(ty)`, and AVX-512F, BW,
@@ -108,8 +109,187 @@ pub unsafe fn dot_rows_vnni(ty: QType, w: &[u8], x: &[ActRow], out: &mut [f32]) 
             QType::Q5_0 => rows!(legacy_vnni, Q5_0; w, x, out),
             QType::Q5_1 => rows!(legacy_vnni, Q5_1; w, x, out),
             QType::Q8_0 => rows8!(q8_0_512; w, x, out),
-            _ => dot_rows(ty, w, x, out),
+            // One or two rows (decoding) are bound by memory, where the
+            // 512-bit kernels' one dependent `vpdpwssd` chain per row is
+            // slower than the AVX2 kernels' independent adds.
+            QType::Q4K | QType::Q5K | QType::Q6K if x.len() <= 2 => dot_rows(ty, w, x, out),
+            QType::Q4K => rows8!(q45k_512, false; w, x, out),
+            QType::Q5K => rows8!(q45k_512, true; w, x, out),
+            QType::Q6K => rows8!(q6k_512; w, x, out),
         }
+    }
+}
+
+/// Q4_K and Q5_K on 512-bit registers: a pair of 32-value sub-blocks (the
+/// low and high nibbles of one 32-byte run, values `64j..64j + 64`) in one
+/// register, whose activations are 64 contiguous bytes. Per row and pair:
+/// one `vpmaddubsw` and one `vpdpwssd`, which multiplies the 16-bit pair
+/// sums by the sub-blocks' scales and accumulates in one instruction (the
+/// AVX2 kernel needs six instructions for the same 64 values). The 32-bit
+/// sums are folded to 256 bits per super-block and finished as in
+/// [`super_block`].
+///
+/// # Safety
+/// AVX-512F/BW/VL/VNNI, AVX2, FMA, F16C; the inputs as [`dot_rows`] checks
+/// them.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn q45k_512<const HIGH: bool, const R: usize>(w: &[u8], x: &[ActRow], out: &mut [f32]) {
+    let size = if HIGH { 176 } else { 144 };
+    let qs_at = if HIGH { 48 } else { 16 };
+    let mask = _mm512_set1_epi8(0x0F);
+    let one = _mm512_set1_epi8(1);
+    let mut acc = [_mm256_setzero_ps(); R];
+    for (blk, b) in w.chunks_exact(size).enumerate() {
+        // SAFETY: the block holds `size` bytes; super-block `blk` exists in
+        // every activation row.
+        unsafe {
+            let p = b.as_ptr();
+            let (d, dmin) = (f16_at(p), f16_at(p.add(2)));
+            let (sc, mins) = scales_mins_k4(&b[4..16]);
+            // The fifth bits: bit 2j of each byte belongs to sub-block 2j.
+            let qh = if HIGH {
+                _mm512_broadcast_i64x4(load(p.add(16).cast()))
+            } else {
+                _mm512_setzero_si512()
+            };
+            let mut sumi = [_mm512_setzero_si512(); R];
+            for j in 0..4 {
+                let q = load(p.add(qs_at + 32 * j).cast());
+                let both =
+                    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(q), _mm256_srli_epi16(q, 4));
+                let mut wq = _mm512_and_si512(both, mask);
+                if HIGH {
+                    // Low half: bit 2j; high half: bit 2j + 1.
+                    let shift = _mm512_inserti64x4::<1>(
+                        _mm512_castsi256_si512(_mm256_set1_epi16(2 * j as i16)),
+                        _mm256_set1_epi16(2 * j as i16 + 1),
+                    );
+                    let bits = _mm512_and_si512(_mm512_srlv_epi16(qh, shift), one);
+                    wq = _mm512_or_si512(wq, _mm512_slli_epi16(bits, 4));
+                }
+                let scales = _mm512_inserti64x4::<1>(
+                    _mm512_set1_epi16(sc[2 * j] as i16),
+                    _mm256_set1_epi16(sc[2 * j + 1] as i16),
+                );
+                for r in 0..R {
+                    let xv = _mm512_loadu_si512(x[r].q.as_ptr().add(QK_K * blk + 64 * j).cast());
+                    sumi[r] = _mm512_dpwssd_epi32(sumi[r], _mm512_maddubs_epi16(wq, xv), scales);
+                }
+            }
+            for r in 0..R {
+                let folded = _mm256_add_epi32(
+                    _mm512_castsi512_si256(sumi[r]),
+                    _mm512_extracti64x4_epi64::<1>(sumi[r]),
+                );
+                acc[r] = super_block(acc[r], folded, &x[r], blk, d, mins, -dmin);
+            }
+        }
+    }
+    for r in 0..R {
+        // SAFETY: AVX2 and FMA, per the caller.
+        out[r] = unsafe { hsum(acc[r]) };
+    }
+}
+
+/// Q6_K on 512-bit registers: values `128h + 64u .. + 64` of a super-block
+/// (two 32-value runs, each a nibble of 32 `ql` bytes plus two bits of
+/// `qh`) in one register; per row one `vpmaddubsw` and one `vpdpwssd` with
+/// the four 16-value scales, as in [`q45k_512`].
+///
+/// # Safety
+/// As [`q45k_512`].
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn q6k_512<const R: usize>(w: &[u8], x: &[ActRow], out: &mut [f32]) {
+    let mask = _mm512_set1_epi8(0x0F);
+    let three = _mm512_set1_epi8(3);
+    let mut acc = [_mm256_setzero_ps(); R];
+    for (blk, b) in w.chunks_exact(210).enumerate() {
+        // SAFETY: the block holds 210 bytes; super-block `blk` exists in
+        // every activation row.
+        unsafe {
+            let p = b.as_ptr();
+            let d = f16_at(p.add(208));
+            let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(192).cast()));
+            let sc512 = _mm512_castsi256_si512(sc16);
+            let mut sumi = [_mm512_setzero_si512(); R];
+            for half in 0..2 {
+                let qh = _mm512_broadcast_i64x4(load(p.add(128 + 32 * half).cast()));
+                let ql0 = load(p.add(64 * half).cast());
+                let ql1 = load(p.add(64 * half + 32).cast());
+                for u in 0..2 {
+                    // Runs t = 2u and 2u + 1: values 32t.. of this half come
+                    // from ql[32 (t % 2)..] (low nibbles for t < 2, high
+                    // ones after) and bits 2t, 2t + 1 of qh.
+                    let both = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(ql0), ql1);
+                    let lo = if u == 0 {
+                        _mm512_and_si512(both, mask)
+                    } else {
+                        _mm512_and_si512(_mm512_srli_epi16(both, 4), mask)
+                    };
+                    let shift = _mm512_inserti64x4::<1>(
+                        _mm512_castsi256_si512(_mm256_set1_epi16(4 * u as i16)),
+                        _mm256_set1_epi16(4 * u as i16 + 2),
+                    );
+                    let hi = _mm512_and_si512(_mm512_srlv_epi16(qh, shift), three);
+                    let wq = _mm512_or_si512(lo, _mm512_slli_epi16(hi, 4));
+                    // 16-bit lanes 8i.. take scale 8h + 4u + i.
+                    let first = (8 * half + 4 * u) as i16;
+                    let idx = _mm512_set_epi16(
+                        first + 3,
+                        first + 3,
+                        first + 3,
+                        first + 3,
+                        first + 3,
+                        first + 3,
+                        first + 3,
+                        first + 3,
+                        first + 2,
+                        first + 2,
+                        first + 2,
+                        first + 2,
+                        first + 2,
+                        first + 2,
+                        first + 2,
+                        first + 2,
+                        first + 1,
+                        first + 1,
+                        first + 1,
+                        first + 1,
+                        first + 1,
+                        first + 1,
+                        first + 1,
+                        first + 1,
+                        first,
+                        first,
+                        first,
+                        first,
+                        first,
+                        first,
+                        first,
+                        first,
+                    );
+                    let scales = _mm512_permutexvar_epi16(idx, sc512);
+                    for r in 0..R {
+                        let xv = _mm512_loadu_si512(
+                            x[r].q.as_ptr().add(QK_K * blk + 128 * half + 64 * u).cast(),
+                        );
+                        sumi[r] =
+                            _mm512_dpwssd_epi32(sumi[r], _mm512_maddubs_epi16(wq, xv), scales);
+                    }
+                }
+            }
+            for r in 0..R {
+                let folded = _mm256_add_epi32(
+                    _mm512_castsi512_si256(sumi[r]),
+                    _mm512_extracti64x4_epi64::<1>(sumi[r]),
+                );
+                acc[r] = super_block(acc[r], folded, &x[r], blk, d, sc16, -32.0 * d);
+            }
+        }
+    }
+    for r in 0..R {
+        // SAFETY: AVX2 and FMA, per the caller.
+        out[r] = unsafe { hsum(acc[r]) };
     }
 }
 
