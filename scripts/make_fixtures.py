@@ -725,6 +725,112 @@ def make_minilm_golden():
     print("minilm:", len(MINILM_SENTENCES), "sentences, tokens", tokens)
 
 
+T5_BASE = dict(
+    vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+    relative_attention_num_buckets=32, relative_attention_max_distance=128, layer_norm_epsilon=1e-6,
+    feed_forward_proj="relu", tie_word_embeddings=True, decoder_start_token_id=0, pad_token_id=0,
+    eos_token_id=1, dropout_rate=0.0, n_positions=512,
+)
+T5_VARIANTS = {
+    # T5 v1.0: ReLU feed-forward, head tied to the embeddings (scaled by d_model^-0.5).
+    "t5_relu_tied": dict(),
+    # T5 v1.1 / Flan-T5: gated GELU (tanh), untied head, a deeper encoder than decoder, six heads
+    # of 8 (inner width 48 != d_model), few buckets and a short max distance so that the prompts
+    # reach the logarithmic and the clamped buckets.
+    "t5_gated_untied": dict(
+        feed_forward_proj="gated-gelu", tie_word_embeddings=False, num_layers=3, num_decoder_layers=2,
+        num_heads=6, d_kv=8, relative_attention_num_buckets=8, relative_attention_max_distance=16,
+    ),
+    # A decoder deeper than the encoder, gated SiLU, 16 buckets up to 32 positions.
+    "t5_deep_decoder": dict(
+        feed_forward_proj="gated-silu", num_layers=1, num_decoder_layers=3,
+        relative_attention_num_buckets=16, relative_attention_max_distance=32,
+    ),
+}
+T5_PROMPT_LENGTHS = [1, 6, 19, 45, 150]
+
+
+@torch.no_grad()
+def make_t5(name, spec):
+    """T5ForConditionalGeneration with random weights. Golden: for each encoder input (random ids
+    ending in EOS, as T5's tokenizer ends them), the decoder's logits at its start token, 32 greedy
+    tokens (EOS ignored) and the logits at the last of them; and transformers' relative-position
+    buckets for distances -300..300 (both directions)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+    from transformers.models.t5.modeling_t5 import T5Attention
+
+    cfg = T5Config(**{**T5_BASE, **spec})
+    # transformers 5 always ties T5's head to the embeddings and reads an untied config as "do not
+    # scale the decoder's output" (`scale_decoder_outputs`); checkpoints of T5 v1.1 / Flan-T5 have
+    # their own `lm_head.weight` and `tie_word_embeddings: false`. An untied variant gets a head
+    # of its own here, saved as those checkpoints have it.
+    untied = spec.get("tie_word_embeddings") is False
+    g = torch.Generator().manual_seed(11)
+    inputs = [torch.randint(3, VOCAB, (n - 1,), generator=g).tolist() + [1] for n in T5_PROMPT_LENGTHS]
+    for seed in range(100):
+        torch.manual_seed(seed)
+        model = T5ForConditionalGeneration(cfg).float().eval()
+        if untied:
+            model.lm_head = torch.nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+            torch.nn.init.normal_(model.lm_head.weight, std=cfg.initializer_factor)
+            assert not model.config.scale_decoder_outputs
+        runs, margin = [], float("inf")
+        for ids in inputs[1:4]:
+            enc = model.get_encoder()(input_ids=torch.tensor([ids]))
+            dec = [cfg.decoder_start_token_id]
+            for _ in range(GREEDY_TOKENS):
+                logits = model(encoder_outputs=enc, decoder_input_ids=torch.tensor([dec])).logits[0, -1]
+                top = torch.topk(logits, 2)
+                margin = min(margin, float(top.values[0] - top.values[1]))
+                dec.append(int(top.indices[0]))
+            runs.append(dec[1:])
+        if margin >= MARGIN:
+            break
+    else:
+        raise SystemExit(f"{name}: no seed with a greedy margin >= {MARGIN}")
+    out = FIXTURES / name
+    if out.exists():
+        shutil.rmtree(out)
+    model.save_pretrained(out, safe_serialization=True)
+    if untied:
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(out / "model.safetensors")
+        tensors["lm_head.weight"] = model.lm_head.weight.detach().clone().contiguous()
+        save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+        c = json.loads((out / "config.json").read_text())
+        c["tie_word_embeddings"] = False
+        c.pop("scale_decoder_outputs", None)
+        (out / "config.json").write_text(json.dumps(c, indent=2) + "\n")
+    for f in ["tokenizer.json", "tokenizer_config.json"]:
+        shutil.copy(STORIES / f, out / f)
+
+    def logits_after(ids, dec):
+        return model(input_ids=torch.tensor([ids]), decoder_input_ids=torch.tensor([dec])).logits[0, -1].tolist()
+
+    rel = torch.arange(-300, 301)
+    buckets = {
+        direction: T5Attention._relative_position_bucket(
+            rel, bidirectional=direction == "bidirectional", num_buckets=cfg.relative_attention_num_buckets,
+            max_distance=cfg.relative_attention_max_distance).tolist()
+        for direction in ["bidirectional", "unidirectional"]
+    }
+    golden = {
+        "generator": f"scripts/make_fixtures.py, transformers {transformers.__version__}, torch {torch.__version__}",
+        "seed": seed,
+        "min_greedy_margin": margin,
+        "decoder_start_token_id": cfg.decoder_start_token_id,
+        "relative_positions": {"from": -300, **buckets},
+        "logits": [{"input": ids, "first_logits": logits_after(ids, [cfg.decoder_start_token_id])}
+                   for ids in inputs],
+        "greedy": [{"input": ids, "tokens": toks,
+                    "last_logits": logits_after(ids, [cfg.decoder_start_token_id] + toks[:-1])}
+                   for ids, toks in zip(inputs[1:4], runs)],
+    }
+    (out / "golden.json").write_text(json.dumps(golden) + "\n")
+    print(f"{name}: seed {seed}, min greedy margin {margin:.4f}")
+
+
 def main():
     """All fixtures, or those named on the command line (also `stories`, `gemma3_270m`, `minilm`)."""
     import sys
@@ -752,6 +858,9 @@ def main():
     for name, (spec, pooling, normalize) in BERT_VARIANTS.items():
         if want(name):
             make_bert(name, spec, pooling, normalize)
+    for name, spec in T5_VARIANTS.items():
+        if want(name) or want("t5"):
+            make_t5(name, spec)
     for name in ["mamba_tied", "mamba_bias"]:
         if want(name) or want("mamba_gguf"):
             make_mamba_gguf(name)

@@ -26,6 +26,10 @@ pub struct StepRunner {
     kv: KvCacheManager,
     runner: ModelRunner,
     cached: HashMap<SeqId, usize>,
+    /// Encoder-decoder sequences: their encoder inputs' lengths (a first
+    /// step's tokens are the encoder input and the decoder's start token, as
+    /// the engine lays them out).
+    encoder_lens: HashMap<SeqId, usize>,
 }
 
 impl StepRunner {
@@ -34,6 +38,7 @@ impl StepRunner {
             kv: KvCacheManager::new(sizing.num_blocks, sizing.block_size),
             runner: ModelRunner::new(model, &sizing)?,
             cached: HashMap::new(),
+            encoder_lens: HashMap::new(),
         })
     }
 
@@ -62,7 +67,16 @@ impl StepRunner {
                     .with_context(|| format!("sequence {}", w.seq))?,
             );
         }
-        let (kv, cached) = (&self.kv, &self.cached);
+        if model.spec().kind.is_encoder_decoder() {
+            for w in work {
+                if self.num_cached(w.seq) == 0 {
+                    self.encoder_lens
+                        .entry(w.seq)
+                        .or_insert(w.tokens.len().saturating_sub(1));
+                }
+            }
+        }
+        let (kv, cached, enc) = (&self.kv, &self.cached, &self.encoder_lens);
         let steps: Vec<SeqStep> = work
             .iter()
             .map(|w| SeqStep {
@@ -70,6 +84,7 @@ impl StepRunner {
                 num_cached: cached.get(&w.seq).copied().unwrap_or(0),
                 block_table: kv.block_table(w.seq),
                 logits: w.logits,
+                encoder_len: enc.get(&w.seq).copied().unwrap_or(0),
             })
             .collect();
         let mut rows = self.runner.execute(model, &copies, &steps)?.into_iter();
@@ -83,15 +98,26 @@ impl StepRunner {
         Ok(out)
     }
 
+    /// Declares that `seq`'s first `encoder_len` tokens are its encoder
+    /// input (an encoder-decoder model's sequence whose first step holds
+    /// more than the input and the start token, as a recomputation does).
+    pub fn set_encoder_len(&mut self, seq: SeqId, encoder_len: usize) {
+        self.encoder_lens.insert(seq, encoder_len);
+    }
+
     /// Makes `child` share `parent`'s cached tokens (for `n` samples).
     pub fn fork(&mut self, parent: SeqId, child: SeqId) {
         self.kv.fork(parent, child);
         self.cached.insert(child, self.num_cached(parent));
+        if let Some(&n) = self.encoder_lens.get(&parent) {
+            self.encoder_lens.insert(child, n);
+        }
     }
 
     pub fn free(&mut self, seq: SeqId) {
         self.kv.free(seq);
         self.cached.remove(&seq);
+        self.encoder_lens.remove(&seq);
     }
 
     /// Greedy decoding of `max_tokens` tokens after `prompt` (no stop

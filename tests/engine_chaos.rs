@@ -96,6 +96,7 @@ fn random_request(
     vocab: u32,
     room: usize,
     bases: &[Vec<u32>],
+    encoder_decoder: bool,
 ) -> GenerateRequest {
     let prompt_len = rng.random_range(1..=room.saturating_sub(1).clamp(1, 80));
     let max_tokens = rng.random_range(1..=(room - prompt_len).clamp(1, 24));
@@ -129,7 +130,8 @@ fn random_request(
     if rng.random_bool(0.2) {
         r.logprobs = Some(rng.random_range(0..3));
     }
-    if rng.random_bool(0.1) {
+    // An encoder's input has no logprobs (validation refuses them).
+    if rng.random_bool(0.1) && !encoder_decoder {
         r.prompt_logprobs = Some(1);
     }
     r
@@ -140,8 +142,9 @@ fn run_seed(seed: u64, ops: usize) -> u64 {
     let mut rng = StdRng::seed_from_u64(seed);
     // The embedded model most of the time; else a Mixture-of-Experts
     // fixture, DeepSeek-V2's latent attention, whose cache stores keys only,
-    // or Mamba-2, whose cache is one state slot per sequence (block copies
-    // and preemption must hold for them too).
+    // Mamba-2, whose cache is one state slot per sequence, or T5, whose
+    // sequences' first blocks hold the encoder's cross-attention keys and
+    // values (block copies and preemption must hold for them too).
     let model = [
         None,
         None,
@@ -149,7 +152,8 @@ fn run_seed(seed: u64, ops: usize) -> u64 {
         Some("qwen2_moe_shared"),
         Some("deepseek_v2_lite"),
         Some("mamba2_groups"),
-    ][rng.random_range(0..6)]
+        Some("t5_gated_untied"),
+    ][rng.random_range(0..7)]
     .map(|name| common::fixture_dir(name).to_str().unwrap().to_string());
     let loaded = load_model(&LoadOptions {
         model,
@@ -159,6 +163,7 @@ fn run_seed(seed: u64, ops: usize) -> u64 {
     })
     .unwrap();
     let vocab = loaded.model.spec().vocab_size as u32;
+    let enc_dec = loaded.model.spec().kind.is_encoder_decoder();
     let block_size = [1, 4, 16][rng.random_range(0..3)];
     let num_blocks = rng.random_range(4..=40) * 16 / block_size;
     let capacity = num_blocks * block_size;
@@ -223,7 +228,7 @@ fn run_seed(seed: u64, ops: usize) -> u64 {
         let pick = |rng: &mut StdRng| ids[rng.random_range(0..ids.len())];
         match rng.random_range(0..100) {
             0..=19 => {
-                let req = random_request(&mut rng, vocab, room, &bases);
+                let req = random_request(&mut rng, vocab, room, &bases, enc_dec);
                 let (tx, rx) = unbounded_channel();
                 let n = req.n;
                 let max_tokens = req.stop.max_tokens;

@@ -144,11 +144,13 @@ pub fn build_app(args: &ServeArgs) -> anyhow::Result<(axum::Router, Arc<AppState
         .clone()
         .unwrap_or_else(|| args.model.display_name());
     let mut engine_cfg = args.engine.engine_config(max_model_len)?;
-    // A recurrent state is not in blocks of tokens: nothing to share.
-    let cacheable = loaded.model.spec().cache.supports_prefix_caching();
+    // A recurrent state is not in blocks of tokens, and an encoder's keys
+    // depend on the whole input: nothing to share.
+    let cacheable = loaded.model.spec().supports_prefix_caching();
     if args.cache.prefix_caching() && !cacheable {
         tracing::info!(
-            "prefix caching is off: {} keeps a recurrent state, not per-token blocks",
+            "prefix caching is off: {} keeps a recurrent state or an encoder's output, \
+             not per-token blocks that depend only on the tokens before",
             loaded.model.spec().architecture
         );
     }

@@ -19,7 +19,7 @@ use super::scheduler::{Scheduler, SchedulerConfig, StepPlan};
 use super::stats::{EngineStats, QueueSlot};
 use crate::kv_cache::{KvCacheManager, KvCacheSizing, SeqId};
 use crate::layers::Logits;
-use crate::models::Model;
+use crate::models::{Model, ModelKind};
 use crate::tokenizer::Tokenizer;
 
 pub type RequestId = u64;
@@ -92,19 +92,16 @@ impl EngineCore {
         stats: std::sync::Arc<EngineStats>,
     ) -> anyhow::Result<Self> {
         let runner = ModelRunner::new(model.as_ref(), &sizing)?;
-        let embeds = model.spec().kind.is_embedding();
         let sched = Scheduler::new(
             SchedulerConfig {
                 max_num_batched_tokens: cfg.max_num_batched_tokens,
                 max_num_seqs: cfg.max_num_seqs,
-                whole_prompts: embeds,
+                whole_prompts: model.spec().kind.needs_whole_prompts(),
             },
             KvCacheManager::with_prefix_caching(
                 sizing.num_blocks,
                 sizing.block_size,
-                cfg.enable_prefix_caching
-                    && model.spec().cache.supports_prefix_caching()
-                    && !embeds,
+                cfg.enable_prefix_caching && model.spec().supports_prefix_caching(),
             ),
         );
         Ok(Self {
@@ -160,7 +157,7 @@ impl EngineCore {
         // Prompt logprobs need every position's logits: no cached blocks.
         let cacheable = req.prompt_logprobs.is_none();
         self.sched
-            .add(seq, req.prompt_ids.clone(), arrival, cacheable);
+            .add(seq, self.sched_tokens(&req.prompt_ids), arrival, cacheable);
         let first = self.seq_state(&req, seq, 0);
         self.requests.insert(
             id,
@@ -183,6 +180,27 @@ impl EngineCore {
         );
     }
 
+    /// The tokens a prompt is computed as: itself, or for an
+    /// encoder-decoder model the encoder input followed by the decoder's
+    /// start token (whose logits give the first output token).
+    fn sched_tokens(&self, prompt: &[u32]) -> Vec<u32> {
+        let mut tokens = prompt.to_vec();
+        if let ModelKind::EncoderDecoder { decoder_start } = self.model.spec().kind {
+            tokens.push(decoder_start);
+        }
+        tokens
+    }
+
+    /// The context the output is detokenized and penalized after: the
+    /// prompt, or an encoder-decoder's decoder start token alone (its output
+    /// is text of its own, not a continuation of the input).
+    fn output_context<'a>(&self, prompt: &'a [u32]) -> std::borrow::Cow<'a, [u32]> {
+        match self.model.spec().kind {
+            ModelKind::EncoderDecoder { decoder_start } => vec![decoder_start].into(),
+            _ => prompt.into(),
+        }
+    }
+
     fn new_seq(&mut self, req: RequestId, index: usize) -> SeqId {
         let seq = self.next_seq;
         self.next_seq += 1;
@@ -191,11 +209,12 @@ impl EngineCore {
     }
 
     fn seq_state(&self, req: &GenerateRequest, seq: SeqId, index: usize) -> SeqState {
+        let context = self.output_context(&req.prompt_ids);
         SeqState {
             seq,
-            sampler: Sampler::new(req.sampling.clone(), &req.prompt_ids, index),
+            sampler: Sampler::new(req.sampling.clone(), &context, index),
             constraint: req.grammar.as_ref().map(Constraint::new),
-            detok: Detokenizer::new(&req.prompt_ids, req.stop.skip_special_tokens),
+            detok: Detokenizer::new(&context, req.stop.skip_special_tokens),
             stops: StopStrings::new(req.stop.stop.clone()),
             num_output: 0,
             finished: false,
@@ -291,20 +310,22 @@ impl EngineCore {
         self.in_step.sort_unstable();
         self.in_step.dedup();
         let kinds = self.logits_kinds(&plan);
+        let enc_dec = self.model.spec().kind.is_encoder_decoder();
         let forward_start = Instant::now();
         let steps: Vec<SeqStep> = plan
             .scheduled
             .iter()
             .zip(&kinds)
-            .map(|(s, &logits)| SeqStep {
-                tokens: &self
-                    .sched
-                    .seq(s.seq)
-                    .expect("scheduled sequence exists")
-                    .tokens[s.start..s.start + s.len],
-                num_cached: s.start,
-                block_table: self.sched.block_table(s.seq),
-                logits,
+            .map(|(s, &logits)| {
+                let seq = self.sched.seq(s.seq).expect("scheduled sequence exists");
+                SeqStep {
+                    tokens: &seq.tokens[s.start..s.start + s.len],
+                    num_cached: s.start,
+                    block_table: self.sched.block_table(s.seq),
+                    logits,
+                    // The prompt is the encoder input and the start token.
+                    encoder_len: if enc_dec { seq.num_prompt - 1 } else { 0 },
+                }
             })
             .collect();
         let rows = self

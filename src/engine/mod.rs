@@ -189,6 +189,16 @@ impl EngineHandle {
                 kind.task()
             )));
         }
+        if kind.is_encoder_decoder() && req.prompt_logprobs.is_some() {
+            return Err(EngineError::InvalidParam {
+                param: "echo".into(),
+                message: format!(
+                    "this model ({}) is an encoder-decoder: its input is read by the encoder, \
+                     not predicted, so it has no logprobs (echo with logprobs, prompt_logprobs)",
+                    self.shared.architecture
+                ),
+            });
+        }
         req.validate(&self.shared.limits)
     }
 

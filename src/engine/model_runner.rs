@@ -19,6 +19,9 @@ pub struct SeqStep<'a> {
     pub num_cached: usize,
     pub block_table: &'a [BlockId],
     pub logits: Logits,
+    /// Of an encoder-decoder model's sequence: how many of its first tokens
+    /// are the encoder's input (0 otherwise).
+    pub encoder_len: usize,
 }
 
 impl SeqStep<'_> {
@@ -78,7 +81,14 @@ impl ModelRunner {
         let bs = self.block_size();
         let mut batch = ForwardBatch::new();
         for s in seqs {
-            batch.push_seq(s.tokens, s.num_cached, s.block_table, bs, s.logits);
+            batch.push_seq_after_encoder(
+                s.tokens,
+                s.num_cached,
+                s.encoder_len,
+                s.block_table,
+                bs,
+                s.logits,
+            );
         }
         for &(src, dst) in copies {
             self.storage.copy_block(src, dst);

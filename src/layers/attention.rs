@@ -6,8 +6,8 @@
 
 use candle_core::{Result, Tensor};
 
-pub use crate::kernels::cpu::attention::AttnParams;
-use crate::kernels::cpu::attention::{paged_attention, write_kv};
+use crate::kernels::cpu::attention::{paged_attention, paged_attention_biased, write_kv};
+pub use crate::kernels::cpu::attention::{AttnParams, Keys, PositionBias};
 use crate::kv_cache::KvStorage;
 
 use super::batch::ForwardBatch;
@@ -26,7 +26,7 @@ impl PagedAttention {
                 scale,
                 sliding_window: None,
                 softcap: None,
-                causal: true,
+                keys: Keys::Causal,
             },
         }
     }
@@ -40,7 +40,15 @@ impl PagedAttention {
     /// Every query sees its whole sequence (an encoder's bidirectional
     /// attention; the sequence must be whole in the step).
     pub fn bidirectional(mut self) -> Self {
-        self.params.causal = false;
+        self.params.keys = Keys::Whole;
+        self
+    }
+
+    /// Every query sees its sequence's encoder positions only (an
+    /// encoder-decoder model's cross-attention; see [`Self::write`] and
+    /// [`Self::attend`]).
+    pub fn cross(mut self) -> Self {
+        self.params.keys = Keys::Encoder;
         self
     }
 
@@ -64,5 +72,35 @@ impl PagedAttention {
         let layout = *cache.layout();
         write_kv(k, v, cache.layer_mut(layer), &layout, batch)?;
         paged_attention(q, cache.layer(layer), &layout, batch, self.params)
+    }
+
+    /// Writes `k`, `v` into the cache at the batch's slots, without attending.
+    pub fn write(
+        &self,
+        k: &Tensor,
+        v: &Tensor,
+        batch: &ForwardBatch,
+        cache: &mut KvStorage,
+        layer: usize,
+    ) -> Result<()> {
+        let layout = *cache.layout();
+        write_kv(k, v, cache.layer_mut(layer), &layout, batch)
+    }
+
+    /// Attends over what the cache already holds, with `bias` added to each
+    /// score when given. Returns `[tokens, num_heads * head_dim]`.
+    pub fn attend(
+        &self,
+        q: &Tensor,
+        batch: &ForwardBatch,
+        cache: &KvStorage,
+        layer: usize,
+        bias: Option<PositionBias>,
+    ) -> Result<Tensor> {
+        let layout = cache.layout();
+        match bias {
+            Some(b) => paged_attention_biased(q, cache.layer(layer), layout, batch, self.params, b),
+            None => paged_attention(q, cache.layer(layer), layout, batch, self.params),
+        }
     }
 }

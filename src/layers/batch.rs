@@ -13,6 +13,10 @@ pub struct SeqSlice {
     /// Tokens in the cache after this step: cached prefix + `query_len`.
     pub context_len: usize,
     pub block_table: Vec<BlockId>,
+    /// An encoder-decoder model's encoder input: the first `encoder_len`
+    /// cache positions hold the cross-attention keys and values computed from
+    /// it, the decoder's own tokens follow (0 for every other model).
+    pub encoder_len: usize,
 }
 
 impl SeqSlice {
@@ -69,6 +73,20 @@ impl ForwardBatch {
         block_size: usize,
         logits: Logits,
     ) {
+        self.push_seq_after_encoder(tokens, num_cached, 0, block_table, block_size, logits)
+    }
+
+    /// [`ForwardBatch::push_seq`] for an encoder-decoder model's sequence
+    /// whose first `encoder_len` tokens are its encoder input.
+    pub fn push_seq_after_encoder(
+        &mut self,
+        tokens: &[u32],
+        num_cached: usize,
+        encoder_len: usize,
+        block_table: &[BlockId],
+        block_size: usize,
+        logits: Logits,
+    ) {
         assert!(
             !tokens.is_empty(),
             "a sequence in a batch needs at least one token"
@@ -101,6 +119,7 @@ impl ForwardBatch {
             query_len: tokens.len(),
             context_len,
             block_table: block_table.to_vec(),
+            encoder_len,
         });
     }
 }

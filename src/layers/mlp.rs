@@ -15,6 +15,8 @@ pub enum Activation {
     GeluTanh,
     /// Exact GELU (`gelu`).
     Gelu,
+    /// `relu` (T5 v1.0's feed-forward).
+    Relu,
 }
 
 impl Activation {
@@ -23,8 +25,9 @@ impl Activation {
             "silu" | "swish" => Self::Silu,
             "gelu_pytorch_tanh" | "gelu_new" | "gelu_fast" => Self::GeluTanh,
             "gelu" => Self::Gelu,
+            "relu" => Self::Relu,
             other => anyhow::bail!(
-                "activation {other:?} is not supported (silu, gelu, gelu_new, gelu_pytorch_tanh)"
+                "activation {other:?} is not supported (silu, gelu, gelu_new, gelu_pytorch_tanh, relu)"
             ),
         })
     }
@@ -34,6 +37,7 @@ impl Activation {
             Self::Silu => candle_nn::ops::silu(x),
             Self::GeluTanh => x.gelu(),
             Self::Gelu => elementwise::gelu_erf(x),
+            Self::Relu => x.relu(),
         }
     }
 }

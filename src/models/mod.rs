@@ -17,6 +17,7 @@ pub mod llama;
 pub mod mamba;
 pub mod mamba2;
 pub mod registry;
+pub mod t5;
 
 use candle_core::{DType, Result, Tensor};
 
@@ -40,6 +41,12 @@ pub enum ModelKind {
         /// embedding too (`dimensions` may shorten it).
         matryoshka: bool,
     },
+    /// An encoder-decoder (T5) that returns next-token logits of its
+    /// decoder. A sequence's tokens are the encoder's input, then
+    /// `decoder_start`, then the generated tokens; the encoder positions'
+    /// cache holds the cross-attention keys and values (computed once, when
+    /// the whole input arrives in one step), the rest the decoder's own.
+    EncoderDecoder { decoder_start: u32 },
 }
 
 impl ModelKind {
@@ -47,10 +54,20 @@ impl ModelKind {
         matches!(self, Self::Embedding { .. })
     }
 
+    pub fn is_encoder_decoder(self) -> bool {
+        matches!(self, Self::EncoderDecoder { .. })
+    }
+
+    /// Each sequence's uncomputed tokens must come in one step (an encoder
+    /// reads its whole input at once).
+    pub fn needs_whole_prompts(self) -> bool {
+        !matches!(self, Self::CausalLm)
+    }
+
     /// The task's name in errors and `/v1/models` (vLLM's names).
     pub fn task(self) -> &'static str {
         match self {
-            Self::CausalLm => "generate",
+            Self::CausalLm | Self::EncoderDecoder { .. } => "generate",
             Self::Embedding { .. } => "embed",
         }
     }
@@ -181,6 +198,15 @@ pub struct ModelSpec {
     /// The working dtype of weights and activations.
     pub dtype: DType,
     pub cache: CacheSpec,
+}
+
+impl ModelSpec {
+    /// Whether a prompt's cached blocks can stand for computing it: only
+    /// where each position's keys and values depend on the tokens before it
+    /// alone (not in an encoder, not with a recurrent state).
+    pub fn supports_prefix_caching(&self) -> bool {
+        self.kind == ModelKind::CausalLm && self.cache.supports_prefix_caching()
+    }
 }
 
 /// A model that runs one step over a flattened batch.

@@ -5,7 +5,7 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
-use super::{bert, deepseek2, gemma3, gpt2, llama, mamba, mamba2, Model};
+use super::{bert, deepseek2, gemma3, gpt2, llama, mamba, mamba2, t5, Model};
 use crate::layers::Quantization;
 use crate::tokenizer::{SpecialTokens, Tokenizer};
 use crate::weights::gguf::GgufFile;
@@ -138,6 +138,14 @@ pub const ARCHITECTURES: &[Architecture] = &[
         model_types: &["bert"],
         gguf: &[],
         from_hf: bert::from_hf,
+        from_gguf: None,
+        hf_linear_in_out: false,
+    },
+    Architecture {
+        name: "T5ForConditionalGeneration",
+        model_types: &["t5"],
+        gguf: &[],
+        from_hf: t5::from_hf,
         from_gguf: None,
         hf_linear_in_out: false,
     },

@@ -131,11 +131,27 @@ pub struct AttnParams {
     /// Gemma 2's attention logit soft-capping: scores become
     /// `cap * tanh(score / cap)` before the softmax.
     pub softcap: Option<f32>,
-    /// Each query sees only the positions up to its own (decoders); when
-    /// false, every position of its sequence in the cache (encoders, whose
-    /// sequences come whole in one step).
-    pub causal: bool,
+    /// Which cached positions each query sees.
+    pub keys: Keys,
 }
+
+/// The cached positions of its sequence a query attends to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keys {
+    /// Those up to its own (decoders), from the sequence's `encoder_len` on
+    /// (an encoder-decoder model's decoder sees its own tokens only).
+    Causal,
+    /// Every position (encoders, whose sequences come whole in one step).
+    Whole,
+    /// The encoder positions `0..encoder_len` (an encoder-decoder model's
+    /// cross-attention).
+    Encoder,
+}
+
+/// A learned bias added to each score: `bias(query head, distance)` where
+/// the key is `distance` positions before the query (T5's relative position
+/// buckets). Only with [`Keys::Causal`].
+pub type PositionBias<'a> = &'a (dyn Fn(usize, usize) -> f32 + Sync);
 
 /// Checks a batch against the cache layout before any kernel reads or writes
 /// the cache through it; `n_tokens` is the rows of the step's activations.
@@ -185,11 +201,71 @@ pub fn paged_attention(
     batch: &ForwardBatch,
     params: AttnParams,
 ) -> Result<Tensor> {
+    attention_impl(q, cache, layout, batch, params, None)
+}
+
+/// [`paged_attention`] with a position bias added to every score (causal
+/// keys only), on the portable kernel.
+pub fn paged_attention_biased(
+    q: &Tensor,
+    cache: &LayerKv,
+    layout: &KvLayout,
+    batch: &ForwardBatch,
+    params: AttnParams,
+    bias: PositionBias,
+) -> Result<Tensor> {
+    if params.keys != Keys::Causal {
+        candle_core::bail!("a position bias needs causal attention");
+    }
+    attention_impl(q, cache, layout, batch, params, Some(bias))
+}
+
+/// What the key ranges rely on: an encoder-decoder sequence's encoder
+/// positions are all in the cache, and its decoder queries come after them.
+fn check_keys(batch: &ForwardBatch, keys: Keys) -> Result<()> {
+    for (i, s) in batch.seqs.iter().enumerate() {
+        let bad = match keys {
+            Keys::Whole => false,
+            Keys::Causal => s.encoder_len > 0 && s.num_cached() < s.encoder_len,
+            Keys::Encoder => s.encoder_len == 0 || s.encoder_len > s.context_len,
+        };
+        if bad {
+            candle_core::bail!(
+                "sequence {i}: {keys:?} attention with an encoder of {} tokens, {} cached",
+                s.encoder_len,
+                s.num_cached()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn attention_impl(
+    q: &Tensor,
+    cache: &LayerKv,
+    layout: &KvLayout,
+    batch: &ForwardBatch,
+    params: AttnParams,
+    bias: Option<PositionBias>,
+) -> Result<Tensor> {
     let dtype = q.dtype();
     // Queries and outputs are f32 whatever the cache holds.
     let q = q.to_dtype(DType::F32)?.contiguous()?;
     check_batch(batch, layout, q.dim(0)?)?;
+    check_keys(batch, params.keys)?;
     let (hd, cap) = (layout.head_dim, params.softcap);
+    // The SIMD kernels add no bias: a biased attention takes the portable one.
+    macro_rules! pick {
+        ($k:expr) => {
+            move |it: &Item<_>, s: &mut Scratch, o: &mut [f32]| {
+                if it.bias.is_some() {
+                    attend_group(it, s, o)
+                } else {
+                    $k(it, s, o)
+                }
+            }
+        };
+    }
     macro_rules! float {
         ($k:expr, $v:expr, $t:ty) => {
             attend_typed(
@@ -199,7 +275,8 @@ pub fn paged_attention(
                 layout,
                 batch,
                 params,
-                kernel::<$t>(hd, cap),
+                bias,
+                pick!(kernel::<$t>(hd, cap)),
             )?
         };
     }
@@ -233,7 +310,8 @@ pub fn paged_attention(
                 layout,
                 batch,
                 params,
-                simd_kernel(hd),
+                bias,
+                pick!(simd_kernel(hd)),
             )?
         }
         (
@@ -258,7 +336,8 @@ pub fn paged_attention(
             layout,
             batch,
             params,
-            simd_kernel(hd),
+            bias,
+            pick!(simd_kernel(hd)),
         )?,
         _ => candle_core::bail!("the keys and values of the KV cache differ in dtype"),
     };
@@ -447,6 +526,8 @@ pub(super) struct Item<'a, R> {
     pub(super) pos: usize,
     pub(super) scale: f32,
     pub(super) softcap: Option<f32>,
+    /// Added to each score (the portable kernel only).
+    pub(super) bias: Option<PositionBias<'a>>,
 }
 
 impl<R> Item<'_, R> {
@@ -500,6 +581,8 @@ fn attend_group<R: KvRows>(it: &Item<'_, R>, s: &mut Scratch, out: &mut [f32]) {
     s.scores.clear();
     s.max.clear();
     s.max.resize(g, f32::NEG_INFINITY);
+    // The segments cover keys lo..=pos in order.
+    let mut key_pos = it.lo;
     for si in 0..s.segments.len() {
         let (first, len) = s.segments[si];
         for r in 0..len {
@@ -509,9 +592,13 @@ fn attend_group<R: KvRows>(it: &Item<'_, R>, s: &mut Scratch, out: &mut [f32]) {
                 if let Some(cap) = it.softcap {
                     v = cap * (v / cap).tanh();
                 }
+                if let Some(bias) = it.bias {
+                    v += bias(it.kv_head * g + j, it.pos - key_pos);
+                }
                 s.max[j] = s.max[j].max(v);
                 s.scores.push(v);
             }
+            key_pos += 1;
         }
     }
     s.sum.clear();
@@ -542,6 +629,7 @@ fn attend_group<R: KvRows>(it: &Item<'_, R>, s: &mut Scratch, out: &mut [f32]) {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn attend_typed<R: KvRows + Copy>(
     q: &Tensor,
     kc: R,
@@ -549,6 +637,7 @@ fn attend_typed<R: KvRows + Copy>(
     layout: &KvLayout,
     batch: &ForwardBatch,
     p: AttnParams,
+    bias: Option<PositionBias>,
     kernel: impl Fn(&Item<R>, &mut Scratch, &mut [f32]) + Sync,
 ) -> Result<Tensor> {
     let (n_tokens, nh, hd) = q.dims3()?;
@@ -574,10 +663,14 @@ fn attend_typed<R: KvRows + Copy>(
             |scratch, (idx, o)| {
                 let (t, kv_head) = (idx / nkv, idx % nkv);
                 let seq = &batch.seqs[token_seq[t] as usize];
-                let pos = if p.causal {
-                    seq.num_cached() + (t - seq.query_start)
-                } else {
-                    seq.context_len - 1
+                let (lo, pos) = match p.keys {
+                    Keys::Causal => {
+                        let pos = seq.num_cached() + (t - seq.query_start);
+                        let lo = p.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                        (lo.max(seq.encoder_len), pos)
+                    }
+                    Keys::Whole => (0, seq.context_len - 1),
+                    Keys::Encoder => (0, seq.encoder_len - 1),
                 };
                 let item = Item {
                     q: &q[idx * chunk..(idx + 1) * chunk],
@@ -587,10 +680,11 @@ fn attend_typed<R: KvRows + Copy>(
                     table: &seq.block_table,
                     layout,
                     kv_head,
-                    lo: p.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w)),
+                    lo,
                     pos,
                     scale: p.scale,
                     softcap: p.softcap,
+                    bias,
                 };
                 kernel(&item, scratch, o);
             },
@@ -832,7 +926,7 @@ mod tests {
                     scale: 1.0 / (hd as f32).sqrt(),
                     sliding_window: window,
                     softcap,
-                    causal: true,
+                    keys: Keys::Causal,
                 };
                 let o = paged_attention(&t(&q, nh), storage.layer(0), &layout, &b, params).unwrap();
                 got.extend(o.flatten_all().unwrap().to_vec1::<f32>().unwrap());
@@ -870,7 +964,7 @@ mod tests {
             scale: 1.0,
             sliding_window: None,
             softcap: None,
-            causal: true,
+            keys: Keys::Causal,
         };
         let mut out_of_pool = ForwardBatch::new();
         out_of_pool.push_seq(&[0], 0, &[7], bs, Logits::Last);
