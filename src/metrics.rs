@@ -1,4 +1,6 @@
-//! Prometheus metrics, named like vLLM's with a `candela:` prefix.
+//! Prometheus metrics, named like vLLM's with a `candela:` prefix
+//! (`--metrics-prefix vllm` for routers that know only vLLM's names), plus
+//! the standard `process_*` metrics of the server process.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -9,6 +11,13 @@ use prometheus::{
 
 use crate::engine::{FinishReason, StatsSnapshot, Timings, Usage};
 use crate::layers::ExpertStats;
+
+/// Token-count buckets (prompt and generation lengths, tokens per step), as
+/// vLLM's 1-2-5 series.
+const TOKEN_BUCKETS: &[f64] = &[
+    1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0, 20000.0,
+    50000.0, 100000.0,
+];
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -28,11 +37,21 @@ pub struct MemoryInfo {
 
 pub struct Metrics {
     model_name: String,
+    /// `candela` or what `--metrics-prefix` says: every engine metric is
+    /// `{prefix}:{vLLM's name}`.
+    prefix: String,
     registry: Registry,
     ttft: Histogram,
     itl: Histogram,
+    tpot: Histogram,
     e2e: Histogram,
     queue: Histogram,
+    prefill_time: Histogram,
+    decode_time: Histogram,
+    inference_time: Histogram,
+    request_prompt_tokens: Histogram,
+    request_generation_tokens: Histogram,
+    iteration_tokens: Histogram,
     prompt_tokens: IntCounter,
     generation_tokens: IntCounter,
     success: IntCounterVec,
@@ -54,14 +73,29 @@ struct ExpertMetrics {
 }
 
 impl Metrics {
+    /// Metrics named `candela:*`.
     pub fn new(model_name: &str) -> Self {
+        Self::with_prefix(model_name, "candela")
+    }
+
+    /// Metrics named `{prefix}:*` (`vllm` for routers that read only vLLM's
+    /// names).
+    pub fn with_prefix(model_name: &str, prefix: &str) -> Self {
         let registry = Registry::new();
+        // The process's memory, CPU time, open files and threads (Linux).
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("unique metric");
+        let name = |n: &str| format!("{prefix}:{n}");
         let label = |o: Opts| o.const_label("model_name", model_name);
-        let hist = |name: &str, help: &str| {
+        let histogram = |n: &str, help: &str, buckets: &[f64]| {
             let h = Histogram::with_opts(
-                HistogramOpts::new(name, help)
+                HistogramOpts::new(name(n), help)
                     .const_label("model_name", model_name)
-                    .buckets(LATENCY_BUCKETS.to_vec()),
+                    .buckets(buckets.to_vec()),
             )
             .expect("valid histogram");
             registry
@@ -69,16 +103,18 @@ impl Metrics {
                 .expect("unique metric");
             h
         };
-        let counter = |name: &str, help: &str| {
-            let c = IntCounter::with_opts(label(Opts::new(name, help))).expect("valid counter");
+        let hist = |n: &str, help: &str| histogram(n, help, LATENCY_BUCKETS);
+        let tokens = |n: &str, help: &str| histogram(n, help, TOKEN_BUCKETS);
+        let counter = |n: &str, help: &str| {
+            let c = IntCounter::with_opts(label(Opts::new(name(n), help))).expect("valid counter");
             registry
                 .register(Box::new(c.clone()))
                 .expect("unique metric");
             c
         };
-        let gauge = |name: &str, help: &str| {
+        let gauge = |n: &str, help: &str| {
             let g =
-                prometheus::Gauge::with_opts(label(Opts::new(name, help))).expect("valid gauge");
+                prometheus::Gauge::with_opts(label(Opts::new(name(n), help))).expect("valid gauge");
             registry
                 .register(Box::new(g.clone()))
                 .expect("unique metric");
@@ -86,7 +122,7 @@ impl Metrics {
         };
         let success = IntCounterVec::new(
             label(Opts::new(
-                "candela:request_success_total",
+                name("request_success_total"),
                 "Finished requests by finish reason.",
             )),
             &["finished_reason"],
@@ -96,55 +132,72 @@ impl Metrics {
             .register(Box::new(success.clone()))
             .expect("unique metric");
         Self {
-            ttft: hist(
-                "candela:time_to_first_token_seconds",
-                "Time to first token.",
-            ),
+            ttft: hist("time_to_first_token_seconds", "Time to first token."),
             itl: hist(
-                "candela:inter_token_latency_seconds",
+                "inter_token_latency_seconds",
                 "Time between consecutive output tokens.",
             ),
-            e2e: hist(
-                "candela:e2e_request_latency_seconds",
-                "End-to-end request latency.",
+            tpot: hist(
+                "time_per_output_token_seconds",
+                "Time per output token (each interval between output tokens, as vLLM observes it).",
             ),
+            prefill_time: hist(
+                "request_prefill_time_seconds",
+                "Time from a request's first step to its first token.",
+            ),
+            decode_time: hist(
+                "request_decode_time_seconds",
+                "Time from a request's first token to its last.",
+            ),
+            inference_time: hist(
+                "request_inference_time_seconds",
+                "Time from a request's first step to its end.",
+            ),
+            request_prompt_tokens: tokens(
+                "request_prompt_tokens",
+                "Prompt tokens per finished request.",
+            ),
+            request_generation_tokens: tokens(
+                "request_generation_tokens",
+                "Generated tokens per finished request.",
+            ),
+            iteration_tokens: tokens(
+                "iteration_tokens_total",
+                "Tokens per engine step (prompt chunks and decoded tokens together).",
+            ),
+            e2e: hist("e2e_request_latency_seconds", "End-to-end request latency."),
             queue: hist(
-                "candela:request_queue_time_seconds",
+                "request_queue_time_seconds",
                 "Time spent waiting before the first step.",
             ),
-            prompt_tokens: counter("candela:prompt_tokens_total", "Prefilled prompt tokens."),
-            generation_tokens: counter("candela:generation_tokens_total", "Generated tokens."),
+            prompt_tokens: counter("prompt_tokens_total", "Prefilled prompt tokens."),
+            generation_tokens: counter("generation_tokens_total", "Generated tokens."),
             disconnects: counter(
-                "candela:client_disconnects_total",
+                "client_disconnects_total",
                 "Requests whose client went away before the end.",
             ),
             preemptions: counter(
-                "candela:num_preemptions_total",
+                "num_preemptions_total",
                 "Sequences preempted for lack of KV blocks.",
             ),
             prefix_queries: counter(
-                "candela:prefix_cache_queries_total",
+                "prefix_cache_queries_total",
                 "Prompt tokens looked up in the prefix cache.",
             ),
             prefix_hits: counter(
-                "candela:prefix_cache_hits_total",
+                "prefix_cache_hits_total",
                 "Prompt tokens found in the prefix cache.",
             ),
-            running: gauge(
-                "candela:num_requests_running",
-                "Sequences in the running batch.",
-            ),
-            waiting: gauge(
-                "candela:num_requests_waiting",
-                "Sequences waiting to be scheduled.",
-            ),
+            running: gauge("num_requests_running", "Sequences in the running batch."),
+            waiting: gauge("num_requests_waiting", "Sequences waiting to be scheduled."),
             kv_usage: gauge(
-                "candela:kv_cache_usage_perc",
+                "kv_cache_usage_perc",
                 "Fraction of KV cache blocks in use (0-1).",
             ),
             success,
             registry,
             model_name: model_name.to_string(),
+            prefix: prefix.to_string(),
             experts: None,
         }
     }
@@ -156,11 +209,11 @@ impl Metrics {
     /// tokens evenly, the number of experts when one takes them all).
     pub fn set_expert_stats(&mut self, stats: Arc<ExpertStats>) {
         let opts = |name: &str, help: &str| {
-            Opts::new(name, help).const_label("model_name", self.model_name.as_str())
+            Opts::new(self.name(name), help).const_label("model_name", self.model_name.as_str())
         };
         let routed = IntCounterVec::new(
             opts(
-                "candela:moe_routed_tokens_total",
+                "moe_routed_tokens_total",
                 "Tokens routed to experts (k per token) by MoE layer.",
             ),
             &["layer"],
@@ -168,7 +221,7 @@ impl Metrics {
         .expect("valid counter");
         let imbalance = prometheus::GaugeVec::new(
             opts(
-                "candela:moe_expert_load_imbalance",
+                "moe_expert_load_imbalance",
                 "Tokens of the busiest expert over the mean, by MoE layer (1 = balanced).",
             ),
             &["layer"],
@@ -192,7 +245,7 @@ impl Metrics {
     pub fn set_memory(&self, mem: &MemoryInfo) {
         let info = prometheus::Gauge::with_opts(
             Opts::new(
-                "candela:cache_config_info",
+                self.name("cache_config_info"),
                 "KV cache configuration (labels; value 1).",
             )
             .const_label("model_name", &self.model_name)
@@ -206,7 +259,7 @@ impl Metrics {
         info.set(1.0);
         let bytes = |name: &str, help: &str, v: u64| {
             let g = prometheus::Gauge::with_opts(
-                Opts::new(name, help).const_label("model_name", &self.model_name),
+                Opts::new(self.name(name), help).const_label("model_name", &self.model_name),
             )
             .expect("valid gauge");
             g.set(v as f64);
@@ -215,12 +268,12 @@ impl Metrics {
         let gauges = [
             info,
             bytes(
-                "candela:kv_cache_bytes",
+                "kv_cache_bytes",
                 "Bytes of the KV cache pool.",
                 mem.kv_cache_bytes,
             ),
             bytes(
-                "candela:model_weights_bytes",
+                "model_weights_bytes",
                 "Resident memory the model took when it loaded (weights and tokenizer).",
                 mem.weights_bytes,
             ),
@@ -231,19 +284,38 @@ impl Metrics {
         }
     }
 
+    fn name(&self, n: &str) -> String {
+        format!("{}:{n}", self.prefix)
+    }
+
+    /// The histogram of tokens per engine step, for the engine to observe
+    /// ([`crate::engine::EngineHandle::observe_steps`]).
+    pub fn iteration_tokens(&self) -> Histogram {
+        self.iteration_tokens.clone()
+    }
+
     /// A finished request: latencies and token counts.
     pub fn record_request(&self, usage: &Usage, timings: &Timings) {
         self.prompt_tokens.inc_by(usage.prompt_tokens as u64);
         self.generation_tokens
             .inc_by(usage.completion_tokens as u64);
-        let since = |t: Instant| t.saturating_duration_since(timings.arrived).as_secs_f64();
+        self.request_prompt_tokens
+            .observe(usage.prompt_tokens as f64);
+        self.request_generation_tokens
+            .observe(usage.completion_tokens as f64);
+        let secs = |from: Instant, to: Instant| to.saturating_duration_since(from).as_secs_f64();
         if let Some(first) = timings.first_token {
-            self.ttft.observe(since(first));
+            self.ttft.observe(secs(timings.arrived, first));
+            self.decode_time.observe(secs(first, timings.finished));
         }
         if let Some(s) = timings.scheduled {
-            self.queue.observe(since(s));
+            self.queue.observe(secs(timings.arrived, s));
+            self.inference_time.observe(secs(s, timings.finished));
+            if let Some(first) = timings.first_token {
+                self.prefill_time.observe(secs(s, first));
+            }
         }
-        self.e2e.observe(since(timings.finished));
+        self.e2e.observe(secs(timings.arrived, timings.finished));
     }
 
     pub fn record_finish(&self, reason: FinishReason) {
@@ -252,6 +324,7 @@ impl Metrics {
 
     pub fn record_inter_token(&self, seconds: f64) {
         self.itl.observe(seconds);
+        self.tpot.observe(seconds);
     }
 
     pub fn record_disconnect(&self) {
@@ -328,6 +401,52 @@ mod tests {
             "candela:cache_config_info{block_size=\"16\",cache_dtype=\"f16\",enable_prefix_caching=\"true\",model_name=\"m\",num_cpu_blocks=\"0\",num_gpu_blocks=\"100\"} 1",
             "candela:kv_cache_bytes{model_name=\"m\"} 1048576",
             "candela:model_weights_bytes{model_name=\"m\"} 5242880",
+        ] {
+            assert!(text.contains(name), "{name} missing in\n{text}");
+        }
+    }
+
+    #[test]
+    fn vllm_prefix_request_histograms_and_process_metrics() {
+        let m = Metrics::with_prefix("m", "vllm");
+        let t0 = Instant::now();
+        let ms = |n| t0 + std::time::Duration::from_millis(n);
+        m.record_request(
+            &Usage {
+                prompt_tokens: 7,
+                completion_tokens: 3,
+                cached_tokens: 0,
+            },
+            &Timings {
+                arrived: t0,
+                scheduled: Some(ms(10)),
+                first_token: Some(ms(30)),
+                finished: ms(100),
+            },
+        );
+        m.record_inter_token(0.02);
+        m.iteration_tokens().observe(42.0);
+        m.record_finish(FinishReason::Abort);
+        let text = m.render(&StatsSnapshot::default());
+        for name in [
+            "vllm:num_requests_waiting{model_name=\"m\"} 0",
+            "vllm:request_prefill_time_seconds_sum{model_name=\"m\"} 0.02",
+            "vllm:request_decode_time_seconds_sum{model_name=\"m\"} 0.07",
+            "vllm:request_inference_time_seconds_sum{model_name=\"m\"} 0.09",
+            "vllm:request_prompt_tokens_sum{model_name=\"m\"} 7",
+            "vllm:request_generation_tokens_bucket{model_name=\"m\",le=\"5\"} 1",
+            "vllm:time_per_output_token_seconds_count{model_name=\"m\"} 1",
+            "vllm:iteration_tokens_total_sum{model_name=\"m\"} 42",
+            "vllm:request_success_total{finished_reason=\"abort\",model_name=\"m\"} 1",
+        ] {
+            assert!(text.contains(name), "{name} missing in\n{text}");
+        }
+        assert!(!text.contains("candela:"), "{text}");
+        #[cfg(target_os = "linux")]
+        for name in [
+            "process_resident_memory_bytes",
+            "process_cpu_seconds_total",
+            "process_open_fds",
         ] {
             assert!(text.contains(name), "{name} missing in\n{text}");
         }

@@ -53,7 +53,7 @@ fn example_configs_load_and_flags_override_them() {
     let v = serve_args(&["--config", path.to_str().unwrap(), "--max-num-seqs", "7"]).unwrap();
     assert_eq!(v["max_num_seqs"], 7);
     assert_eq!(v["max_num_batched_tokens"], 512);
-    assert_eq!(v["served_model_name"], "smollm2");
+    assert_eq!(v["served_model_name"], serde_json::json!(["smollm2"]));
 }
 
 #[test]

@@ -600,3 +600,112 @@ fn repeated_prompts_report_cached_tokens_and_the_cache_can_be_reset() {
     let (_, v) = off.post("/v1/completions", body);
     assert_eq!(cached(&v), 0);
 }
+
+#[test]
+fn several_served_names_all_answer_the_first_is_reported_and_metrics_take_vllm_names() {
+    let s = start(&[
+        "--served-model-name",
+        "alias-a",
+        "org/alias-b",
+        "--metrics-prefix",
+        "vllm",
+    ]);
+    let (st, models) = s.get("/v1/models");
+    assert_eq!(st, 200);
+    let models: Value = serde_json::from_str(&models).unwrap();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["stories", "alias-a", "org/alias-b"]);
+    let (st, one) = s.get("/v1/models/org/alias-b");
+    assert_eq!(st, 200);
+    assert_eq!(
+        serde_json::from_str::<Value>(&one).unwrap()["id"],
+        "org/alias-b"
+    );
+    for name in ["stories", "alias-a", "org/alias-b"] {
+        let (st, v) = s.post(
+            "/v1/completions",
+            json!({"model": name, "prompt": "Once", "max_tokens": 2}),
+        );
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(v["model"], "stories", "responses report the first name");
+    }
+    let (st, body) = s.post(
+        "/v1/completions",
+        json!({"model": "gpt-4o", "prompt": "Once", "max_tokens": 2}),
+    );
+    assert_error(st, &body, 404, Some("model"));
+    let msg = body["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.ends_with("This server serves: `stories`, `alias-a`, `org/alias-b`."),
+        "{msg}"
+    );
+    let (_, metrics) = s.get("/metrics");
+    for name in [
+        "vllm:num_requests_waiting{model_name=\"stories\"}",
+        "vllm:kv_cache_usage_perc{",
+        "vllm:request_success_total{finished_reason=\"length\",model_name=\"stories\"} 3",
+        "vllm:iteration_tokens_total_count{",
+        "vllm:request_prefill_time_seconds_count{model_name=\"stories\"} 3",
+        "vllm:cache_config_info{",
+        "process_resident_memory_bytes",
+    ] {
+        assert!(metrics.contains(name), "{name} missing in\n{metrics}");
+    }
+    assert!(!metrics.contains("candela:"), "{metrics}");
+}
+
+#[test]
+fn continuous_usage_stats_put_the_usage_so_far_in_every_chunk() {
+    let s = server();
+    let opts = json!({"include_usage": true, "continuous_usage_stats": true});
+    for (path, body) in [
+        (
+            "/v1/completions",
+            json!({"model": "stories", "prompt": "Once upon a time", "max_tokens": 6,
+                   "temperature": 0, "ignore_eos": true, "stream": true, "stream_options": opts}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "stories", "messages": [{"role": "user", "content": "Hi"}],
+                   "max_tokens": 6, "temperature": 0, "ignore_eos": true, "stream": true,
+                   "stream_options": opts}),
+        ),
+    ] {
+        let (st, text) = s.post_raw(path, &body.to_string(), None);
+        assert_eq!(st, 200, "{text}");
+        let chunks: Vec<Value> = sse_payloads(&text)
+            .iter()
+            .filter(|p| *p != "[DONE]")
+            .map(|p| serde_json::from_str(p).unwrap())
+            .collect();
+        let last = chunks.last().unwrap();
+        assert!(last["choices"].as_array().unwrap().is_empty(), "{last}");
+        let prompt = last["usage"]["prompt_tokens"].as_u64().unwrap();
+        assert_eq!(last["usage"]["completion_tokens"], 6);
+        let mut seen = 0;
+        for c in &chunks {
+            let u = &c["usage"];
+            assert_eq!(u["prompt_tokens"].as_u64(), Some(prompt), "{path}: {c}");
+            let done = u["completion_tokens"].as_u64().unwrap();
+            assert!(done >= seen, "{path}: usage went back: {c}");
+            assert_eq!(u["total_tokens"].as_u64(), Some(prompt + done));
+            seen = done;
+        }
+        assert_eq!(seen, 6, "{path}");
+        // Without the flag, only the last chunk has usage (OpenAI's).
+        let mut plain = body.clone();
+        plain["stream_options"] = json!({"include_usage": true});
+        let (_, text) = s.post_raw(path, &plain.to_string(), None);
+        let with_usage = sse_payloads(&text)
+            .iter()
+            .filter(|p| *p != "[DONE]")
+            .filter(|p| !serde_json::from_str::<Value>(p).unwrap()["usage"].is_null())
+            .count();
+        assert_eq!(with_usage, 1, "{path}");
+    }
+}

@@ -16,7 +16,7 @@ use super::protocol::chat::{
     AssistantMessage, ChatChoice, ChatChunk, ChatLogprobs, ChatMessage, ChatRequest, ChatResponse,
     ChunkChoice, Content, Delta,
 };
-use super::protocol::{random_id, unix_now, UsageJson};
+use super::protocol::{random_id, unix_now, RunningUsage, StreamOptions, UsageJson};
 use super::sse::{self, ChunkWriter, Frame};
 use super::structured::compile_spec;
 use super::tools::ToolMode;
@@ -124,7 +124,8 @@ pub fn render_prompt(
 pub struct Prepared {
     pub req: ValidRequest,
     pub stream: bool,
-    pub include_usage: bool,
+    /// `stream_options`: `(include_usage, continuous_usage_stats)`.
+    pub usage_flags: (bool, bool),
     pub logprobs: bool,
     pub tool_mode: ToolMode,
 }
@@ -233,11 +234,7 @@ fn prepare_request(st: &AppState, req: ChatRequest) -> Result<Prepared, ApiError
     Ok(Prepared {
         req: gen,
         stream: req.common.stream.unwrap_or(false),
-        include_usage: req
-            .common
-            .stream_options
-            .and_then(|o| o.include_usage)
-            .unwrap_or(false),
+        usage_flags: StreamOptions::usage_flags(req.common.stream_options.as_ref()),
         logprobs,
         tool_mode,
     })
@@ -291,6 +288,7 @@ async fn run(st: Arc<AppState>, body: axum::body::Bytes) -> Result<Response, Api
         .offload(super::Lane::Generate, move |st| prepare(st, &body))
         .await?;
     let n = p.req.n;
+    let prompt_tokens = p.req.prompt_ids.len();
     let streams = submit_all(&st, vec![p.req])?;
     super::tracker::note_engine_ids(&streams);
     let outputs = (0..n)
@@ -302,7 +300,11 @@ async fn run(st: Arc<AppState>, body: axum::body::Bytes) -> Result<Response, Api
         tracker: Tracker::new(st.metrics.clone(), n),
         st,
         logprobs: p.logprobs,
-        include_usage: p.include_usage,
+        include_usage: p.usage_flags.0,
+        running_usage: p
+            .usage_flags
+            .1
+            .then(|| RunningUsage::new(&[prompt_tokens], n)),
         usage: Usage::default(),
         outputs,
     };
@@ -322,7 +324,10 @@ async fn run(st: Arc<AppState>, body: axum::body::Bytes) -> Result<Response, Api
                         logprobs: None,
                         finish_reason: None,
                     }],
-                    None,
+                    // The prompt's usage, nothing generated yet.
+                    w.running_usage
+                        .is_some()
+                        .then(|| UsageJson::new(prompt_tokens, 0, 0)),
                 )
             })
             .collect();
@@ -400,6 +405,8 @@ struct Writer {
     created: u64,
     logprobs: bool,
     include_usage: bool,
+    /// `continuous_usage_stats`: usage in every chunk.
+    running_usage: Option<RunningUsage>,
     usage: Usage,
     tracker: Tracker,
     outputs: Vec<ChoiceOutput>,
@@ -445,6 +452,10 @@ impl ChunkWriter for Writer {
                     piece.tool_deltas.extend(rest.tool_deltas);
                 }
                 let finish_reason = output.finish_reason(o.finish_reason);
+                let usage = self
+                    .running_usage
+                    .as_mut()
+                    .map(|u| u.add(o.index, o.token_ids.len()));
                 if !piece.is_empty() || finish_reason.is_some() || logprobs.is_some() {
                     let Piece {
                         reasoning,
@@ -462,7 +473,7 @@ impl ChunkWriter for Writer {
                         logprobs,
                         finish_reason,
                     };
-                    out.push_back(Frame::from(self.chunk(vec![choice], None)));
+                    out.push_back(Frame::from(self.chunk(vec![choice], usage)));
                 }
             }
             EngineEvent::Done { usage, timings } => {

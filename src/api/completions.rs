@@ -12,7 +12,7 @@ use super::logprobs::{push_completion, TextOffsets};
 use super::protocol::completions::{
     CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Prompt,
 };
-use super::protocol::{random_id, unix_now, UsageJson};
+use super::protocol::{random_id, unix_now, RunningUsage, StreamOptions, UsageJson};
 use super::sse::{self, ChunkWriter, Frame};
 use super::tracker::Tracker;
 use super::validate::{check_num_seqs, engine_params, parse_json};
@@ -42,7 +42,8 @@ struct Prepared {
     logprobs: Option<usize>,
     skip_special_tokens: bool,
     stream: bool,
-    include_usage: bool,
+    /// `stream_options`: `(include_usage, continuous_usage_stats)`.
+    usage_flags: (bool, bool),
 }
 
 /// Refuses a text prompt that can never fit the context before the
@@ -171,11 +172,7 @@ fn prepare(st: &AppState, body: &[u8]) -> Result<Prepared, ApiError> {
         logprobs,
         skip_special_tokens,
         stream: req.common.stream.unwrap_or(false),
-        include_usage: req
-            .common
-            .stream_options
-            .and_then(|o| o.include_usage)
-            .unwrap_or(false),
+        usage_flags: StreamOptions::usage_flags(req.common.stream_options.as_ref()),
     })
 }
 
@@ -215,6 +212,10 @@ async fn run(st: Arc<AppState>, body: axum::body::Bytes) -> Result<Response, Api
             TextOffsets::new(&prompt_ids[prompt], p.skip_special_tokens, base)
         })
         .collect();
+    let running_usage = p.usage_flags.1.then(|| {
+        let lens: Vec<usize> = prompt_ids.iter().map(Vec::len).collect();
+        RunningUsage::new(&lens, p.n)
+    });
     let writer = Writer {
         st: st.clone(),
         id: random_id("cmpl-"),
@@ -224,7 +225,8 @@ async fn run(st: Arc<AppState>, body: axum::body::Bytes) -> Result<Response, Api
         logprobs: p.logprobs.is_some(),
         prompts: p.prompts,
         prompt_ids,
-        include_usage: p.include_usage,
+        include_usage: p.usage_flags.0,
+        running_usage,
         usage: Usage::default(),
         echoed: vec![false; num_choices],
         offsets,
@@ -335,6 +337,8 @@ struct Writer {
     prompts: Vec<EchoedPrompt>,
     prompt_ids: Vec<Vec<u32>>,
     include_usage: bool,
+    /// `continuous_usage_stats`: usage in every chunk.
+    running_usage: Option<RunningUsage>,
     usage: Usage,
     echoed: Vec<bool>,
     /// Where the next generated token of each choice starts in its text.
@@ -417,6 +421,10 @@ impl ChunkWriter for Writer {
                     }
                     l
                 });
+                let usage = self
+                    .running_usage
+                    .as_mut()
+                    .map(|u| u.add(i, o.token_ids.len()));
                 if !o.text.is_empty() || o.finish_reason.is_some() || logprobs.is_some() {
                     let choice = CompletionChoice {
                         index: i,
@@ -424,7 +432,7 @@ impl ChunkWriter for Writer {
                         logprobs,
                         finish_reason: o.finish_reason.map(FinishReason::as_str),
                     };
-                    out.push_back(Frame::from(self.chunk(vec![choice], None)));
+                    out.push_back(Frame::from(self.chunk(vec![choice], usage)));
                 }
             }
             EngineEvent::Done { usage, timings } => {

@@ -16,10 +16,11 @@ use super::protocol::chat::ChatMessage;
 use super::validate::parse_json;
 use super::AppState;
 
-/// The served model as OpenAI's model object (with vLLM's extra fields).
-fn model_object(st: &AppState) -> Value {
+/// The served model under one of its names as OpenAI's model object (with
+/// vLLM's extra fields).
+fn model_object(st: &AppState, id: &str) -> Value {
     json!({
-        "id": st.model_name,
+        "id": id,
         "object": "model",
         "created": st.created,
         "owned_by": "candela",
@@ -32,7 +33,12 @@ fn model_object(st: &AppState) -> Value {
 }
 
 pub async fn models(State(st): State<Arc<AppState>>) -> Response {
-    axum::Json(json!({"object": "list", "data": [model_object(&st)]})).into_response()
+    let data: Vec<Value> = st
+        .served_names
+        .iter()
+        .map(|n| model_object(&st, n))
+        .collect();
+    axum::Json(json!({"object": "list", "data": data})).into_response()
 }
 
 /// `GET /v1/models/{id}`: OpenAI's retrieve; ids may contain `/` (a path or
@@ -42,7 +48,15 @@ pub async fn model(
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> Response {
     match st.check_model(Some(&id)) {
-        Ok(()) => axum::Json(model_object(&st)).into_response(),
+        // The model's own path (also accepted) is reported as its first name.
+        Ok(()) => {
+            let id = if st.served_names.contains(&id) {
+                &id
+            } else {
+                &st.model_name
+            };
+            axum::Json(model_object(&st, id)).into_response()
+        }
         Err(e) => e.into_response(),
     }
 }

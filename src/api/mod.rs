@@ -43,8 +43,12 @@ pub use error::ApiError;
 /// path to mutable state).
 pub struct AppState {
     pub engine: EngineHandle,
-    /// `--served-model-name`, or the model path.
+    /// The first `--served-model-name`, or the model path: what responses
+    /// report.
     pub model_name: String,
+    /// Every `--served-model-name` (the first is `model_name`): all accepted
+    /// in `model`, all listed by `/v1/models`.
+    pub served_names: Vec<String>,
     /// The path or repo id the model came from (also accepted as `model`).
     pub model_root: String,
     pub chat_template: Option<ChatTemplate>,
@@ -132,10 +136,15 @@ impl AppState {
     pub fn check_model(&self, requested: Option<&str>) -> Result<(), ApiError> {
         match requested {
             None => Ok(()),
-            Some(m) if m == self.model_name || m == self.model_root => Ok(()),
+            Some(m) if self.served_names.iter().any(|n| n == m) || m == self.model_root => Ok(()),
             Some(m) => Err(ApiError::ModelNotFound {
                 requested: m.to_string(),
-                served: format!("`{}`", self.model_name),
+                served: self
+                    .served_names
+                    .iter()
+                    .map(|n| format!("`{n}`"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
             }),
         }
     }

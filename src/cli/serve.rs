@@ -48,9 +48,14 @@ pub struct ServeArgs {
     /// API keys accepted as `Authorization: Bearer <key>` (repeat, or comma-separate).
     #[arg(long, env = "CANDELA_API_KEY", value_delimiter = ',')]
     pub api_key: Vec<String>,
-    /// Model id in the API (default: the --model value, or stories260K).
-    #[arg(long)]
-    pub served_model_name: Option<String>,
+    /// Prefix of the engine's Prometheus metrics: `candela` (`candela:num_requests_waiting`,
+    /// ...) or, for routers and dashboards that know only vLLM's names, `vllm`.
+    #[arg(long, default_value = "candela", value_parser = parse_metrics_prefix)]
+    pub metrics_prefix: String,
+    /// Model ids in the API (default: the --model value, or stories260K). Several names are
+    /// all accepted in `model` and listed by /v1/models; responses report the first.
+    #[arg(long, num_args = 1..)]
+    pub served_model_name: Vec<String>,
     /// Jinja chat template file overriding the model's.
     #[arg(long)]
     pub chat_template: Option<std::path::PathBuf>,
@@ -139,10 +144,12 @@ pub fn build_app(args: &ServeArgs) -> anyhow::Result<(axum::Router, Arc<AppState
         tracing::warn!("the model has no chat template: /v1/chat/completions will answer 400 (see --chat-template)");
     }
     let vocab_size = loaded.model.spec().vocab_size;
-    let model_name = args
-        .served_model_name
-        .clone()
-        .unwrap_or_else(|| args.model.display_name());
+    let served_names: Vec<String> = if args.served_model_name.is_empty() {
+        vec![args.model.display_name()]
+    } else {
+        args.served_model_name.clone()
+    };
+    let model_name = served_names[0].clone();
     let mut engine_cfg = args.engine.engine_config(max_model_len)?;
     // A recurrent state is not in blocks of tokens, and an encoder's keys
     // depend on the whole input: nothing to share.
@@ -193,16 +200,20 @@ pub fn build_app(args: &ServeArgs) -> anyhow::Result<(axum::Router, Arc<AppState
         .map(crate::api::reasoning::ReasoningKind::from_name)
         .transpose()?;
     let state = Arc::new(AppState {
-        engine,
         metrics: {
-            let mut m = Metrics::new(&model_name);
+            let mut m = Metrics::with_prefix(&model_name, &args.metrics_prefix);
+            let steps = m.iteration_tokens();
+            engine.observe_steps(move |n| steps.observe(n as f64));
             m.set_memory(&memory);
+
             if let Some(stats) = expert_stats {
                 m.set_expert_stats(stats);
             }
             Arc::new(m)
         },
+        engine,
         model_name,
+        served_names,
         model_root: args.model.display_name(),
         chat_template,
         max_model_len,
@@ -233,6 +244,23 @@ pub fn build_app(args: &ServeArgs) -> anyhow::Result<(axum::Router, Arc<AppState
         },
     );
     Ok((app, state))
+}
+
+/// A Prometheus metric name's first part: letters, digits and `_`, not
+/// starting with a digit.
+fn parse_metrics_prefix(s: &str) -> Result<String, String> {
+    let ok = s
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{s:?} is not a metric name prefix (letters, digits and _, e.g. candela or vllm)"
+        ))
+    }
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {

@@ -159,6 +159,11 @@ impl EngineHandle {
         self.shared.stats.snapshot()
     }
 
+    /// Has the engine thread call `f` with the tokens of every step.
+    pub fn observe_steps(&self, f: impl Fn(usize) + Send + Sync + 'static) {
+        self.shared.stats.observe_steps(f);
+    }
+
     pub fn is_alive(&self) -> bool {
         self.shared.alive.load(Ordering::SeqCst)
     }

@@ -24,6 +24,17 @@ pub struct EngineStats {
     finished_length: AtomicU64,
     prefix_queried: AtomicU64,
     prefix_hit: AtomicU64,
+    /// Told the tokens of every step (the metrics' per-step histogram).
+    step_observer: std::sync::OnceLock<StepObserver>,
+}
+
+/// A function told the tokens of each engine step.
+pub struct StepObserver(pub Box<dyn Fn(usize) + Send + Sync>);
+
+impl std::fmt::Debug for StepObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StepObserver")
+    }
 }
 
 /// A consistent-enough copy of the stats.
@@ -118,6 +129,15 @@ impl EngineStats {
     pub(super) fn record_step(&self, tokens: usize) {
         self.steps.fetch_add(1, Relaxed);
         self.step_tokens.fetch_add(tokens as u64, Relaxed);
+        if let Some(o) = self.step_observer.get() {
+            (o.0)(tokens);
+        }
+    }
+
+    /// Sets the function told each step's tokens (once; later calls are
+    /// ignored).
+    pub fn observe_steps(&self, f: impl Fn(usize) + Send + Sync + 'static) {
+        let _ = self.step_observer.set(StepObserver(Box::new(f)));
     }
 
     pub(super) fn record_generated(&self, n: u64) {

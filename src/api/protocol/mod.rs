@@ -29,6 +29,49 @@ impl Stop {
 pub struct StreamOptions {
     #[serde(default)]
     pub include_usage: Option<bool>,
+    /// vLLM's: with `include_usage`, every chunk carries the usage so far.
+    #[serde(default)]
+    pub continuous_usage_stats: Option<bool>,
+}
+
+impl StreamOptions {
+    /// `(include_usage, continuous_usage_stats)` as vLLM reads them: the
+    /// second only with the first.
+    pub fn usage_flags(o: Option<&StreamOptions>) -> (bool, bool) {
+        let include = o.and_then(|o| o.include_usage).unwrap_or(false);
+        let continuous = include && o.and_then(|o| o.continuous_usage_stats).unwrap_or(false);
+        (include, continuous)
+    }
+}
+
+/// The usage so far of each choice of a streamed request, for vLLM's
+/// `continuous_usage_stats`: its prompt's tokens and the tokens it has
+/// generated (as vLLM counts them, per choice).
+#[derive(Debug, Clone, Default)]
+pub struct RunningUsage {
+    /// Prompt tokens of each choice's prompt.
+    prompt: Vec<usize>,
+    generated: Vec<usize>,
+}
+
+impl RunningUsage {
+    /// `prompts`: each prompt's token count; `n` choices per prompt.
+    pub fn new(prompts: &[usize], n: usize) -> Self {
+        let prompt: Vec<usize> = prompts
+            .iter()
+            .flat_map(|&p| std::iter::repeat_n(p, n))
+            .collect();
+        Self {
+            generated: vec![0; prompt.len()],
+            prompt,
+        }
+    }
+
+    /// Counts `tokens` more for `choice`; returns its usage now.
+    pub fn add(&mut self, choice: usize, tokens: usize) -> UsageJson {
+        self.generated[choice] += tokens;
+        UsageJson::new(self.prompt[choice], self.generated[choice], 0)
+    }
 }
 
 /// Sampling fields shared by completions and chat (OpenAI's plus vLLM's extensions).
