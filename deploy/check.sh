@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Deployment checks, run by .ci/run:
 #   hadolint on the Dockerfile; yamllint on every YAML file; Kubernetes schema validation of the
-#   manifests and of the Helm chart rendered offline (after helm lint); the TOML in the ConfigMaps
+#   manifests, of the gateway overlay rendered offline (its InferencePool, Gateway and HTTPRoute
+#   against the CRD schemas vendored in deploy/schemas), of the compose files (against the Compose
+#   Specification's schema) and of the Helm chart rendered offline (after helm lint); the TOML in the ConfigMaps
 #   uses only known keys; and, where podman is present, an image build + run + /health + a completion.
 # Tools come from PyPI into deploy/.venv (git-ignored).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=deploy/.venv
-if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import helm_python, kubernetes_validate, yaml" 2>/dev/null; then
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import helm_python, kubernetes_validate, yaml, jsonpatch, jsonschema" 2>/dev/null; then
     python3 -m venv "$VENV"
     "$VENV/bin/pip" install --quiet -r deploy/requirements.txt
 fi
@@ -17,7 +19,7 @@ echo "== hadolint"
 hadolint Dockerfile
 
 echo "== yamllint"
-yamllint -c deploy/yamllint.yaml deploy/kubernetes deploy/compose deploy/helm/candela/values.yaml deploy/helm/candela/Chart.yaml
+yamllint -c deploy/yamllint.yaml deploy/kubernetes deploy/gateway deploy/compose deploy/helm/candela/values.yaml deploy/helm/candela/Chart.yaml
 
 # Kinds without bundled schemas (Kustomization, ServiceMonitor) only warn; any ERROR fails.
 validate() {
@@ -30,9 +32,17 @@ validate() {
 echo "== manifests"
 validate deploy/kubernetes/*.yaml
 
-echo "== helm chart"
+echo "== gateway overlay (N replicas behind the Gateway API Inference Extension)"
 RENDER=$(mktemp -d)
-trap 'rm -rf "$RENDER"' EXIT
+GATEWAY=$(mktemp -d)
+trap 'rm -rf "$RENDER" "$GATEWAY"' EXIT
+python deploy/check_gateway.py "$GATEWAY"
+validate "$GATEWAY"/*.yaml
+
+echo "== compose files"
+python deploy/check_compose.py
+
+echo "== helm chart"
 python deploy/render_chart.py "$RENDER"
 validate "$RENDER"/*.yaml
 
@@ -55,7 +65,7 @@ if command -v podman >/dev/null 2>&1; then
     podman rm -f -t 2 candela-check >/dev/null 2>&1 || true
     PORT=18765
     podman run -d --init --network=host --name candela-check candela:check --port "$PORT" >/dev/null
-    trap 'podman rm -f -t 2 candela-check >/dev/null 2>&1 || true; rm -rf "$RENDER"' EXIT
+    trap 'podman rm -f -t 2 candela-check >/dev/null 2>&1 || true; rm -rf "$RENDER" "$GATEWAY"' EXIT
     for _ in $(seq 1 100); do
         curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && break
         sleep 0.2
