@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 
 use super::chat_output::{ChoiceOutput, Piece};
 use super::completions::{check_text_fits, submit_all};
-use super::error::ApiError;
+use super::error::{ApiError, ErrorResponse};
 use super::guard::ReadBody;
 use super::logprobs::chat_entry;
 use super::protocol::chat::{
@@ -276,6 +276,14 @@ fn refuse_unsupported(req: &ChatRequest) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// OpenAI's chat completions; with `stream`, server-sent events of
+/// `ChatChunk`s ending with `data: [DONE]`.
+#[utoipa::path(post, path = "/v1/chat/completions", operation_id = "createChatCompletion", tag = "openai", request_body = ChatRequest,
+    responses(
+        (status = 200, content(
+            (ChatResponse = "application/json"),
+            (ChatChunk = "text/event-stream"))),
+        (status = "4XX", body = ErrorResponse), (status = "5XX", body = ErrorResponse)))]
 pub async fn handle(State(st): State<Arc<AppState>>, ReadBody(body): ReadBody) -> Response {
     match run(st, body).await {
         Ok(r) => r,

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorResponse};
 use super::guard::ReadBody;
 use super::logprobs::{push_completion, TextOffsets};
 use super::protocol::completions::{
@@ -176,6 +176,14 @@ fn prepare(st: &AppState, body: &[u8]) -> Result<Prepared, ApiError> {
     })
 }
 
+/// OpenAI's completions; with `stream`, server-sent events of
+/// `CompletionResponse` chunks ending with `data: [DONE]`.
+#[utoipa::path(post, path = "/v1/completions", operation_id = "createCompletion", tag = "openai", request_body = CompletionRequest,
+    responses(
+        (status = 200, content(
+            (CompletionResponse = "application/json"),
+            (CompletionResponse = "text/event-stream"))),
+        (status = "4XX", body = ErrorResponse), (status = "5XX", body = ErrorResponse)))]
 pub async fn handle(State(st): State<Arc<AppState>>, ReadBody(body): ReadBody) -> Response {
     match run(st, body).await {
         Ok(r) => r,

@@ -7,10 +7,9 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorResponse};
 use super::guard::ReadBody;
 use super::validate::parse_json;
 use super::AppState;
@@ -18,7 +17,7 @@ use crate::engine::{EngineEvent, GenerateRequest, ValidRequest};
 use crate::models::ModelKind;
 
 /// `input`: a string, strings, token ids, or lists of token ids.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum Input {
     Text(String),
@@ -27,7 +26,7 @@ pub enum Input {
     TokenLists(Vec<Vec<u32>>),
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct EmbeddingRequest {
     pub input: Option<Input>,
     pub model: Option<String>,
@@ -38,6 +37,39 @@ pub struct EmbeddingRequest {
     pub truncate_prompt_tokens: Option<i64>,
     #[allow(dead_code)] // accepted and ignored, as OpenAI documents it
     pub user: Option<String>,
+}
+
+/// OpenAI's embeddings response.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct EmbeddingResponse {
+    /// `list`
+    pub object: &'static str,
+    pub data: Vec<Embedding>,
+    pub model: String,
+    pub usage: EmbeddingUsage,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Embedding {
+    /// `embedding`
+    pub object: &'static str,
+    pub index: usize,
+    pub embedding: Vector,
+}
+
+/// The vector: floats, or with `encoding_format: base64` its little-endian
+/// float32 bytes in base64.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(untagged)]
+pub enum Vector {
+    Float(Vec<f32>),
+    Base64(String),
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct EmbeddingUsage {
+    pub prompt_tokens: usize,
+    pub total_tokens: usize,
 }
 
 struct Prepared {
@@ -157,6 +189,10 @@ fn prepare(st: &AppState, body: &[u8]) -> Result<Prepared, ApiError> {
     })
 }
 
+/// OpenAI's embeddings (embedding models only).
+#[utoipa::path(post, path = "/v1/embeddings", operation_id = "createEmbedding", tag = "openai", request_body = EmbeddingRequest,
+    responses((status = 200, body = EmbeddingResponse),
+        (status = "4XX", body = ErrorResponse), (status = "5XX", body = ErrorResponse)))]
 pub async fn handle(State(st): State<Arc<AppState>>, ReadBody(body): ReadBody) -> Response {
     match run(st, body).await {
         Ok(r) => r,
@@ -192,17 +228,24 @@ async fn run(st: Arc<AppState>, body: axum::body::Bytes) -> Result<Response, Api
         }
         let embedding = if p.base64 {
             let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-            json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+            Vector::Base64(base64::engine::general_purpose::STANDARD.encode(bytes))
         } else {
-            json!(v)
+            Vector::Float(v)
         };
-        data.push(json!({"object": "embedding", "index": index, "embedding": embedding}));
+        data.push(Embedding {
+            object: "embedding",
+            index,
+            embedding,
+        });
     }
-    Ok(axum::Json(json!({
-        "object": "list",
-        "data": data,
-        "model": st.model_name,
-        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
-    }))
+    Ok(axum::Json(EmbeddingResponse {
+        object: "list",
+        data,
+        model: st.model_name.clone(),
+        usage: EmbeddingUsage {
+            prompt_tokens,
+            total_tokens: prompt_tokens,
+        },
+    })
     .into_response())
 }

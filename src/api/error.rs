@@ -4,7 +4,6 @@
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
 
 use crate::engine::EngineError;
 
@@ -110,8 +109,34 @@ impl ApiError {
             Self::ModelNotFound { .. } => Some("model".into()),
             _ => None,
         };
-        json!({"error": {"message": self.to_string(), "type": kind, "param": param, "code": code}})
+        let body = ErrorResponse {
+            error: ErrorObject {
+                message: self.to_string(),
+                kind: kind.to_string(),
+                param,
+                code: code.map(str::to_string),
+            },
+        };
+        serde_json::to_value(body).expect("an error object serializes")
     }
+}
+
+/// OpenAI's error response: `{"error": {"message", "type", "param", "code"}}`.
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorResponse {
+    pub error: ErrorObject,
+}
+
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorObject {
+    pub message: String,
+    /// `invalid_request_error`, `server_error`, `server_overloaded`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The request field at fault, when one is.
+    pub param: Option<String>,
+    /// A machine-readable code (`context_length_exceeded`, `model_not_found`, ...).
+    pub code: Option<String>,
 }
 
 impl IntoResponse for ApiError {
@@ -151,6 +176,7 @@ impl From<EngineError> for ApiError {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
     use super::*;
 
     #[test]

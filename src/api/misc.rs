@@ -5,44 +5,75 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::http::{header, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use super::chat::render_prompt;
-use super::error::ApiError;
+use super::error::{ApiError, ErrorResponse};
 use super::guard::ReadBody;
 use super::logprobs::token_text;
 use super::protocol::chat::ChatMessage;
 use super::validate::parse_json;
 use super::AppState;
 
-/// The served model under one of its names as OpenAI's model object (with
-/// vLLM's extra fields).
-fn model_object(st: &AppState, id: &str) -> Value {
-    json!({
-        "id": id,
-        "object": "model",
-        "created": st.created,
-        "owned_by": "candela",
-        "root": st.model_root,
-        "parent": null,
-        "max_model_len": st.max_model_len,
-        // vLLM's task names: "generate" or "embed".
-        "task": st.engine.model_kind().task(),
-    })
+/// OpenAI's model object, with vLLM's extra fields.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ModelObject {
+    pub id: String,
+    /// `model`
+    pub object: &'static str,
+    pub created: u64,
+    pub owned_by: &'static str,
+    /// The path or repo id the model came from.
+    pub root: String,
+    pub parent: Option<String>,
+    pub max_model_len: usize,
+    /// vLLM's task name: `generate` or `embed`.
+    pub task: &'static str,
 }
 
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ModelList {
+    /// `list`
+    pub object: &'static str,
+    pub data: Vec<ModelObject>,
+}
+
+/// The served model under one of its names.
+fn model_object(st: &AppState, id: &str) -> ModelObject {
+    ModelObject {
+        id: id.to_string(),
+        object: "model",
+        created: st.created,
+        owned_by: "candela",
+        root: st.model_root.clone(),
+        parent: None,
+        max_model_len: st.max_model_len,
+        task: st.engine.model_kind().task(),
+    }
+}
+
+/// OpenAI's list of models: every served name.
+#[utoipa::path(get, path = "/v1/models", operation_id = "listModels", tag = "models",
+    responses((status = 200, body = ModelList)))]
 pub async fn models(State(st): State<Arc<AppState>>) -> Response {
-    let data: Vec<Value> = st
+    let data = st
         .served_names
         .iter()
         .map(|n| model_object(&st, n))
         .collect();
-    axum::Json(json!({"object": "list", "data": data})).into_response()
+    axum::Json(ModelList {
+        object: "list",
+        data,
+    })
+    .into_response()
 }
 
 /// `GET /v1/models/{id}`: OpenAI's retrieve; ids may contain `/` (a path or
 /// a hub repo id), hence the wildcard route.
+#[utoipa::path(get, path = "/v1/models/{id}", operation_id = "retrieveModel", tag = "models",
+    params(("id" = String, Path, description = "A served model name (may contain `/`)")),
+    responses((status = 200, body = ModelObject), (status = 404, body = ErrorResponse)))]
 pub async fn model(
     State(st): State<Arc<AppState>>,
     axum::extract::Path(id): axum::extract::Path<String>,
@@ -61,8 +92,10 @@ pub async fn model(
     }
 }
 
-#[derive(Deserialize)]
-struct TokenizeRequest {
+/// vLLM's `/tokenize`: `prompt`, or chat `messages` rendered with the chat
+/// template.
+#[derive(Deserialize, utoipa::ToSchema)]
+pub struct TokenizeRequest {
     model: Option<String>,
     prompt: Option<String>,
     messages: Option<Vec<ChatMessage>>,
@@ -73,8 +106,19 @@ struct TokenizeRequest {
     chat_template_kwargs: Option<serde_json::Map<String, Value>>,
 }
 
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct TokenizeResponse {
+    count: usize,
+    max_model_len: usize,
+    tokens: Vec<u32>,
+    /// With `return_token_strs`.
+    token_strs: Option<Vec<String>>,
+}
+
+#[utoipa::path(post, path = "/tokenize", operation_id = "tokenize", tag = "tokenizer", request_body = TokenizeRequest,
+    responses((status = 200, body = TokenizeResponse), (status = 400, body = ErrorResponse)))]
 pub async fn tokenize(State(st): State<Arc<AppState>>, ReadBody(body): ReadBody) -> Response {
-    let run = move |st: &AppState| -> Result<Value, ApiError> {
+    let run = move |st: &AppState| -> Result<TokenizeResponse, ApiError> {
         let req: TokenizeRequest = parse_json(&body)?;
         st.check_model(req.model.as_deref())?;
         let tok = st.engine.tokenizer();
@@ -103,9 +147,12 @@ pub async fn tokenize(State(st): State<Arc<AppState>>, ReadBody(body): ReadBody)
             .return_token_strs
             .unwrap_or(false)
             .then(|| ids.iter().map(|&t| token_text(tok, t)).collect::<Vec<_>>());
-        Ok(
-            json!({"count": ids.len(), "max_model_len": st.max_model_len, "tokens": ids, "token_strs": strs}),
-        )
+        Ok(TokenizeResponse {
+            count: ids.len(),
+            max_model_len: st.max_model_len,
+            tokens: ids,
+            token_strs: strs,
+        })
     };
     match st.offload(super::Lane::Utility, run).await {
         Ok(v) => axum::Json(v).into_response(),
@@ -113,14 +160,21 @@ pub async fn tokenize(State(st): State<Arc<AppState>>, ReadBody(body): ReadBody)
     }
 }
 
-#[derive(Deserialize)]
-struct DetokenizeRequest {
+#[derive(Deserialize, utoipa::ToSchema)]
+pub struct DetokenizeRequest {
     model: Option<String>,
     tokens: Vec<u32>,
 }
 
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct DetokenizeResponse {
+    prompt: String,
+}
+
+#[utoipa::path(post, path = "/detokenize", operation_id = "detokenize", tag = "tokenizer", request_body = DetokenizeRequest,
+    responses((status = 200, body = DetokenizeResponse), (status = 400, body = ErrorResponse)))]
 pub async fn detokenize(State(st): State<Arc<AppState>>, ReadBody(body): ReadBody) -> Response {
-    let run = move |st: &AppState| -> Result<Value, ApiError> {
+    let run = move |st: &AppState| -> Result<DetokenizeResponse, ApiError> {
         let req: DetokenizeRequest = parse_json(&body)?;
         st.check_model(req.model.as_deref())?;
         if let Some(&bad) = req.tokens.iter().find(|&&t| t as usize >= st.vocab_size) {
@@ -134,7 +188,7 @@ pub async fn detokenize(State(st): State<Arc<AppState>>, ReadBody(body): ReadBod
             .tokenizer()
             .decode(&req.tokens, false)
             .map_err(|e| ApiError::bad_request("tokens", e.to_string()))?;
-        Ok(json!({"prompt": text}))
+        Ok(DetokenizeResponse { prompt: text })
     };
     match st.offload(super::Lane::Utility, run).await {
         Ok(v) => axum::Json(v).into_response(),
@@ -142,16 +196,26 @@ pub async fn detokenize(State(st): State<Arc<AppState>>, ReadBody(body): ReadBod
     }
 }
 
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ResetResponse {
+    reset: bool,
+}
+
 /// `POST /reset_prefix_cache` (vLLM's): forgets every cached prefix; blocks in
 /// use keep serving their requests.
+#[utoipa::path(post, path = "/reset_prefix_cache", operation_id = "resetPrefixCache", tag = "engine",
+    responses((status = 200, body = ResetResponse), (status = 503, body = ErrorResponse)))]
 pub async fn reset_prefix_cache(State(st): State<Arc<AppState>>) -> Response {
     match st.engine.reset_prefix_cache() {
-        Ok(()) => axum::Json(json!({"reset": true})).into_response(),
+        Ok(()) => axum::Json(ResetResponse { reset: true }).into_response(),
         Err(e) => ApiError::from(e).into_response(),
     }
 }
 
-/// 200 while the engine thread runs, 503 once it has died.
+/// 200 while the engine thread runs, 503 once it has died (`/ping` is the
+/// same, for SageMaker-style checks).
+#[utoipa::path(get, path = "/health", operation_id = "health", tag = "operations",
+    responses((status = 200, description = "The engine runs"), (status = 503, body = ErrorResponse)))]
 pub async fn health(State(st): State<Arc<AppState>>) -> Response {
     if st.engine.is_alive() {
         StatusCode::OK.into_response()
@@ -160,10 +224,30 @@ pub async fn health(State(st): State<Arc<AppState>>) -> Response {
     }
 }
 
-pub async fn version() -> Response {
-    axum::Json(json!({"version": env!("CARGO_PKG_VERSION")})).into_response()
+/// `/health` under SageMaker's name.
+#[utoipa::path(get, path = "/ping", operation_id = "ping", tag = "operations",
+    responses((status = 200, description = "The engine runs"), (status = 503, body = ErrorResponse)))]
+pub async fn ping(st: State<Arc<AppState>>) -> Response {
+    health(st).await
 }
 
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct VersionResponse {
+    version: &'static str,
+}
+
+#[utoipa::path(get, path = "/version", operation_id = "version", tag = "operations",
+    responses((status = 200, body = VersionResponse)))]
+pub async fn version() -> Response {
+    axum::Json(VersionResponse {
+        version: env!("CARGO_PKG_VERSION"),
+    })
+    .into_response()
+}
+
+/// Prometheus text exposition (README: Metrics).
+#[utoipa::path(get, path = "/metrics", operation_id = "metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
 pub async fn metrics(State(st): State<Arc<AppState>>) -> Response {
     let text = st.metrics.render(&st.engine.stats());
     (

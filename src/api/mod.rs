@@ -9,6 +9,7 @@ pub mod error;
 pub mod guard;
 mod logprobs;
 mod misc;
+pub mod openapi;
 pub mod protocol;
 pub mod reasoning;
 mod responses;
@@ -188,8 +189,9 @@ pub fn router(state: Arc<AppState>, http: &HttpConfig) -> Router {
     let open = Router::new()
         .route("/health", get(misc::health))
         // SageMaker's name for the health check.
-        .route("/ping", get(misc::health))
+        .route("/ping", get(misc::ping))
         .route("/version", get(misc::version))
+        .route("/openapi.json", get(openapi::openapi_json))
         .route("/metrics", get(misc::metrics));
     let request_id = HeaderName::from_static("x-request-id");
     let mut app = protected

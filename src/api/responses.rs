@@ -16,7 +16,7 @@ use serde_json::{json, Map, Value};
 use super::chat::{self, Prepared};
 use super::chat_output::ChoiceOutput;
 use super::completions::submit_all;
-use super::error::ApiError;
+use super::error::{ApiError, ErrorResponse};
 use super::guard::ReadBody;
 use super::protocol::{random_id, unix_now};
 use super::sse::{self, ChunkWriter, Frame};
@@ -179,6 +179,17 @@ fn input_item(i: usize, item: &Value) -> Result<Value, ApiError> {
     }
 }
 
+/// OpenAI's Responses API, stateless (`store` false, no
+/// `previous_response_id`): its request and response objects are OpenAI's
+/// (converted to and from a chat completion), given here as free-form JSON.
+#[utoipa::path(post, path = "/v1/responses", operation_id = "createResponse", tag = "openai",
+    request_body(content = Object, description = "OpenAI's Responses API request"),
+    responses(
+        (status = 200, content(
+            (Object = "application/json"),
+            (Object = "text/event-stream")),
+            description = "OpenAI's response object; with `stream`, its typed events"),
+        (status = "4XX", body = ErrorResponse), (status = "5XX", body = ErrorResponse)))]
 pub async fn handle(State(st): State<Arc<AppState>>, ReadBody(body): ReadBody) -> Response {
     match run(st, body).await {
         Ok(r) => r,

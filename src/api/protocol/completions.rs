@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use super::{CommonParams, UsageJson};
 
 /// `prompt`: a string, a list of strings, a list of token ids, or a list of those.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum Prompt {
     Text(String),
@@ -14,7 +14,7 @@ pub enum Prompt {
     TokenLists(Vec<Vec<u32>>),
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 pub struct CompletionRequest {
     pub prompt: Option<Prompt>,
     pub max_tokens: Option<u32>,
@@ -27,7 +27,7 @@ pub struct CompletionRequest {
 }
 
 /// Completions-format logprobs.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct CompletionLogprobs {
     pub tokens: Vec<String>,
     pub token_logprobs: Vec<Option<f32>>,
@@ -35,7 +35,7 @@ pub struct CompletionLogprobs {
     pub text_offset: Vec<usize>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct CompletionChoice {
     pub index: usize,
     pub text: String,
@@ -43,7 +43,7 @@ pub struct CompletionChoice {
     pub finish_reason: Option<&'static str>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct CompletionResponse {
     pub id: String,
     pub object: &'static str,
