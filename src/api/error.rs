@@ -176,8 +176,8 @@ impl From<EngineError> for ApiError {
 
 #[cfg(test)]
 mod tests {
-    use serde_json::json;
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn error_objects_follow_openai() {
