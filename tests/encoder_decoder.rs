@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use candela::engine::{EngineConfig, EngineEvent, EngineHandle, GenerateRequest, RequestStream};
+use candela::engine::{EngineConfig, EngineHandle, GenerateRequest};
 use candela::kv_cache::KvCacheSizing;
 use candela::layers::Logits;
 use candela::models::t5::relative_bucket;
@@ -227,24 +227,6 @@ fn engine(name: &str, num_blocks: usize) -> EngineHandle {
     EngineHandle::spawn(m, sizing, cfg).unwrap()
 }
 
-/// Tokens per sample index.
-fn collect(mut s: RequestStream) -> Vec<Vec<u32>> {
-    let mut out: Vec<Vec<u32>> = Vec::new();
-    while let Some(ev) = s.blocking_next() {
-        match ev {
-            EngineEvent::Output(o) => {
-                if out.len() <= o.index {
-                    out.resize(o.index + 1, Vec::new());
-                }
-                out[o.index].extend(&o.token_ids);
-            }
-            EngineEvent::Error(e) => panic!("engine error: {e}"),
-            _ => {}
-        }
-    }
-    out
-}
-
 #[test]
 fn the_engine_generates_transformers_greedy_tokens() {
     for name in FIXTURES {
@@ -255,7 +237,7 @@ fn the_engine_generates_transformers_greedy_tokens() {
             let mut r = GenerateRequest::new(ids(&case["input"]), want.len());
             r.stop.ignore_eos = true;
             r.sampling.temperature = 0.0;
-            assert_eq!(collect(e.submit(r).unwrap()), vec![want], "{name}");
+            assert_eq!(collect_tokens(e.submit(r).unwrap()), vec![want], "{name}");
         }
     }
 }
@@ -290,12 +272,12 @@ fn requests_in_a_small_pool_give_their_solo_outputs_and_free_every_block() {
     let big = engine(name, 64);
     let want: Vec<_> = reqs
         .iter()
-        .map(|r| collect(big.submit(r.clone()).unwrap()))
+        .map(|r| collect_tokens(big.submit(r.clone()).unwrap()))
         .collect();
     let e = engine(name, 12);
     let streams: Vec<_> = reqs.iter().map(|r| e.submit(r.clone()).unwrap()).collect();
     for (i, s) in streams.into_iter().enumerate() {
-        assert_eq!(collect(s), want[i], "request {i}");
+        assert_eq!(collect_tokens(s), want[i], "request {i}");
     }
     assert!(e.stats().num_preemptions > 0, "expected preemptions");
     let deadline = Instant::now() + Duration::from_secs(30);

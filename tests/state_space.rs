@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use candela::engine::{EngineConfig, EngineEvent, EngineHandle, GenerateRequest, RequestStream};
+use candela::engine::{EngineConfig, EngineEvent, EngineHandle, GenerateRequest};
 use candela::kv_cache::KvCacheSizing;
 use candela::layers::Logits;
 use candela::runner::{SeqWork, StepRunner};
@@ -200,24 +200,6 @@ fn engine(name: &str, slots: usize) -> EngineHandle {
     EngineHandle::spawn(m, s, cfg()).unwrap()
 }
 
-/// Tokens per sample index.
-fn collect(mut s: RequestStream) -> Vec<Vec<u32>> {
-    let mut out: Vec<Vec<u32>> = Vec::new();
-    while let Some(ev) = s.blocking_next() {
-        match ev {
-            EngineEvent::Output(o) => {
-                if out.len() <= o.index {
-                    out.resize(o.index + 1, Vec::new());
-                }
-                out[o.index].extend(&o.token_ids);
-            }
-            EngineEvent::Error(e) => panic!("engine error: {e}"),
-            _ => {}
-        }
-    }
-    out
-}
-
 fn requests(n: usize, seed: u64) -> Vec<GenerateRequest> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     (0..n)
@@ -257,14 +239,14 @@ fn thirty_two_requests_in_a_small_pool_give_their_solo_outputs() {
         let big = engine(name, 8);
         let want: Vec<_> = reqs
             .iter()
-            .map(|r| collect(big.submit(r.clone()).unwrap()))
+            .map(|r| collect_tokens(big.submit(r.clone()).unwrap()))
             .collect();
         // Together in 5 slots: the forks of n = 2 need slots the running
         // sequences hold, so some are preempted and recomputed.
         let e = engine(name, 5);
         let streams: Vec<_> = reqs.iter().map(|r| e.submit(r.clone()).unwrap()).collect();
         for (i, s) in streams.into_iter().enumerate() {
-            assert_eq!(collect(s), want[i], "{name} request {i}");
+            assert_eq!(collect_tokens(s), want[i], "{name} request {i}");
         }
         assert!(
             e.stats().num_preemptions > 0,
@@ -298,7 +280,7 @@ fn aborted_requests_free_their_slots() {
         }
     }
     for s in kept {
-        assert!(collect(s).iter().all(|t| t.len() == 40));
+        assert!(collect_tokens(s).iter().all(|t| t.len() == 40));
     }
     wait_until("every slot to be free", || {
         let st = e.stats();

@@ -145,3 +145,21 @@ pub fn real_model(path: &Path) -> Option<PathBuf> {
     );
     None
 }
+
+/// A request's generated tokens per sample index (panics on an engine error).
+pub fn collect_tokens(mut s: candela::engine::RequestStream) -> Vec<Vec<u32>> {
+    let mut out: Vec<Vec<u32>> = Vec::new();
+    while let Some(ev) = s.blocking_next() {
+        match ev {
+            candela::engine::EngineEvent::Output(o) => {
+                if out.len() <= o.index {
+                    out.resize(o.index + 1, Vec::new());
+                }
+                out[o.index].extend(&o.token_ids);
+            }
+            candela::engine::EngineEvent::Error(e) => panic!("engine error: {e}"),
+            _ => {}
+        }
+    }
+    out
+}
