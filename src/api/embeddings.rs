@@ -223,8 +223,7 @@ async fn run(st: Arc<AppState>, body: axum::body::Bytes) -> Result<Response, Api
         if let Some(d) = p.dimensions {
             // Matryoshka: the first d values, renormalized.
             v.truncate(d);
-            let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
-            v.iter_mut().for_each(|x| *x /= norm);
+            crate::layers::pooling::l2_normalize(&mut v);
         }
         let embedding = if p.base64 {
             let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();

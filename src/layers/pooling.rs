@@ -137,9 +137,9 @@ impl Pooling {
                     PoolingMode::LastToken => x.get(i)?,
                 };
                 if self.normalize {
-                    // As torch.nn.functional.normalize: divided by max(‖v‖, 1e-12).
-                    let norm = v.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?.max(1e-12);
-                    v / norm as f64
+                    let mut vals = v.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                    l2_normalize(&mut vals);
+                    Tensor::from_vec(vals, v.dims1()?, v.device())?.to_dtype(v.dtype())
                 } else {
                     Ok(v)
                 }
@@ -150,4 +150,11 @@ impl Pooling {
         }
         Tensor::stack(&rows, 0)
     }
+}
+
+/// Divides `v` by its L2 norm, as `torch.nn.functional.normalize` does (by
+/// at least 1e-12, so a zero vector stays zero).
+pub fn l2_normalize(v: &mut [f32]) {
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+    v.iter_mut().for_each(|x| *x /= norm);
 }
