@@ -69,9 +69,8 @@ impl PagedAttention {
         cache: &mut KvStorage,
         layer: usize,
     ) -> Result<Tensor> {
-        let layout = *cache.layout();
-        write_kv(k, v, cache.layer_mut(layer), &layout, batch)?;
-        paged_attention(q, cache.layer(layer), &layout, batch, self.params)
+        self.write(k, v, batch, cache, layer)?;
+        self.attend(q, batch, cache, layer, None)
     }
 
     /// Writes `k`, `v` into the cache at the batch's slots, without attending.

@@ -407,20 +407,17 @@ impl T5 {
             .iter()
             .map(|&n| self.encoder_bias.bidirectional(n, dev))
             .collect::<Result<Vec<_>>>()?;
-        let inner = self.num_heads * self.d_kv;
+        let (nh, inner) = (self.num_heads, self.num_heads * self.d_kv);
         let mut x = self.shared.forward(ids)?;
         for l in &self.encoder {
             let qkv = l.qkv.forward(&l.attn_norm.forward(&x)?)?;
+            let (q, k, v) = super::llama::split_qkv(&qkv, nh, nh, self.d_kv)?;
             let mut outs = Vec::with_capacity(lens.len());
             let mut start = 0;
             for (&n, bias) in lens.iter().zip(&biases) {
-                // [heads, n, d_kv] per projection.
-                let part = |i: usize| {
-                    self.heads(&qkv.narrow(0, start, n)?.narrow(1, i * inner, inner)?)?
-                        .transpose(0, 1)?
-                        .contiguous()
-                };
-                let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+                // This sequence's rows as [heads, n, d_kv].
+                let part = |t: &Tensor| t.narrow(0, start, n)?.transpose(0, 1)?.contiguous();
+                let (q, k, v) = (part(&q)?, part(&k)?, part(&v)?);
                 let scores = (q.matmul(&k.t()?)? + bias)?;
                 let p = candle_nn::ops::softmax_last_dim(&scores)?;
                 outs.push(p.matmul(&v)?.transpose(0, 1)?.reshape((n, inner))?);
@@ -439,15 +436,12 @@ impl T5 {
 /// each a batch of its own over the same block tables.
 struct Split {
     encoder: ForwardBatch,
-    /// Tokens of each sequence's encoder input in `encoder`.
-    encoder_lens: Vec<usize>,
     decoder: ForwardBatch,
 }
 
 fn split(batch: &ForwardBatch) -> Result<Split> {
     let mut enc = ForwardBatch::new();
     let mut dec = ForwardBatch::new();
-    let mut encoder_lens = Vec::new();
     // Flat index of the batch -> row of the decoder batch.
     let mut dec_row = vec![None; batch.num_tokens()];
     let take = |into: &mut ForwardBatch, i: usize| {
@@ -480,7 +474,6 @@ fn split(batch: &ForwardBatch) -> Result<Split> {
                 block_table: s.block_table.clone(),
                 encoder_len: e,
             });
-            encoder_lens.push(e);
         }
         let query_start = dec.num_tokens();
         let dec_range = s.query_start + enc_here..s.query_start + s.query_len;
@@ -504,7 +497,6 @@ fn split(batch: &ForwardBatch) -> Result<Split> {
     }
     Ok(Split {
         encoder: enc,
-        encoder_lens,
         decoder: dec,
     })
 }
@@ -516,15 +508,12 @@ impl Model for T5 {
 
     fn forward(&self, batch: &ForwardBatch, cache: &mut KvStorage) -> Result<Tensor> {
         let dev = self.shared.device().clone();
-        let Split {
-            encoder,
-            encoder_lens,
-            decoder,
-        } = split(batch)?;
+        let Split { encoder, decoder } = split(batch)?;
         let inner = self.num_heads * self.d_kv;
         if !encoder.is_empty() {
             let ids = Tensor::new(encoder.token_ids.as_slice(), &dev)?;
-            let out = self.encode(&ids, &encoder_lens)?;
+            let lens: Vec<usize> = encoder.seqs.iter().map(|s| s.query_len).collect();
+            let out = self.encode(&ids, &lens)?;
             // Each decoder layer's cross-attention keys and values, at the
             // input's own positions.
             for (i, l) in self.decoder.iter().enumerate() {
