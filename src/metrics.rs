@@ -35,6 +35,41 @@ pub struct MemoryInfo {
     pub weights_bytes: u64,
 }
 
+/// A histogram's cumulative count, sum and buckets at one moment.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HistogramTotals {
+    pub count: u64,
+    pub sum: f64,
+    /// `(upper bound, observations at or below it)`, the last bound `+Inf`.
+    pub buckets: Vec<(f64, u64)>,
+}
+
+impl HistogramTotals {
+    fn of(h: &Histogram) -> Self {
+        use prometheus::core::Metric;
+        let m = h.metric();
+        let h = m.get_histogram();
+        let mut buckets: Vec<(f64, u64)> = h
+            .get_bucket()
+            .iter()
+            .map(|b| (b.upper_bound(), b.cumulative_count()))
+            .collect();
+        buckets.push((f64::INFINITY, h.get_sample_count()));
+        Self {
+            count: h.get_sample_count(),
+            sum: h.get_sample_sum(),
+            buckets,
+        }
+    }
+}
+
+/// [`Metrics::latency_totals`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LatencyTotals {
+    pub ttft: HistogramTotals,
+    pub itl: HistogramTotals,
+}
+
 pub struct Metrics {
     model_name: String,
     /// `candela` or what `--metrics-prefix` says: every engine metric is
@@ -325,6 +360,15 @@ impl Metrics {
     pub fn record_inter_token(&self, seconds: f64) {
         self.itl.observe(seconds);
         self.tpot.observe(seconds);
+    }
+
+    /// Time to first token and inter-token latency so far, cumulative (the
+    /// dashboard takes differences between two readings).
+    pub fn latency_totals(&self) -> LatencyTotals {
+        LatencyTotals {
+            ttft: HistogramTotals::of(&self.ttft),
+            itl: HistogramTotals::of(&self.itl),
+        }
     }
 
     pub fn record_disconnect(&self) {

@@ -311,6 +311,15 @@ impl EngineCore {
         self.in_step.dedup();
         let kinds = self.logits_kinds(&plan);
         let enc_dec = self.model.spec().kind.is_encoder_decoder();
+        // Prompt tokens computed in this step (the rest are decode tokens).
+        let prefill_tokens: usize = plan
+            .scheduled
+            .iter()
+            .filter_map(|s| {
+                let prompt = self.sched.seq(s.seq)?.num_prompt;
+                Some((s.start + s.len).min(prompt).saturating_sub(s.start))
+            })
+            .sum();
         let forward_start = Instant::now();
         let steps: Vec<SeqStep> = plan
             .scheduled
@@ -337,7 +346,7 @@ impl EngineCore {
         self.prepare_masks(&plan);
         let mask_time = mask_start.elapsed();
         self.sched.advance(&plan);
-        self.stats.record_step(plan.num_tokens());
+        self.stats.record_step(plan.num_tokens(), prefill_tokens);
 
         let mut row = 0;
         for (s, kind) in plan.scheduled.iter().zip(kinds) {
@@ -711,6 +720,11 @@ impl EngineCore {
     /// Forgets every cached prefix (`POST /reset_prefix_cache`).
     pub fn reset_prefix_cache(&mut self) {
         self.sched.reset_prefix_cache();
+    }
+
+    /// Every KV block's state, by block id.
+    pub fn block_states(&self) -> Vec<crate::kv_cache::BlockState> {
+        self.sched.kv().pool().block_states()
     }
 
     fn publish_stats(&self) {

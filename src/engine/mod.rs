@@ -28,7 +28,7 @@ pub use request::{
 };
 pub use stats::{EngineStats, QueueSlot, StatsSnapshot};
 
-use crate::kv_cache::KvCacheSizing;
+use crate::kv_cache::{BlockState, KvCacheSizing};
 use crate::models::{LoadedModel, ModelKind};
 use crate::tokenizer::Tokenizer;
 
@@ -47,6 +47,8 @@ enum Command {
     Panic,
     /// Forget every cached prefix.
     ResetPrefixCache,
+    /// Report every KV block's state (the dashboard's block map).
+    BlockMap(tokio::sync::oneshot::Sender<Vec<BlockState>>),
 }
 
 struct Shared {
@@ -207,6 +209,11 @@ impl EngineHandle {
         req.validate(&self.shared.limits)
     }
 
+    /// The model's registry name (`LlamaForCausalLM`, ...).
+    pub fn architecture(&self) -> &'static str {
+        self.shared.architecture
+    }
+
     /// What the model computes.
     pub fn model_kind(&self) -> ModelKind {
         self.shared.kind
@@ -295,6 +302,14 @@ impl EngineHandle {
         self.tx
             .send(Command::ResetPrefixCache)
             .map_err(|_| EngineError::EngineDead)
+    }
+
+    /// Every KV block's state (by block id), read between two steps; `None`
+    /// when the engine has stopped.
+    pub async fn block_states(&self) -> Option<Vec<BlockState>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.tx.send(Command::BlockMap(tx)).ok()?;
+        rx.await.ok()
     }
 
     /// Makes the engine thread panic, to test the supervisor.
@@ -389,6 +404,10 @@ fn apply(core: &mut EngineCore, cmd: Command) {
         Command::AbortAll(err) => core.abort_all(&err),
         Command::Panic => panic!("panic injected by a test"),
         Command::ResetPrefixCache => core.reset_prefix_cache(),
+        Command::BlockMap(tx) => {
+            // The asker may have given up waiting: nothing to do then.
+            let _ = tx.send(core.block_states());
+        }
     }
 }
 

@@ -19,6 +19,7 @@ pub struct EngineStats {
     generation_tokens: AtomicU64,
     steps: AtomicU64,
     step_tokens: AtomicU64,
+    prefill_tokens: AtomicU64,
     aborted: AtomicU64,
     finished_stop: AtomicU64,
     finished_length: AtomicU64,
@@ -50,6 +51,8 @@ pub struct StatsSnapshot {
     pub generation_tokens: u64,
     pub steps: u64,
     pub step_tokens: u64,
+    /// Prompt tokens computed (prefix-cache hits are not computed).
+    pub prefill_tokens: u64,
     pub aborted_requests: u64,
     pub finished_stop: u64,
     pub finished_length: u64,
@@ -70,6 +73,7 @@ impl EngineStats {
             generation_tokens: self.generation_tokens.load(Relaxed),
             steps: self.steps.load(Relaxed),
             step_tokens: self.step_tokens.load(Relaxed),
+            prefill_tokens: self.prefill_tokens.load(Relaxed),
             aborted_requests: self.aborted.load(Relaxed),
             finished_stop: self.finished_stop.load(Relaxed),
             finished_length: self.finished_length.load(Relaxed),
@@ -126,9 +130,11 @@ impl EngineStats {
         self.prefix_hit.store(hit, Relaxed);
     }
 
-    pub(super) fn record_step(&self, tokens: usize) {
+    /// One step computed `tokens` tokens, `prefill` of them prompt tokens.
+    pub(super) fn record_step(&self, tokens: usize, prefill: usize) {
         self.steps.fetch_add(1, Relaxed);
         self.step_tokens.fetch_add(tokens as u64, Relaxed);
+        self.prefill_tokens.fetch_add(prefill as u64, Relaxed);
         if let Some(o) = self.step_observer.get() {
             (o.0)(tokens);
         }

@@ -13,6 +13,21 @@ pub type BlockHash = u128;
 
 const NONE: u32 = u32::MAX;
 
+/// What a block is doing now (the dashboard's block map).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum BlockState {
+    /// Free, holding nothing reusable.
+    Free = 0,
+    /// Free, but still holding a cached prefix that a prompt may take back.
+    Cached = 1,
+    /// Held by one sequence.
+    InUse = 2,
+    /// Held by several sequences (a shared prefix, the `n` samples of one
+    /// prompt).
+    Shared = 3,
+}
+
 /// Reference counts for every block plus the queue of free ones.
 ///
 /// A block is free exactly when its count is zero. Sharing (the `n` samples of
@@ -83,6 +98,20 @@ impl BlockPool {
         } else {
             self.num_used() as f64 / self.num_blocks() as f64
         }
+    }
+
+    /// Every block's state, by block id.
+    pub fn block_states(&self) -> Vec<BlockState> {
+        self.ref_counts
+            .iter()
+            .zip(&self.hash_of)
+            .map(|(&rc, hash)| match rc {
+                0 if hash.is_some() => BlockState::Cached,
+                0 => BlockState::Free,
+                1 => BlockState::InUse,
+                _ => BlockState::Shared,
+            })
+            .collect()
     }
 
     pub fn ref_count(&self, block: BlockId) -> u32 {
@@ -314,6 +343,9 @@ mod tests {
         assert!(!pool.is_cached(102) && !pool.is_cached(103));
         assert!(pool.is_cached(101), "not evicted yet");
         pool.check_invariants(&[1, 0, 1, 1]).unwrap();
+        pool.share(bs[0]);
+        use BlockState::*;
+        assert_eq!(pool.block_states(), [Shared, Cached, InUse, InUse]);
     }
 
     #[test]

@@ -10,7 +10,7 @@ mod manager;
 mod sizing;
 mod storage;
 
-pub use block_pool::{BlockHash, BlockId, BlockPool};
+pub use block_pool::{BlockHash, BlockId, BlockPool, BlockState};
 pub use manager::{KvCacheManager, NoFreeBlocks, SeqId};
 pub use sizing::{parse_memory_size, KvCacheSizing};
 pub use storage::{KvBuffer, KvDtype, KvLayout, KvStorage, LayerKv};
