@@ -9,8 +9,8 @@ cd "$(dirname "$0")/.."
 scripts/fetch_models.sh
 cargo test --release --all-targets "$@"
 cargo build --release --bin candela
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import openai, pytest, hypothesis" 2>/dev/null; then
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import openai, pytest, hypothesis, selenium" 2>/dev/null; then
     python3 -m venv .venv
     .venv/bin/pip install --quiet -r tests/python/requirements.txt
 fi
-.venv/bin/python -m pytest -q tests/python
+.venv/bin/python -m pytest -q -rs tests/python

@@ -4,6 +4,7 @@ mod auth;
 mod chat;
 mod chat_output;
 mod completions;
+pub mod dashboard;
 mod embeddings;
 pub mod error;
 pub mod guard;
@@ -75,6 +76,11 @@ pub struct AppState {
     pub tools: tools::ToolConfig,
     /// `--reasoning-parser`.
     pub reasoning: Option<reasoning::ReasoningKind>,
+    /// The KV cache's shape and the weights' size (the dashboard shows them).
+    pub memory: crate::metrics::MemoryInfo,
+    /// The engine's last minutes, for the dashboard
+    /// ([`dashboard::spawn_sampler`] fills it).
+    pub history: dashboard::History,
 }
 
 /// Which permits a job of [`AppState::offload`] takes.
@@ -182,11 +188,17 @@ pub fn router(state: Arc<AppState>, http: &HttpConfig) -> Router {
         .route("/tokenize", post(misc::tokenize))
         .route("/detokenize", post(misc::detokenize))
         .route("/reset_prefix_cache", post(misc::reset_prefix_cache))
+        .route("/v1/engine/stats", get(dashboard::engine_stats))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::require_key,
         ));
     let open = Router::new()
+        // The dashboard's page and assets hold no data (what they show comes
+        // from /v1/engine/stats, behind the key).
+        .route("/", get(dashboard::index))
+        .route("/dashboard/app.js", get(dashboard::script))
+        .route("/dashboard/style.css", get(dashboard::style))
         .route("/health", get(misc::health))
         // SageMaker's name for the health check.
         .route("/ping", get(misc::ping))

@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 use axum::response::{IntoResponse, Response};
 use utoipa::OpenApi;
 
-use super::{chat, completions, embeddings, misc, responses};
+use super::{chat, completions, dashboard, embeddings, misc, responses};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -26,6 +26,10 @@ use super::{chat, completions, embeddings, misc, responses};
         misc::tokenize,
         misc::detokenize,
         misc::reset_prefix_cache,
+        dashboard::engine_stats,
+        dashboard::index,
+        dashboard::script,
+        dashboard::style,
         misc::health,
         misc::ping,
         misc::version,
@@ -39,6 +43,7 @@ use super::{chat, completions, embeddings, misc, responses};
         (name = "tokenizer", description = "vLLM's tokenizer endpoints (the API key applies)"),
         (name = "engine", description = "Engine controls (the API key applies)"),
         (name = "operations", description = "Health, version, metrics: no API key"),
+        (name = "dashboard", description = "The live dashboard's page (its data comes from /v1/engine/stats)"),
     )
 )]
 struct ApiDoc;

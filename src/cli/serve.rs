@@ -229,6 +229,8 @@ pub fn build_app(args: &ServeArgs) -> anyhow::Result<(axum::Router, Arc<AppState
         grammars,
         tools,
         reasoning,
+        memory,
+        history: Default::default(),
         api_keys: args
             .api_key
             .iter()
@@ -301,10 +303,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
 pub async fn serve_until_stopped(
     listener: tokio::net::TcpListener,
     app: axum::Router,
-    state: &AppState,
+    state: &Arc<AppState>,
     args: &ServeArgs,
     signal: impl std::future::Future<Output = ()>,
 ) -> Exit {
+    crate::api::dashboard::spawn_sampler(state);
     enum Why {
         Signal,
         EngineEnded,

@@ -12,6 +12,7 @@ ROUTES = {
     ("post", "/v1/embeddings"), ("get", "/v1/models"), ("get", "/v1/models/{id}"),
     ("post", "/tokenize"), ("post", "/detokenize"), ("post", "/reset_prefix_cache"),
     ("get", "/health"), ("get", "/ping"), ("get", "/version"), ("get", "/metrics"), ("get", "/openapi.json"),
+    ("get", "/v1/engine/stats"), ("get", "/"), ("get", "/dashboard/app.js"), ("get", "/dashboard/style.css"),
 }
 
 
