@@ -482,13 +482,29 @@ BERT_VARIANTS = {
 }
 
 
-@torch.no_grad()
-def make_bert(name, spec, pooling, normalize):
-    from transformers import BertConfig, BertModel
+# RoBERTa-family encoders: BERT's layers with positions counted from the pad id + 1 (pad tokens
+# themselves at the pad id) and one token type; 130 positions leave 128 usable.
+ROBERTA_VARIANTS = {
+    # XLM-RoBERTa (multilingual-e5's, paraphrase-multilingual's): mean pooling, normalized.
+    "xlmr_mean": ("xlm-roberta", dict(pad_token_id=1, max_position_embeddings=130, type_vocab_size=1), "mean", True),
+    # RoBERTa with [CLS] (<s>) pooling and another pad id.
+    "roberta_cls": ("roberta", dict(pad_token_id=2, max_position_embeddings=131, type_vocab_size=1,
+                                    num_attention_heads=8), "cls", False),
+}
 
-    cfg = BertConfig(**{**BERT_BASE, **spec})
+
+@torch.no_grad()
+def make_bert(name, spec, pooling, normalize, family="bert"):
+    from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel, XLMRobertaConfig, XLMRobertaModel
+
+    config_cls, model_cls = {
+        "bert": (BertConfig, BertModel),
+        "roberta": (RobertaConfig, RobertaModel),
+        "xlm-roberta": (XLMRobertaConfig, XLMRobertaModel),
+    }[family]
+    cfg = config_cls(**{**BERT_BASE, **spec})
     torch.manual_seed(0)
-    model = BertModel(cfg, add_pooling_layer=False).float().eval()
+    model = model_cls(cfg, add_pooling_layer=False).float().eval()
     out = FIXTURES / name
     if out.exists():
         shutil.rmtree(out)
@@ -513,6 +529,10 @@ def make_bert(name, spec, pooling, normalize):
     cases = []
     for n in [1, 5, 17, 60, 96]:
         ids = torch.randint(3, VOCAB, (n,), generator=g).tolist()
+        if family != "bert" and n == 17:
+            # A pad id inside the input: RoBERTa gives it the pad's position and does not
+            # count it for the tokens after it.
+            ids[4] = ids[9] = cfg.pad_token_id
         h = model(torch.tensor([ids])).last_hidden_state[0]
         v = h.mean(0) if pooling == "mean" else h[0]
         if normalize:
@@ -858,6 +878,9 @@ def main():
     for name, (spec, pooling, normalize) in BERT_VARIANTS.items():
         if want(name):
             make_bert(name, spec, pooling, normalize)
+    for name, (family, spec, pooling, normalize) in ROBERTA_VARIANTS.items():
+        if want(name) or want("roberta"):
+            make_bert(name, spec, pooling, normalize, family)
     for name, spec in T5_VARIANTS.items():
         if want(name) or want("t5"):
             make_t5(name, spec)

@@ -1,4 +1,4 @@
-//! Encoder models for embeddings: BERT fixtures against transformers (with
+//! Encoder models for embeddings: BERT-family fixtures against transformers (with
 //! sentence-transformers' pooling), the engine batching whole sequences,
 //! and `/v1/embeddings` as OpenAI defines it.
 
@@ -12,7 +12,9 @@ use common::server::{assert_error, start_model};
 use common::*;
 use serde_json::json;
 
-const BERT: &[&str] = &["bert_mean", "bert_cls"];
+/// BERT, XLM-RoBERTa and RoBERTa fixtures (the RoBERTa ones with pad ids
+/// inside an input, which move the positions after them).
+const BERT: &[&str] = &["bert_mean", "bert_cls", "xlmr_mean", "roberta_cls"];
 
 fn engine(name: &str, num_blocks: usize, budget: usize) -> EngineHandle {
     let m = load(&fixture_dir(name), DType::F32);

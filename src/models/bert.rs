@@ -6,6 +6,11 @@
 //! same paged attention as the decoders, every query seeing the whole
 //! sequence. Token type 0 throughout (single-segment inputs, as
 //! sentence-transformers encodes them).
+//!
+//! RoBERTa and XLM-RoBERTa (`RobertaModel`, `XLMRobertaModel`: the encoders
+//! of many multilingual embedding models) are the same layers with one
+//! difference, their positions: counted from the pad id + 1, with pad tokens
+//! themselves at the pad id and not counted ([`Family::Roberta`]).
 
 use anyhow::bail;
 use candle_core::{Result, Tensor};
@@ -23,8 +28,29 @@ use crate::layers::{
 };
 use crate::weights::Weights;
 
+/// Which of the BERT-shaped encoders: they differ in their position ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// Position `i` for the `i`-th token.
+    Bert,
+    /// transformers' `create_position_ids_from_input_ids`: the pad id + 1 +
+    /// the number of non-pad tokens before, and the pad id for a pad token.
+    Roberta { pad_token_id: u32 },
+}
+
+impl Family {
+    /// Rows of the position table before the first real position.
+    fn position_offset(self) -> usize {
+        match self {
+            Self::Bert => 0,
+            Self::Roberta { pad_token_id } => pad_token_id as usize + 1,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct BertConfig {
+    pub family: Family,
     pub hidden_size: usize,
     pub num_layers: usize,
     pub num_heads: usize,
@@ -54,11 +80,28 @@ struct RawConfig {
     is_decoder: Option<bool>,
     is_matryoshka: Option<bool>,
     matryoshka_dimensions: Option<Vec<usize>>,
+    pad_token_id: Option<u32>,
 }
 
 impl BertConfig {
-    pub fn from_json(text: &str) -> anyhow::Result<Self> {
+    /// `roberta`: a RoBERTa-family checkpoint (positions after the pad id).
+    pub fn from_json(text: &str, roberta: bool) -> anyhow::Result<Self> {
         let raw: RawConfig = config::parse(text)?;
+        let family = if roberta {
+            // transformers' RobertaConfig defaults to 1, as the checkpoints have it.
+            Family::Roberta {
+                pad_token_id: raw.pad_token_id.unwrap_or(1),
+            }
+        } else {
+            Family::Bert
+        };
+        if family.position_offset() >= raw.max_position_embeddings {
+            bail!(
+                "config.json: pad_token_id {} leaves no positions of max_position_embeddings {}",
+                raw.pad_token_id.unwrap_or(1),
+                raw.max_position_embeddings
+            );
+        }
         config::check_heads(
             raw.num_hidden_layers,
             raw.num_attention_heads,
@@ -79,13 +122,14 @@ impl BertConfig {
         }
         let act = raw.hidden_act.as_deref().unwrap_or("gelu");
         Ok(Self {
+            family,
             hidden_size: raw.hidden_size,
             num_layers: raw.num_hidden_layers,
             num_heads: raw.num_attention_heads,
             intermediate_size: raw.intermediate_size,
             vocab_size: raw.vocab_size,
             max_position_embeddings: raw.max_position_embeddings,
-            type_vocab_size: raw.type_vocab_size.unwrap_or(2),
+            type_vocab_size: raw.type_vocab_size.unwrap_or(if roberta { 1 } else { 2 }),
             layer_norm_eps: raw.layer_norm_eps.unwrap_or(1e-12),
             activation: Activation::from_name(act)?,
             matryoshka: raw.is_matryoshka.unwrap_or(false) || raw.matryoshka_dimensions.is_some(),
@@ -110,6 +154,7 @@ struct Layer {
 
 #[derive(Debug)]
 pub struct Bert {
+    family: Family,
     word: Embedding,
     position: Embedding,
     /// Token type 0's row, added to every token.
@@ -134,9 +179,13 @@ impl Bert {
         architecture: &'static str,
         quant: Quantization,
     ) -> Result<Self> {
-        // Checkpoints of BertFor* heads nest the encoder under `bert.`.
-        let b = if vb.contains_tensor("bert.embeddings.word_embeddings.weight") {
-            vb.pp("bert")
+        // Checkpoints of *For* heads nest the encoder under `bert.` or `roberta.`.
+        let nested = match cfg.family {
+            Family::Bert => "bert",
+            Family::Roberta { .. } => "roberta",
+        };
+        let b = if vb.contains_tensor(&format!("{nested}.embeddings.word_embeddings.weight")) {
+            vb.pp(nested)
         } else {
             vb.clone()
         };
@@ -188,6 +237,7 @@ impl Bert {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
+            family: cfg.family,
             word,
             position,
             token_type,
@@ -204,7 +254,8 @@ impl Bert {
                     matryoshka: cfg.matryoshka,
                 },
                 vocab_size: cfg.vocab_size,
-                max_position_embeddings: max_len.min(cfg.max_position_embeddings),
+                max_position_embeddings: max_len
+                    .min(cfg.max_position_embeddings - cfg.family.position_offset()),
                 positions_are_learned: true,
                 dtype: vb.dtype(),
                 cache: CacheSpec {
@@ -247,7 +298,12 @@ impl Model for Bert {
             );
         }
         let ids = Tensor::new(batch.token_ids.as_slice(), &device)?;
-        let pos = Tensor::new(batch.positions.as_slice(), &device)?;
+        let pos = match self.family {
+            Family::Bert => Tensor::new(batch.positions.as_slice(), &device)?,
+            Family::Roberta { pad_token_id } => {
+                Tensor::new(roberta_positions(batch, pad_token_id).as_slice(), &device)?
+            }
+        };
         let x = (self.word.forward(&ids)? + self.position.forward(&pos)?)?;
         let mut x = self
             .embed_norm
@@ -268,6 +324,25 @@ impl Model for Bert {
     }
 }
 
+/// RoBERTa's position of each token of the batch (whole sequences): the
+/// pad id + 1 + the non-pad tokens before it in its sequence, the pad id for
+/// a pad token. The last is at most the pad id + the sequence's length, inside
+/// the table since the length was checked against it.
+fn roberta_positions(batch: &ForwardBatch, pad: u32) -> Vec<u32> {
+    let mut pos = vec![pad; batch.token_ids.len()];
+    for seq in &batch.seqs {
+        let range = seq.query_start..seq.query_start + seq.query_len;
+        let mut next = pad;
+        for (p, &id) in pos[range.clone()].iter_mut().zip(&batch.token_ids[range]) {
+            if id != pad {
+                next += 1;
+                *p = next;
+            }
+        }
+    }
+    pos
+}
+
 /// sentence-transformers' `max_seq_length` (`sentence_bert_config.json`).
 fn max_seq_length(dir: Option<&std::path::Path>) -> anyhow::Result<Option<usize>> {
     #[derive(Deserialize)]
@@ -286,7 +361,7 @@ fn max_seq_length(dir: Option<&std::path::Path>) -> anyhow::Result<Option<usize>
 }
 
 pub fn from_hf(name: &'static str, ckpt: Checkpoint) -> anyhow::Result<Box<dyn Model>> {
-    let cfg = BertConfig::from_json(ckpt.config)?;
+    let cfg = BertConfig::from_json(ckpt.config, name.contains("Roberta"))?;
     let pooling = Pooling::from_dir(ckpt.dir)?;
     let max_len = max_seq_length(ckpt.dir)?.unwrap_or(cfg.max_position_embeddings);
     tracing::info!(
@@ -316,14 +391,24 @@ mod tests {
     fn config_defaults_and_refusals() {
         let base = r#""hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
             "intermediate_size": 64, "vocab_size": 100, "max_position_embeddings": 64"#;
-        let c = BertConfig::from_json(&format!("{{{base}}}")).unwrap();
+        let c = BertConfig::from_json(&format!("{{{base}}}"), false).unwrap();
         assert_eq!(
             (c.type_vocab_size, c.layer_norm_eps, c.activation),
             (2, 1e-12, Activation::Gelu)
         );
-        assert!(BertConfig::from_json(&format!(
-            r#"{{{base}, "position_embedding_type": "relative_key"}}"#
-        ))
+        assert!(BertConfig::from_json(
+            &format!(r#"{{{base}, "position_embedding_type": "relative_key"}}"#),
+            false
+        )
         .is_err());
+        // RoBERTa: positions after the pad id, one token type.
+        let r = BertConfig::from_json(&format!(r#"{{{base}, "pad_token_id": 1}}"#), true).unwrap();
+        assert_eq!(
+            (r.family, r.type_vocab_size),
+            (Family::Roberta { pad_token_id: 1 }, 1)
+        );
+        assert!(
+            BertConfig::from_json(&format!(r#"{{{base}, "pad_token_id": 63}}"#), true).is_err()
+        );
     }
 }

@@ -142,6 +142,22 @@ pub const ARCHITECTURES: &[Architecture] = &[
         hf_linear_in_out: false,
     },
     Architecture {
+        name: "XLMRobertaModel",
+        model_types: &["xlm-roberta"],
+        gguf: &[],
+        from_hf: bert::from_hf,
+        from_gguf: None,
+        hf_linear_in_out: false,
+    },
+    Architecture {
+        name: "RobertaModel",
+        model_types: &["roberta"],
+        gguf: &[],
+        from_hf: bert::from_hf,
+        from_gguf: None,
+        hf_linear_in_out: false,
+    },
+    Architecture {
         name: "T5ForConditionalGeneration",
         model_types: &["t5"],
         gguf: &[],
