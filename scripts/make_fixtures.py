@@ -546,6 +546,70 @@ def make_bert(name, spec, pooling, normalize, family="bert"):
     print(f"{name}: {pooling} pooling, normalize {normalize}")
 
 
+# Decoders serving embeddings (`--runner pooling`): the final norm's states pooled per sequence.
+DECODER_EMBED_VARIANTS = {
+    # Qwen3-Embedding's arrangement: saved from the bare Qwen3Model (no `model.` prefix, no head),
+    # architectures still Qwen3ForCausalLM, sentence-transformers files with last-token pooling
+    # and Normalize; declared Matryoshka.
+    "qwen3_embed": (dict(model_type="qwen3", num_key_value_heads=2, head_dim=32, tie_word_embeddings=True,
+                         is_matryoshka=True), "lasttoken", True),
+    # A LlamaForCausalLM checkpoint (head and all) with no sentence-transformers files: the
+    # defaults, last token and normalized.
+    "llama_embed": (dict(model_type="llama", num_key_value_heads=2, tie_word_embeddings=False), None, True),
+}
+
+
+@torch.no_grad()
+def make_decoder_embed(name, spec, pooling, normalize):
+    from transformers import AutoModel
+
+    spec = dict(spec)
+    model_type = spec.pop("model_type")
+    cfg = AutoConfig.for_model(model_type, **{**BASE, **spec})
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").float().eval()
+    out = FIXTURES / name
+    if out.exists():
+        shutil.rmtree(out)
+    if pooling is None:
+        lm.save_pretrained(out, safe_serialization=True)
+    else:
+        bare = AutoModel.from_config(cfg, attn_implementation="eager").float().eval()
+        bare.load_state_dict(lm.model.state_dict())
+        bare.save_pretrained(out, safe_serialization=True)
+        c = json.loads((out / "config.json").read_text())
+        c["architectures"] = [type(lm).__name__]
+        (out / "config.json").write_text(json.dumps(c, indent=2) + "\n")
+        modules = [
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+        ]
+        (out / "modules.json").write_text(json.dumps(modules, indent=2) + "\n")
+        (out / "1_Pooling").mkdir()
+        (out / "1_Pooling" / "config.json").write_text(json.dumps({
+            "word_embedding_dimension": cfg.hidden_size, "pooling_mode_lasttoken": True,
+            "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": False,
+        }, indent=2) + "\n")
+    for f in ["tokenizer.json", "tokenizer_config.json"]:
+        shutil.copy(STORIES / f, out / f)
+    g = torch.Generator().manual_seed(7)
+    cases = []
+    for n in [1, 5, 17, 60, 96]:
+        ids = torch.randint(3, VOCAB, (n,), generator=g).tolist()
+        v = lm.model(torch.tensor([ids])).last_hidden_state[0, -1]
+        if normalize:
+            v = torch.nn.functional.normalize(v, dim=0)
+        cases.append({"input": ids, "embedding": v.tolist()})
+    golden = {
+        "generator": f"scripts/make_fixtures.py, transformers {transformers.__version__}, torch {torch.__version__}",
+        "pooling": "lasttoken", "normalize": normalize, "embeddings": cases,
+    }
+    (out / "golden.json").write_text(json.dumps(golden) + "\n")
+    print(f"{name}: last-token pooling of {type(lm).__name__}")
+
+
 def make_mamba_gguf(name):
     """GGUF files of a Mamba fixture in llama.cpp's `mamba` layout, as its converter writes them:
     `ssm_a` holds A = -exp(A_log), the convolution is squeezed to [d_inner, d_conv], a tied head is
@@ -878,6 +942,9 @@ def main():
     for name, (spec, pooling, normalize) in BERT_VARIANTS.items():
         if want(name):
             make_bert(name, spec, pooling, normalize)
+    for name, (spec, pooling, normalize) in DECODER_EMBED_VARIANTS.items():
+        if want(name) or want("decoder_embed"):
+            make_decoder_embed(name, spec, pooling, normalize)
     for name, (family, spec, pooling, normalize) in ROBERTA_VARIANTS.items():
         if want(name) or want("roberta"):
             make_bert(name, spec, pooling, normalize, family)

@@ -7,6 +7,7 @@ mod common;
 use base64::Engine as _;
 use candela::engine::{EngineConfig, EngineError, EngineEvent, EngineHandle, GenerateRequest};
 use candela::kv_cache::KvCacheSizing;
+use candela::models::{LoadOptions, ModelKind, Runner};
 use candle_core::DType;
 use common::server::{assert_error, start_model};
 use common::*;
@@ -16,8 +17,25 @@ use serde_json::json;
 /// inside an input, which move the positions after them).
 const BERT: &[&str] = &["bert_mean", "bert_cls", "xlmr_mean", "roberta_cls"];
 
+/// Decoders served with `--runner pooling` (Qwen3-Embedding's layout, and a
+/// LlamaForCausalLM checkpoint with the default pooling).
+const DECODERS: &[&str] = &["qwen3_embed", "llama_embed"];
+
+fn load_as(name: &str, runner: Runner) -> anyhow::Result<candela::models::LoadedModel> {
+    candela::models::load_model(&LoadOptions {
+        model: Some(fixture_dir(name).to_str().unwrap().to_string()),
+        runner,
+        ..Default::default()
+    })
+}
+
 fn engine(name: &str, num_blocks: usize, budget: usize) -> EngineHandle {
-    let m = load(&fixture_dir(name), DType::F32);
+    let runner = if DECODERS.contains(&name) {
+        Runner::Pooling
+    } else {
+        Runner::Auto
+    };
+    let m = load_as(name, runner).unwrap();
     let max_len = m.model.spec().max_position_embeddings;
     let bpt = m.model.spec().cache.bytes_per_token(DType::F32);
     let s = KvCacheSizing::new(16, bpt, Some(num_blocks), None, 0).unwrap();
@@ -74,6 +92,143 @@ fn bert_embeddings_match_transformers_alone_and_batched() {
             assert!(e.stats().num_preemptions == 0);
         }
     }
+}
+
+#[test]
+fn decoder_embeddings_match_transformers_alone_and_batched() {
+    for name in DECODERS {
+        let g = golden(name);
+        let cases = g["embeddings"].as_array().unwrap();
+        for budget in [2048, 32] {
+            let e = engine(name, 64, budget);
+            let streams: Vec<_> = cases.iter().map(|c| embed(&e, ids(&c["input"]))).collect();
+            for (c, s) in cases.iter().zip(streams) {
+                let want = floats(&c["embedding"]);
+                let (got, _) = vector(s);
+                let d = max_abs_diff(&got, &want);
+                assert!(d < 1e-4, "{name} budget {budget}: max |Δ| {d}");
+            }
+        }
+    }
+}
+
+#[test]
+fn the_runner_picks_the_task_and_refuses_the_wrong_one() {
+    let kind = |name, runner| load_as(name, runner).map(|m| m.model.spec().kind);
+    // A decoder generates unless asked to pool; Qwen3-Embedding's layout (no
+    // `model.` prefix, no head) loads either way only as what it can be.
+    assert_eq!(
+        kind("llama_embed", Runner::Auto).unwrap(),
+        ModelKind::CausalLm
+    );
+    assert_eq!(
+        kind("qwen3_embed", Runner::Pooling).unwrap(),
+        ModelKind::Embedding {
+            dim: 64,
+            matryoshka: true
+        }
+    );
+    assert!(kind("bert_mean", Runner::Auto).unwrap().is_embedding());
+    let err = format!("{:#}", kind("bert_mean", Runner::Generate).unwrap_err());
+    assert!(err.contains("--runner generate"), "{err}");
+    let err = format!("{:#}", kind("gpt2_4heads", Runner::Pooling).unwrap_err());
+    assert!(err.contains("cannot serve embeddings"), "{err}");
+    // Saved as the bare stack (`Qwen3Model`, as e5-mistral's `MistralModel`):
+    // an embedding model without being told.
+    let dir = std::env::temp_dir().join(format!("candela-qwen3-bare-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in std::fs::read_dir(fixture_dir("qwen3_embed")).unwrap() {
+        let f = f.unwrap().path();
+        // Without sentence-transformers' files: the default pooling, last
+        // token, normalized (what this fixture's golden vectors are).
+        if f.is_file() && !f.ends_with("modules.json") {
+            std::fs::copy(&f, dir.join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        cfg.replace("Qwen3ForCausalLM", "Qwen3Model"),
+    )
+    .unwrap();
+    let m = candela::models::load_model(&LoadOptions {
+        model: Some(dir.to_str().unwrap().into()),
+        ..Default::default()
+    });
+    std::fs::remove_dir_all(&dir).unwrap();
+    let m = m.unwrap();
+    assert!(m.model.spec().kind.is_embedding());
+    let bpt = m.model.spec().cache.bytes_per_token(DType::F32);
+    let e = EngineHandle::spawn(
+        m,
+        KvCacheSizing::new(16, bpt, Some(16), None, 0).unwrap(),
+        EngineConfig {
+            max_model_len: 256,
+            max_num_seqs: 16,
+            max_num_batched_tokens: 512,
+            max_waiting_requests: 16,
+            enable_prefix_caching: false,
+        },
+    )
+    .unwrap();
+    let c = &golden("qwen3_embed")["embeddings"][2];
+    let (got, _) = vector(embed(&e, ids(&c["input"])));
+    assert!(max_abs_diff(&got, &floats(&c["embedding"])) < 1e-4);
+    // A GGUF decoder pools too (llama.cpp's `pooling_type`, else the last token).
+    let m = candela::models::load_model(&LoadOptions {
+        model: Some(
+            repo_path("tests/fixtures/gpt2_4heads.gguf")
+                .to_str()
+                .unwrap()
+                .into(),
+        ),
+        runner: Runner::Pooling,
+        ..Default::default()
+    });
+    assert!(m.is_err(), "GPT-2 has no embedding mode");
+    let m = candela::models::load_model(&LoadOptions {
+        model: Some(
+            repo_path("tests/fixtures/mixtral_8e.gguf")
+                .to_str()
+                .unwrap()
+                .into(),
+        ),
+        runner: Runner::Pooling,
+        ..Default::default()
+    })
+    .unwrap();
+    assert!(m.model.spec().kind.is_embedding());
+}
+
+#[test]
+fn a_decoder_serves_v1_embeddings_with_runner_pooling() {
+    let s = start_model("tests/fixtures/qwen3_embed", &["--runner", "pooling"]);
+    let g = golden("qwen3_embed");
+    let c = &g["embeddings"].as_array().unwrap()[3];
+    let (st, body) = s.get("/v1/models");
+    assert_eq!(st, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["data"][0]["task"], "embed");
+    let (st, v) = s.post("/v1/embeddings", json!({"input": c["input"]}));
+    assert_eq!(st, 200, "{v}");
+    let got = floats(&v["data"][0]["embedding"]);
+    assert!(max_abs_diff(&got, &floats(&c["embedding"])) < 1e-4);
+    // Declared Matryoshka: a prefix, renormalized.
+    let (st, v) = s.post(
+        "/v1/embeddings",
+        json!({"input": c["input"], "dimensions": 16}),
+    );
+    assert_eq!(st, 200, "{v}");
+    let short = floats(&v["data"][0]["embedding"]);
+    let norm = got[..16].iter().map(|x| x * x).sum::<f32>().sqrt();
+    let want: Vec<f32> = got[..16].iter().map(|x| x / norm).collect();
+    assert!(max_abs_diff(&short, &want) < 1e-5);
+    // It does not generate.
+    let (st, v) = s.post(
+        "/v1/completions",
+        json!({"prompt": "Once", "max_tokens": 2}),
+    );
+    assert_eq!(st, 400, "{v}");
 }
 
 #[test]

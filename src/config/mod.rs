@@ -39,6 +39,13 @@ pub struct ModelArgs {
     /// already quantized keep the file's blocks.
     #[arg(long, short = 'q', default_value = "none")]
     pub quantization: String,
+
+    /// What the model serves, as vLLM's flag: auto (encoders, and checkpoints of a bare decoder
+    /// stack such as MistralModel, serve /v1/embeddings; decoders generate), generate, or pooling (a Llama-family decoder such as Qwen3-Embedding serves
+    /// /v1/embeddings: last-token pooling, normalized, unless its sentence-transformers files
+    /// say otherwise).
+    #[arg(long, default_value = "auto")]
+    pub runner: String,
 }
 
 impl ModelArgs {
@@ -49,6 +56,7 @@ impl ModelArgs {
             quantization: crate::layers::Quantization::parse(&self.quantization)?,
             device: candle_core::Device::Cpu,
             gguf_blocks: true,
+            runner: crate::models::Runner::parse(&self.runner)?,
         })
     }
 

@@ -71,6 +71,17 @@ impl<A: SelfAttention> PreNormLayer<A> {
     }
 }
 
+/// What a decoder stack ends in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    /// Next-token logits from `lm_head`, or from the embedding's table when
+    /// tied and the checkpoint has no `lm_head.weight`.
+    Logits { tie_word_embeddings: bool },
+    /// The final norm's token states, for a decoder serving embeddings: no
+    /// head is loaded (such checkpoints often have none).
+    States,
+}
+
 /// A decoder-only model's stack under its checkpoint names: the token
 /// embedding (`model.embed_tokens`), pre-norm layers, the final norm
 /// (`model.norm`) and the output head (`lm_head`, or the embedding's table
@@ -80,7 +91,8 @@ pub struct PreNormDecoder<A> {
     embed_tokens: Embedding,
     layers: Vec<PreNormLayer<A>>,
     norm: RmsNorm,
-    lm_head: Linear,
+    /// `None` for [`Output::States`].
+    lm_head: Option<Linear>,
     rope: Rope,
 }
 
@@ -95,22 +107,30 @@ impl<A: SelfAttention> PreNormDecoder<A> {
         hidden: usize,
         num_layers: usize,
         eps: f64,
-        tie_word_embeddings: bool,
+        output: Output,
         rope: Rope,
         quant: Quantization,
         mut layer: impl FnMut(usize, &Weights) -> Result<PreNormLayer<A>>,
     ) -> Result<Self> {
-        let m = vb.pp("model");
+        // Checkpoints saved from the bare `*Model` (embedding models such as
+        // Qwen3-Embedding) have the stack at the root, without `model.`.
+        let bare = !vb.contains_tensor("model.embed_tokens.weight")
+            && vb.contains_tensor("embed_tokens.weight");
+        let m = if bare { vb.clone() } else { vb.pp("model") };
         let embed_tokens = Embedding::load(m.pp("embed_tokens"), vocab_size, hidden, quant)?;
         let layers = (0..num_layers)
             .map(|i| layer(i, &m.pp(format!("layers.{i}"))))
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::load(m.pp("norm"), hidden, eps)?;
-        // Checkpoints with tied embeddings usually omit lm_head.weight.
-        let lm_head = if tie_word_embeddings && !vb.contains_tensor("lm_head.weight") {
-            embed_tokens.as_linear(quant)?
-        } else {
-            linear(vb.pp("lm_head"), hidden, vocab_size, false, quant)?
+        let lm_head = match output {
+            Output::States => None,
+            // Checkpoints with tied embeddings usually omit lm_head.weight.
+            Output::Logits {
+                tie_word_embeddings: true,
+            } if !vb.contains_tensor("lm_head.weight") => Some(embed_tokens.as_linear(quant)?),
+            Output::Logits { .. } => {
+                Some(linear(vb.pp("lm_head"), hidden, vocab_size, false, quant)?)
+            }
         };
         Ok(Self {
             embed_tokens,
@@ -128,6 +148,34 @@ impl<A: SelfAttention> PreNormDecoder<A> {
         cache: &mut KvStorage,
         dtype: DType,
     ) -> Result<Tensor> {
+        let Some(lm_head) = &self.lm_head else {
+            candle_core::bail!("this decoder was loaded without its LM head (embeddings only)");
+        };
+        let x = self.layers_forward(batch, cache, dtype)?;
+        // Only the rows that need logits go through the final norm and head.
+        let x = self.norm.forward(&logits_rows(&x, batch)?)?;
+        lm_head.forward(&x)?.to_dtype(DType::F32)?.contiguous()
+    }
+
+    /// One step: the final norm's state of every token of the batch
+    /// (`[tokens, hidden]`), for pooling.
+    pub fn hidden_states(
+        &self,
+        batch: &ForwardBatch,
+        cache: &mut KvStorage,
+        dtype: DType,
+    ) -> Result<Tensor> {
+        self.norm
+            .forward(&self.layers_forward(batch, cache, dtype)?)
+    }
+
+    /// The embedding and every layer, before the final norm.
+    fn layers_forward(
+        &self,
+        batch: &ForwardBatch,
+        cache: &mut KvStorage,
+        dtype: DType,
+    ) -> Result<Tensor> {
         let device = self.embed_tokens.device().clone();
         let ids = Tensor::new(batch.token_ids.as_slice(), &device)?;
         let (cos, sin) = self.rope.cos_sin(&batch.positions, dtype, &device)?;
@@ -135,8 +183,6 @@ impl<A: SelfAttention> PreNormDecoder<A> {
         for (i, layer) in self.layers.iter().enumerate() {
             x = layer.forward(&x, (&cos, &sin), batch, cache, i)?;
         }
-        // Only the rows that need logits go through the final norm and head.
-        let x = self.norm.forward(&logits_rows(&x, batch)?)?;
-        self.lm_head.forward(&x)?.to_dtype(DType::F32)?.contiguous()
+        Ok(x)
     }
 }

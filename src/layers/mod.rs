@@ -17,7 +17,7 @@ pub mod ssm;
 
 pub use attention::{AttnParams, PagedAttention};
 pub use batch::{ForwardBatch, Logits, SeqSlice};
-pub use decoder::{PreNormDecoder, PreNormLayer, SelfAttention};
+pub use decoder::{Output, PreNormDecoder, PreNormLayer, SelfAttention};
 pub use embedding::Embedding;
 pub use linear::{fused_linear, linear, Linear, Quantization};
 pub use mlp::{Activation, GatedMlp, Mlp};

@@ -30,7 +30,7 @@ use super::{CacheSpec, LayerCache, Model, ModelKind, ModelSpec};
 use crate::kv_cache::KvStorage;
 use crate::layers::{
     linear, Activation, ExpertNames, ExpertStats, FeedForward, ForwardBatch, GatedMlp, Linear,
-    MoeShape, PagedAttention, PreNormDecoder, PreNormLayer, Quantization, RmsNorm, Rope,
+    MoeShape, Output, PagedAttention, PreNormDecoder, PreNormLayer, Quantization, RmsNorm, Rope,
     RopeScaling, Routing, SelfAttention, SparseMoe,
 };
 use crate::weights::gguf::{hf_name_with, Layout, Meta};
@@ -407,7 +407,9 @@ impl DeepseekV2 {
             h,
             cfg.num_layers,
             cfg.rms_norm_eps,
-            cfg.tie_word_embeddings,
+            Output::Logits {
+                tie_word_embeddings: cfg.tie_word_embeddings,
+            },
             rope,
             quant,
             |i, l| {

@@ -18,9 +18,10 @@ use super::config::{self, Common, RawRope};
 use super::registry::{Checkpoint, GgufCheckpoint};
 use super::{CacheSpec, LayerCache, Model, ModelKind, ModelSpec};
 use crate::kv_cache::KvStorage;
+use crate::layers::pooling::{Pooling, PoolingMode};
 use crate::layers::{
     fused_linear, linear, Activation, ExpertNames, ExpertStats, FeedForward, ForwardBatch,
-    GatedMlp, Linear, MoeShape, PagedAttention, PreNormDecoder, PreNormLayer, Quantization,
+    GatedMlp, Linear, MoeShape, Output, PagedAttention, PreNormDecoder, PreNormLayer, Quantization,
     RmsNorm, Rope, RopeScaling, Routing, SelfAttention, SparseMoe,
 };
 use crate::weights::gguf::{hf_name_with, layer_part, Layout, Meta};
@@ -39,6 +40,10 @@ pub enum Family {
 
 impl Family {
     pub fn from_name(name: &str) -> Option<Self> {
+        // The bare stack (`Qwen3Model`) of a decoder embedding checkpoint.
+        if let Some(stack) = name.strip_suffix("Model").filter(|p| !p.is_empty()) {
+            return Self::from_name(&format!("{stack}ForCausalLM"));
+        }
         Some(match name {
             "LlamaForCausalLM" | "llama" => Self::Llama,
             "MistralForCausalLM" | "mistral" => Self::Mistral,
@@ -466,12 +471,51 @@ fn feed_forward(
     Ok(FeedForward::Experts(block))
 }
 
-/// A Llama-family causal language model.
+/// A Llama-family causal language model, or (`--runner pooling`) the same
+/// stack serving embeddings: its final norm's states pooled per sequence.
 #[derive(Debug)]
 pub struct Llama {
     decoder: PreNormDecoder<Attention>,
     spec: ModelSpec,
     expert_stats: Option<Arc<ExpertStats>>,
+    /// Set for an embedding model.
+    pooling: Option<Pooling>,
+}
+
+/// How a decoder serves embeddings.
+#[derive(Debug, Clone, Copy)]
+pub struct EmbeddingHead {
+    pub pooling: Pooling,
+    /// The checkpoint declares Matryoshka training (`dimensions` allowed).
+    pub matryoshka: bool,
+}
+
+impl EmbeddingHead {
+    /// From the folder's sentence-transformers files, else last-token
+    /// pooling, normalized (how decoder embedding models are trained, and
+    /// vLLM's default for them); Matryoshka from `is_matryoshka` or
+    /// `matryoshka_dimensions` in config.json, as vLLM reads them.
+    fn from_checkpoint(config: &str, dir: Option<&std::path::Path>) -> anyhow::Result<Self> {
+        #[derive(Deserialize)]
+        struct Raw {
+            is_matryoshka: Option<bool>,
+            matryoshka_dimensions: Option<Vec<usize>>,
+        }
+        let raw: Raw = config::parse(config)?;
+        let has_st = dir.is_some_and(|d| d.join("modules.json").is_file());
+        let pooling = if has_st {
+            Pooling::from_dir(dir)?
+        } else {
+            Pooling {
+                mode: PoolingMode::LastToken,
+                normalize: true,
+            }
+        };
+        Ok(Self {
+            pooling,
+            matryoshka: raw.is_matryoshka.unwrap_or(false) || raw.matryoshka_dimensions.is_some(),
+        })
+    }
 }
 
 impl Llama {
@@ -482,6 +526,7 @@ impl Llama {
         cfg: &LlamaConfig,
         architecture: &'static str,
         quant: Quantization,
+        embedding: Option<EmbeddingHead>,
     ) -> Result<Self> {
         let expert_stats = cfg.moe.as_ref().map(|m| {
             let layers = (0..cfg.num_layers).filter(|&i| m.sparse[i]);
@@ -499,7 +544,12 @@ impl Llama {
             cfg.hidden_size,
             cfg.num_layers,
             cfg.rms_norm_eps,
-            cfg.tie_word_embeddings,
+            match embedding {
+                Some(_) => Output::States,
+                None => Output::Logits {
+                    tie_word_embeddings: cfg.tie_word_embeddings,
+                },
+            },
             rope,
             quant,
             |i, l| {
@@ -526,7 +576,13 @@ impl Llama {
             decoder,
             spec: ModelSpec {
                 architecture,
-                kind: ModelKind::CausalLm,
+                kind: match embedding {
+                    Some(e) => ModelKind::Embedding {
+                        dim: cfg.hidden_size,
+                        matryoshka: e.matryoshka,
+                    },
+                    None => ModelKind::CausalLm,
+                },
                 vocab_size: cfg.vocab_size,
                 max_position_embeddings: cfg.max_position_embeddings,
                 positions_are_learned: false,
@@ -534,6 +590,7 @@ impl Llama {
                 cache,
             },
             expert_stats,
+            pooling: embedding.map(|e| e.pooling),
         })
     }
 }
@@ -548,18 +605,40 @@ impl Model for Llama {
     }
 
     fn forward(&self, batch: &ForwardBatch, cache: &mut KvStorage) -> Result<Tensor> {
-        self.decoder.forward(batch, cache, self.spec.dtype)
+        match &self.pooling {
+            None => self.decoder.forward(batch, cache, self.spec.dtype),
+            Some(p) => {
+                let states = self.decoder.hidden_states(batch, cache, self.spec.dtype)?;
+                p.forward(&states, batch)?.contiguous()
+            }
+        }
     }
 }
 
 /// Builds a model from a Hugging Face checkpoint of the family.
 pub fn from_hf(name: &'static str, ckpt: Checkpoint) -> anyhow::Result<Box<dyn Model>> {
     let cfg = LlamaConfig::from_json(ckpt.config)?;
+    let embedding = ckpt
+        .embed
+        .then(|| EmbeddingHead::from_checkpoint(ckpt.config, ckpt.dir))
+        .transpose()?;
+    if let Some(e) = embedding {
+        tracing::info!(
+            "{name} as an embedding model: {:?} pooling{}",
+            e.pooling.mode,
+            if e.pooling.normalize {
+                ", normalized"
+            } else {
+                ""
+            }
+        );
+    }
     Ok(Box::new(Llama::load(
         ckpt.vb,
         &cfg,
         name,
         ckpt.quantization,
+        embedding,
     )?))
 }
 
@@ -734,13 +813,38 @@ pub fn from_gguf(name: &'static str, ckpt: GgufCheckpoint) -> anyhow::Result<Box
             Layout::Same
         }
     };
+    // llama.cpp's `pooling_type` (1 mean, 2 CLS, 3 last token), as its
+    // converter writes it from sentence-transformers' files.
+    let embedding = if ckpt.embed {
+        let mode = match file.meta().u64(&format!("{arch}.pooling_type"))? {
+            None | Some(3) => PoolingMode::LastToken,
+            Some(1) => PoolingMode::Mean,
+            Some(2) => PoolingMode::Cls,
+            Some(other) => bail!("{arch}.pooling_type {other} is not supported (1, 2 or 3)"),
+        };
+        Some(EmbeddingHead {
+            pooling: Pooling {
+                mode,
+                normalize: true,
+            },
+            matryoshka: false,
+        })
+    } else {
+        None
+    };
     let vb = file.into_weights(
         |n| (n != "rope_freqs.weight").then(|| hf_name(n)).flatten(),
         layout,
         ckpt.dtype,
         &ckpt.device,
     );
-    Ok(Box::new(Llama::load(vb, &cfg, name, ckpt.quantization)?))
+    Ok(Box::new(Llama::load(
+        vb,
+        &cfg,
+        name,
+        ckpt.quantization,
+        embedding,
+    )?))
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ pub mod t5;
 
 use candle_core::{DType, Result, Tensor};
 
-pub use registry::{load_model, parse_dtype, LoadOptions, LoadedModel};
+pub use registry::{load_model, parse_dtype, LoadOptions, LoadedModel, Runner};
 
 use crate::kv_cache::{KvCacheSizing, KvDtype, KvLayout, KvStorage};
 use crate::layers::{ExpertStats, ForwardBatch};

@@ -21,6 +21,8 @@ pub struct Checkpoint<'a> {
     /// The folder, for the files beside `config.json` some architectures
     /// read (sentence-transformers' pooling); `None` for the embedded model.
     pub dir: Option<&'a std::path::Path>,
+    /// `--runner pooling`: a decoder serves embeddings.
+    pub embed: bool,
 }
 
 /// A GGUF file as an architecture's builder sees it: it maps the metadata
@@ -30,6 +32,8 @@ pub struct GgufCheckpoint {
     pub dtype: DType,
     pub device: Device,
     pub quantization: Quantization,
+    /// `--runner pooling`: a decoder serves embeddings.
+    pub embed: bool,
 }
 
 type HfBuilder = fn(&'static str, Checkpoint) -> anyhow::Result<Box<dyn Model>>;
@@ -192,16 +196,30 @@ fn supported() -> String {
 }
 
 /// The architecture of a `config.json` (`architectures[0]` or `model_type`).
+/// A bare decoder stack's name (`Qwen3Model`, `MistralModel`: how decoder
+/// embedding checkpoints such as e5-mistral are saved) means its
+/// `*ForCausalLM` architecture, loaded without a head ([`bare_decoder`]).
 pub fn find_hf(name: &str) -> anyhow::Result<&'static Architecture> {
     ARCHITECTURES
         .iter()
         .find(|a| a.name == name || a.model_types.contains(&name))
+        .or_else(|| bare_decoder(name))
         .with_context(|| {
             format!(
                 "unsupported model architecture {name:?}; supported: {}",
                 supported()
             )
         })
+}
+
+/// The `*ForCausalLM` architecture of a bare decoder's name (`XModel`), if
+/// it is one and not an architecture of its own (`BertModel`).
+fn bare_decoder(name: &str) -> Option<&'static Architecture> {
+    if ARCHITECTURES.iter().any(|a| a.name == name) {
+        return None;
+    }
+    let causal = format!("{}ForCausalLM", name.strip_suffix("Model")?);
+    ARCHITECTURES.iter().find(|a| a.name == causal)
 }
 
 /// The architecture of a GGUF file (`general.architecture`).
@@ -234,6 +252,48 @@ pub struct LoadOptions {
     /// dequantizes them to the working dtype at load, as transformers'
     /// GGUF loader does (for comparisons with it).
     pub gguf_blocks: bool,
+    /// Which task the model serves (vLLM's `--runner`).
+    pub runner: Runner,
+}
+
+/// vLLM's `--runner`: what a model is loaded to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Runner {
+    /// What the architecture does: encoders embed, decoders generate.
+    #[default]
+    Auto,
+    /// Text generation (completions and chat).
+    Generate,
+    /// Embeddings; a decoder (Llama family) pools its final token states.
+    Pooling,
+}
+
+impl Runner {
+    pub fn parse(s: &str) -> anyhow::Result<Self> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "generate" => Ok(Self::Generate),
+            "pooling" => Ok(Self::Pooling),
+            other => bail!("--runner {other:?}: expected auto, generate or pooling"),
+        }
+    }
+
+    /// Refuses a model built for the other task.
+    fn check(self, spec: &super::ModelSpec) -> anyhow::Result<()> {
+        let embeds = spec.kind.is_embedding();
+        match self {
+            Self::Generate if embeds => bail!(
+                "{} is an embedding model: --runner generate cannot serve it",
+                spec.architecture
+            ),
+            Self::Pooling if !embeds => bail!(
+                "{} cannot serve embeddings (--runner pooling): supported for BERT-family \
+                 encoders and Llama-family decoders (Llama, Mistral, Qwen2, Qwen3)",
+                spec.architecture
+            ),
+            _ => Ok(()),
+        }
+    }
 }
 
 impl Default for LoadOptions {
@@ -244,6 +304,7 @@ impl Default for LoadOptions {
             quantization: Quantization::None,
             device: Device::Cpu,
             gguf_blocks: true,
+            runner: Runner::Auto,
         }
     }
 }
@@ -303,6 +364,7 @@ pub fn load_model(opts: &LoadOptions) -> anyhow::Result<LoadedModel> {
     // allocator's purge delay is a minute), so that the footprint reported
     // and the one a container limit sees are the model's.
     crate::release_free_memory();
+    opts.runner.check(loaded.1.spec())?;
     let (n, vocab) = (loaded.0.vocab_size(), loaded.1.spec().vocab_size);
     if n > vocab {
         bail!("the tokenizer has {n} tokens but the model's vocab_size is {vocab}");
@@ -338,7 +400,15 @@ fn build_hf_weights(
     dir: Option<&std::path::Path>,
 ) -> anyhow::Result<Box<dyn Model>> {
     let common: super::config::Common = super::config::parse(config)?;
-    let arch = find_hf(&common.architecture()?)?;
+    let name = common.architecture()?;
+    let arch = find_hf(&name)?;
+    // A bare decoder stack has no head: under `auto` it serves embeddings,
+    // as vLLM serves such checkpoints.
+    let embed = match opts.runner {
+        Runner::Pooling => true,
+        Runner::Auto => bare_decoder(&name).is_some(),
+        Runner::Generate => false,
+    };
     (arch.from_hf)(
         arch.name,
         Checkpoint {
@@ -346,6 +416,7 @@ fn build_hf_weights(
             vb,
             quantization: opts.quantization,
             dir,
+            embed,
         },
     )
 }
@@ -435,6 +506,7 @@ fn load_gguf(
             dtype: opts.dtype,
             device: opts.device.clone(),
             quantization: opts.quantization,
+            embed: opts.runner == Runner::Pooling,
         },
     )
     .with_context(|| format!("loading the model in {}", path.display()))?;
