@@ -50,8 +50,17 @@ impl ModelRunner {
     pub fn new(model: &dyn Model, sizing: &KvCacheSizing) -> anyhow::Result<Self> {
         let spec = model.spec();
         let layout = spec.cache.layout(sizing);
+        let started = std::time::Instant::now();
+        let storage = KvStorage::new(layout, sizing.dtype.unwrap_or(spec.dtype.into()))?;
+        // Every page is touched at start (see `KvStorage::new`): say what it took.
+        if started.elapsed() > std::time::Duration::from_millis(500) {
+            tracing::info!(
+                "KV cache memory mapped in {:.1} s",
+                started.elapsed().as_secs_f64()
+            );
+        }
         Ok(Self {
-            storage: KvStorage::new(layout, sizing.dtype.unwrap_or(spec.dtype.into()))?,
+            storage,
             compute: rayon::ThreadPoolBuilder::new()
                 .num_threads(rayon::current_num_threads())
                 .thread_name(|i| format!("candela-compute-{i}"))

@@ -1,5 +1,6 @@
-//! A flat array of reference-counted blocks, a free queue in least-recently
-//! used order, and the table of cached blocks by content hash.
+//! A flat array of reference-counted blocks, a free queue (blocks without
+//! cached contents first, then cached ones least recently used first), and
+//! the table of cached blocks by content hash.
 
 use std::collections::HashMap;
 
@@ -131,6 +132,19 @@ impl BlockPool {
         self.num_free += 1;
     }
 
+    fn push_front(&mut self, b: BlockId) {
+        let i = b as usize;
+        self.prev[i] = NONE;
+        self.next[i] = self.head;
+        if self.head == NONE {
+            self.tail = b;
+        } else {
+            self.prev[self.head as usize] = b;
+        }
+        self.head = b;
+        self.num_free += 1;
+    }
+
     fn unlink(&mut self, b: BlockId) {
         let i = b as usize;
         let (p, n) = (self.prev[i], self.next[i]);
@@ -175,14 +189,22 @@ impl BlockPool {
         *rc += 1;
     }
 
-    /// Drops one holder; the block joins the tail of the free queue when none
-    /// is left (keeping its cached contents until it is handed out again).
+    /// Drops one holder. When none is left, a block with cached contents
+    /// joins the tail of the free queue (kept until it is handed out again,
+    /// least recently used first); one without goes to the head, to be
+    /// handed out next: it holds nothing worth keeping, so cached blocks
+    /// live longer, and its memory is the most recently written, still in the
+    /// CPU's caches.
     pub fn release(&mut self, block: BlockId) {
         let rc = &mut self.ref_counts[block as usize];
         assert!(*rc > 0, "double free of block {block}");
         *rc -= 1;
         if *rc == 0 {
-            self.push_back(block);
+            if self.hash_of[block as usize].is_some() {
+                self.push_back(block);
+            } else {
+                self.push_front(block);
+            }
         }
     }
 
@@ -346,6 +368,23 @@ mod tests {
         pool.share(bs[0]);
         use BlockState::*;
         assert_eq!(pool.block_states(), [Shared, Cached, InUse, InUse]);
+    }
+
+    #[test]
+    fn blocks_without_cached_contents_are_handed_out_first_most_recent_first() {
+        let mut pool = BlockPool::new(5);
+        let bs = pool.allocate(5).unwrap();
+        pool.set_cached(bs[0], 100);
+        pool.set_cached(bs[1], 101);
+        for b in &bs {
+            pool.release(*b);
+        }
+        pool.check_invariants(&[0; 5]).unwrap();
+        // The uncached ones, last freed first (still in the CPU's caches),
+        // then the cached ones in their eviction order.
+        let got = pool.allocate(5).unwrap();
+        assert_eq!(got, vec![bs[4], bs[3], bs[2], bs[0], bs[1]]);
+        pool.check_invariants(&[1; 5]).unwrap();
     }
 
     #[test]

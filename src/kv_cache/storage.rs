@@ -143,23 +143,57 @@ pub enum KvBuffer {
     },
 }
 
+/// A zeroed buffer whose memory is already mapped.
+///
+/// A buffer this size comes from the allocator as untouched, lazily mapped
+/// pages, so the first write to each page faults and the kernel zeroes it
+/// (2 MiB at a time with transparent huge pages) in the middle of a forward
+/// pass. The free queue hands blocks out least recently used first, so
+/// serving walks the whole pool and every page faults once: a third of the
+/// time of the embeddings benchmark went to it. Touching every page here
+/// moves that cost to startup (llama.cpp clears its KV buffer at start too).
+/// The kernel zeroes the pages as they fault, at well under memory
+/// bandwidth in a VM, so every core takes a share (2 GiB: about 6 s on one
+/// core of the reference VM).
+fn resident<T: Copy + Send>(len: usize, zero: T) -> Vec<T> {
+    let mut v = vec![zero; len];
+    let per_page = (4096 / std::mem::size_of::<T>().max(1)).max(1);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let share = len
+        .div_ceil(threads)
+        .next_multiple_of(per_page)
+        .max(per_page);
+    std::thread::scope(|s| {
+        for part in v.chunks_mut(share) {
+            s.spawn(move || {
+                for page in part.chunks_mut(per_page) {
+                    // SAFETY: a valid element of the buffer. Volatile: a store
+                    // of zero into memory the allocator zeroed could be elided.
+                    unsafe { std::ptr::write_volatile(page.as_mut_ptr(), zero) };
+                }
+            });
+        }
+    });
+    v
+}
+
 impl KvBuffer {
     fn zeros(dtype: KvDtype, len: usize, head_dim: usize) -> Self {
         match dtype {
-            KvDtype::F32 => Self::F32(vec![0.0; len]),
-            KvDtype::F16 => Self::F16(vec![f16::ZERO; len]),
-            KvDtype::BF16 => Self::BF16(vec![bf16::ZERO; len]),
+            KvDtype::F32 => Self::F32(resident(len, 0.0)),
+            KvDtype::F16 => Self::F16(resident(len, f16::ZERO)),
+            KvDtype::BF16 => Self::BF16(resident(len, bf16::ZERO)),
             KvDtype::Q8_0 => {
                 let group = q8_group(head_dim);
                 Self::Q8_0 {
-                    qs: vec![0; len],
-                    scales: vec![f16::ZERO; len / group],
+                    qs: resident(len, 0),
+                    scales: resident(len / group, f16::ZERO),
                     group,
                 }
             }
             KvDtype::Fp8E4M3 => Self::Fp8 {
-                codes: vec![0; len],
-                scales: vec![0.0; len / head_dim.max(1)],
+                codes: resident(len, 0),
+                scales: resident(len / head_dim.max(1), 0.0),
                 group: head_dim.max(1),
             },
         }
@@ -246,6 +280,10 @@ pub struct KvStorage {
 }
 
 impl KvStorage {
+    /// Zeroed buffers for every layer, their memory mapped now rather than
+    /// on first write (so the process holds its whole cache from the start,
+    /// as vLLM's and llama.cpp's do, and a container limit too small for it
+    /// fails at once instead of under load).
     pub fn new(layout: KvLayout, dtype: impl Into<KvDtype>) -> anyhow::Result<Self> {
         let (dtype, len, hd) = (dtype.into(), layout.layer_len(), layout.head_dim);
         let v_len = if layout.values_are_keys { 0 } else { len };
@@ -253,7 +291,7 @@ impl KvStorage {
             .map(|_| LayerKv {
                 k: KvBuffer::zeros(dtype, len, hd),
                 v: KvBuffer::zeros(dtype, v_len, hd),
-                state: vec![0.0; layout.num_blocks * layout.state_len],
+                state: resident(layout.num_blocks * layout.state_len, 0.0),
             })
             .collect();
         Ok(Self { layout, layers })
