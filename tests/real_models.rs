@@ -182,9 +182,12 @@ fn smollm2_gguf_answers_the_capital_of_france() {
     );
     // The file's own blocks (Q4_1 matrices, Q8_0 embedding and tied head)
     // with 8-bit activations, as llama.cpp computes: only the activations'
-    // rounding separates it from the dequantized model.
+    // rounding separates it from the dequantized model. (The mean moves
+    // around 1.0 with the summation order of any kernel before a quantized
+    // matmul, e.g. attention's: 1.05 at one position since its keys are
+    // summed sixteen at a time.)
     let native = load(&path, DType::F32);
-    close_to_exact("native Q4_1", &all_logits(&native), 3.0, 1.0);
+    close_to_exact("native Q4_1", &all_logits(&native), 3.0, 1.1);
     // It takes the other side of the near tie, as llama.cpp's server does
     // (the one bench/run.sh builds; greedy): "L'Étoile, la Marseillaise, la
     // femme au martyre, ...". Past the first words the two drift apart at

@@ -567,6 +567,9 @@ pub(super) struct Scratch {
     pub(super) sum: Vec<f32>,
     /// Runs of contiguous cache rows: (first element, rows).
     pub(super) segments: Vec<(usize, usize)>,
+    /// The first element of each key's row, in key order (the AVX-512
+    /// kernel's groups of keys).
+    pub(super) rows: Vec<usize>,
 }
 
 /// Softmax attention of a group of query heads over keys `lo..=pos`, written
@@ -782,7 +785,8 @@ mod tests {
     #[test]
     fn chunked_paged_attention_matches_contiguous_reference() {
         // Head sizes 8 to 160 (the AVX-512 kernel's exact 1- to 8-register
-        // variants, with more query heads than one register pass holds, and its
+        // variants, with more query heads than one register pass holds or with
+        // one query head per KV head (its four-way pass over values), and its
         // runtime-length one where the CPU has it; the AVX2 kernel's
         // one- and four-chunk tiles); 7 query heads per KV head exceed one
         // register pass of the 64 variant and take the AVX2 kernel's 4-, 2-
@@ -793,10 +797,12 @@ mod tests {
             (4, 2, 8),
             (17, 1, 16),
             (4, 1, 32),
+            (4, 4, 32),
             (18, 2, 32),
             (6, 2, 40),
             (7, 1, 48),
             (14, 2, 64),
+            (2, 2, 64),
             (5, 1, 80),
             (4, 1, 96),
             (4, 4, 128),
@@ -854,20 +860,29 @@ mod tests {
     }
 
     fn check_chunked(nh: usize, nkv: usize, hd: usize, cache_dtype: KvDtype) {
-        check_chunked_values(nh, nkv, hd, cache_dtype, false);
-        // Latent attention: the keys are read as the values too, and no
-        // values are stored.
-        check_chunked_values(nh, nkv, hd, cache_dtype, true);
+        // Blocks of 4 (every key alone), and blocks of 16 over 45 tokens
+        // (the AVX-512 kernel's sixteen-key groups, and the keys left over).
+        for shape in [
+            (11, 4, [(0, 5), (5, 1), (6, 5)]),
+            (45, 16, [(0, 20), (20, 1), (21, 24)]),
+        ] {
+            check_chunked_values(nh, nkv, hd, cache_dtype, false, shape);
+            // Latent attention: the keys are read as the values too, and no
+            // values are stored.
+            check_chunked_values(nh, nkv, hd, cache_dtype, true, shape);
+        }
     }
 
+    /// `shape`: tokens, block size, and the chunks the sequence arrives in.
     fn check_chunked_values(
         nh: usize,
         nkv: usize,
         hd: usize,
         cache_dtype: KvDtype,
         values_are_keys: bool,
+        shape: (usize, usize, [(usize, usize); 3]),
     ) {
-        let (n, bs) = (11, 4);
+        let (n, bs, chunks) = shape;
         let q = pseudo_random(n * nh * hd, 1);
         let k = pseudo_random(n * nkv * hd, 2);
         let v = if values_are_keys {
@@ -899,10 +914,10 @@ mod tests {
                 state_len: 0,
             };
             let mut storage = KvStorage::new(layout, cache_dtype).unwrap();
-            // Scattered blocks, and the sequence processed in chunks of 5, 1 and 5 tokens.
+            // Scattered blocks, and the sequence processed in three chunks.
             let table = [6u32, 1, 4];
             let mut got = Vec::new();
-            for (start, len) in [(0, 5), (5, 1), (6, 5)] {
+            for (start, len) in chunks {
                 let mut b = ForwardBatch::new();
                 b.push_seq(&vec![0; len], start, &table, bs, Logits::Last);
                 let t = |x: &[f32], heads| {
@@ -939,7 +954,7 @@ mod tests {
             assert!(
                 max_diff < 1e-5,
                 "hd {hd}, {cache_dtype:?} cache, window {window:?}, softcap {softcap:?}, \
-                 values are keys {values_are_keys}: max diff {max_diff}"
+                 values are keys {values_are_keys}, block size {bs}: max diff {max_diff}"
             );
         }
     }
