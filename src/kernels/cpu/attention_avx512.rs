@@ -45,6 +45,10 @@ impl Lanes for half::bf16 {
     }
 }
 
+/// Keys and values of one item below this size are not prefetched (the
+/// groups of keys path): they fit in L2 with the other heads' beside them.
+const PREFETCH_MIN_BYTES: usize = 64 << 10;
+
 /// Largest head size (in registers of 16) this kernel handles.
 const MAX_V: usize = 16;
 
@@ -104,6 +108,10 @@ unsafe fn attend_v<T: Lanes, const V: usize, const H: usize>(
     // scattered, so the hardware prefetcher restarts at each one: fetch keys
     // ahead, and the values for pass 2.
     let row_bytes = hd * std::mem::size_of::<T>();
+    // A short context's keys and values are in the CPU's caches (a prompt's
+    // were just written): prefetching them costs as many instructions as a
+    // head of 32 takes to score them. Long contexts (decode) need it.
+    let prefetching = n * row_bytes * 2 > PREFETCH_MIN_BYTES;
     let mut i = 0;
     if V <= 8 {
         // Sixteen keys at a time where the query fits in registers beside
@@ -118,13 +126,15 @@ unsafe fn attend_v<T: Lanes, const V: usize, const H: usize>(
         }
         let rows = s.rows.as_slice();
         while i + 16 <= n {
-            // SAFETY: every row offset is a key inside the cache.
-            unsafe {
-                for &row in &rows[(i + 16).min(n)..(i + 32).min(n)] {
-                    prefetch::<_MM_HINT_T0>(kc.add(row).cast(), row_bytes);
-                }
-                for &row in &rows[i..i + 16] {
-                    prefetch::<_MM_HINT_T1>(vc.add(row).cast(), row_bytes);
+            if prefetching {
+                // SAFETY: every row offset is a key inside the cache.
+                unsafe {
+                    for &row in &rows[(i + 16).min(n)..(i + 32).min(n)] {
+                        prefetch::<_MM_HINT_T0>(kc.add(row).cast(), row_bytes);
+                    }
+                    for &row in &rows[i..i + 16] {
+                        prefetch::<_MM_HINT_T1>(vc.add(row).cast(), row_bytes);
+                    }
                 }
             }
             for j in 0..g {
@@ -222,7 +232,7 @@ unsafe fn attend_v<T: Lanes, const V: usize, const H: usize>(
         let mut acc = [[_mm512_setzero_ps(); V]; 4];
         let mut i = 0;
         while i < n {
-            if i % 16 == 0 {
+            if prefetching && i % 16 == 0 {
                 for &row in &rows[(i + 16).min(n)..(i + 32).min(n)] {
                     // SAFETY: every row offset is inside the cache.
                     unsafe { prefetch::<_MM_HINT_T0>(vc.add(row).cast(), row_bytes) };
