@@ -52,22 +52,22 @@ struct PoolingConfig {
 }
 
 impl Pooling {
-    /// Without sentence-transformers' files: mean pooling, normalized (what
-    /// most embedding checkpoints are trained for).
+    /// An encoder without sentence-transformers' files: mean pooling,
+    /// normalized (what most embedding checkpoints are trained for).
     pub const DEFAULT: Self = Self {
         mode: PoolingMode::Mean,
         normalize: true,
     };
 
     /// From a model folder's `modules.json` (and the pooling module's
-    /// `config.json`); [`Pooling::DEFAULT`] when it has none.
-    pub fn from_dir(dir: Option<&Path>) -> anyhow::Result<Self> {
+    /// `config.json`); `default` when it has none (the architecture's).
+    pub fn from_dir(dir: Option<&Path>, default: Self) -> anyhow::Result<Self> {
         let Some(dir) = dir else {
-            return Ok(Self::DEFAULT);
+            return Ok(default);
         };
         let modules_path = dir.join("modules.json");
         let Ok(text) = std::fs::read_to_string(&modules_path) else {
-            return Ok(Self::DEFAULT);
+            return Ok(default);
         };
         let modules: Vec<Module> = serde_json::from_str(&text)
             .with_context(|| format!("reading {}", modules_path.display()))?;

@@ -78,8 +78,6 @@ struct RawConfig {
     hidden_act: Option<String>,
     position_embedding_type: Option<String>,
     is_decoder: Option<bool>,
-    is_matryoshka: Option<bool>,
-    matryoshka_dimensions: Option<Vec<usize>>,
     pad_token_id: Option<u32>,
 }
 
@@ -132,7 +130,7 @@ impl BertConfig {
             type_vocab_size: raw.type_vocab_size.unwrap_or(if roberta { 1 } else { 2 }),
             layer_norm_eps: raw.layer_norm_eps.unwrap_or(1e-12),
             activation: Activation::from_name(act)?,
-            matryoshka: raw.is_matryoshka.unwrap_or(false) || raw.matryoshka_dimensions.is_some(),
+            matryoshka: config::parse::<config::Common>(text)?.matryoshka(),
         })
     }
 
@@ -362,7 +360,7 @@ fn max_seq_length(dir: Option<&std::path::Path>) -> anyhow::Result<Option<usize>
 
 pub fn from_hf(name: &'static str, ckpt: Checkpoint) -> anyhow::Result<Box<dyn Model>> {
     let cfg = BertConfig::from_json(ckpt.config, name.contains("Roberta"))?;
-    let pooling = Pooling::from_dir(ckpt.dir)?;
+    let pooling = Pooling::from_dir(ckpt.dir, Pooling::DEFAULT)?;
     let max_len = max_seq_length(ckpt.dir)?.unwrap_or(cfg.max_position_embeddings);
     tracing::info!(
         "{name}: {:?} pooling{}, inputs up to {max_len} tokens",

@@ -87,9 +87,19 @@ pub struct Common {
     pub model_type: Option<String>,
     pub bos_token_id: Option<TokenIds>,
     pub eos_token_id: Option<TokenIds>,
+    /// Embedding models trained for Matryoshka truncation declare it so (as
+    /// vLLM reads them).
+    pub is_matryoshka: Option<bool>,
+    pub matryoshka_dimensions: Option<Vec<usize>>,
 }
 
 impl Common {
+    /// Whether a prefix of the model's embeddings, renormalized, is an
+    /// embedding too (`dimensions` may shorten it).
+    pub fn matryoshka(&self) -> bool {
+        self.is_matryoshka.unwrap_or(false) || self.matryoshka_dimensions.is_some()
+    }
+
     /// `architectures[0]`, or else `model_type`.
     pub fn architecture(&self) -> anyhow::Result<String> {
         self.architectures

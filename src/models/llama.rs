@@ -40,10 +40,6 @@ pub enum Family {
 
 impl Family {
     pub fn from_name(name: &str) -> Option<Self> {
-        // The bare stack (`Qwen3Model`) of a decoder embedding checkpoint.
-        if let Some(stack) = name.strip_suffix("Model").filter(|p| !p.is_empty()) {
-            return Self::from_name(&format!("{stack}ForCausalLM"));
-        }
         Some(match name {
             "LlamaForCausalLM" | "llama" => Self::Llama,
             "MistralForCausalLM" | "mistral" => Self::Mistral,
@@ -156,8 +152,9 @@ impl LlamaConfig {
     /// Parses `config.json` text; errors name the offending field.
     pub fn from_json(text: &str) -> anyhow::Result<Self> {
         let common: Common = config::parse(text)?;
-        let name = common.architecture()?;
-        let family = Family::from_name(&name)
+        // The registry's name: it also resolves a bare stack (`Qwen3Model`).
+        let name = super::registry::find_hf(&common.architecture()?)?.name;
+        let family = Family::from_name(name)
             .with_context(|| format!("{name:?} is not a Llama-family architecture"))?;
         let raw: RawConfig = config::parse(text)?;
         raw.into_config(family)
@@ -496,24 +493,13 @@ impl EmbeddingHead {
     /// vLLM's default for them); Matryoshka from `is_matryoshka` or
     /// `matryoshka_dimensions` in config.json, as vLLM reads them.
     fn from_checkpoint(config: &str, dir: Option<&std::path::Path>) -> anyhow::Result<Self> {
-        #[derive(Deserialize)]
-        struct Raw {
-            is_matryoshka: Option<bool>,
-            matryoshka_dimensions: Option<Vec<usize>>,
-        }
-        let raw: Raw = config::parse(config)?;
-        let has_st = dir.is_some_and(|d| d.join("modules.json").is_file());
-        let pooling = if has_st {
-            Pooling::from_dir(dir)?
-        } else {
-            Pooling {
-                mode: PoolingMode::LastToken,
-                normalize: true,
-            }
+        let last_token = Pooling {
+            mode: PoolingMode::LastToken,
+            normalize: true,
         };
         Ok(Self {
-            pooling,
-            matryoshka: raw.is_matryoshka.unwrap_or(false) || raw.matryoshka_dimensions.is_some(),
+            pooling: Pooling::from_dir(dir, last_token)?,
+            matryoshka: config::parse::<Common>(config)?.matryoshka(),
         })
     }
 }
