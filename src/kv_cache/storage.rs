@@ -148,32 +148,43 @@ pub enum KvBuffer {
 /// A buffer this size comes from the allocator as untouched, lazily mapped
 /// pages, so the first write to each page faults and the kernel zeroes it
 /// (2 MiB at a time with transparent huge pages) in the middle of a forward
-/// pass. The free queue hands blocks out least recently used first, so
-/// serving walks the whole pool and every page faults once: a third of the
-/// time of the embeddings benchmark went to it. Touching every page here
-/// moves that cost to startup (llama.cpp clears its KV buffer at start too).
-/// The kernel zeroes the pages as they fault, at well under memory
-/// bandwidth in a VM, so every core takes a share (2 GiB: about 6 s on one
-/// core of the reference VM).
+/// pass; cached blocks are handed out least recently used first, so serving
+/// walks the whole pool and every page faults once (a third of the time of
+/// the embeddings benchmark went to it). Touching every page here moves that
+/// cost to startup (llama.cpp clears its KV buffer at start too).
+///
+/// The kernel zeroes pages well under memory bandwidth in a VM, so a large
+/// buffer is shared among the cores (2 GiB: up to 6 s on one core of the
+/// reference VM, on memory the hypervisor has not backed yet); a small one is
+/// not worth a thread.
 fn resident<T: Copy + Send>(len: usize, zero: T) -> Vec<T> {
+    /// Bytes below which one thread touches the buffer alone.
+    const PER_THREAD: usize = 8 << 20;
     let mut v = vec![zero; len];
-    let per_page = (4096 / std::mem::size_of::<T>().max(1)).max(1);
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let size = std::mem::size_of::<T>().max(1);
+    let per_page = (4096 / size).max(1);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = (len * size / PER_THREAD).clamp(1, cores);
     let share = len
         .div_ceil(threads)
         .next_multiple_of(per_page)
         .max(per_page);
-    std::thread::scope(|s| {
-        for part in v.chunks_mut(share) {
-            s.spawn(move || {
-                for page in part.chunks_mut(per_page) {
-                    // SAFETY: a valid element of the buffer. Volatile: a store
-                    // of zero into memory the allocator zeroed could be elided.
-                    unsafe { std::ptr::write_volatile(page.as_mut_ptr(), zero) };
-                }
-            });
+    let touch = move |part: &mut [T]| {
+        for page in part.chunks_mut(per_page) {
+            // SAFETY: a valid element of the buffer. Volatile: a store of
+            // zero into memory the allocator zeroed could be elided.
+            unsafe { std::ptr::write_volatile(page.as_mut_ptr(), zero) };
         }
-    });
+    };
+    if threads == 1 {
+        touch(&mut v);
+    } else {
+        std::thread::scope(|s| {
+            for part in v.chunks_mut(share) {
+                s.spawn(move || touch(part));
+            }
+        });
+    }
     v
 }
 
