@@ -28,21 +28,39 @@ def pct(values, p):
 
 
 async def one_request(client, url, model, prompt, output_len):
+    # A server may close an idle keep-alive connection just as the next request goes out on it
+    # (llama.cpp's server did, once in a run): that request never reached it, so it is sent again on
+    # a fresh connection, as the OpenAI SDK retries connection errors.
+    for attempt in range(3):
+        try:
+            return await attempt_request(client, url, model, prompt, output_len)
+        except httpx.RemoteProtocolError as e:
+            if getattr(e, "started", False) or attempt == 2:
+                raise
+
+
+async def attempt_request(client, url, model, prompt, output_len):
     body = {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     arrivals = []
     tokens = 0
-    async with client.stream("POST", url, json=body, timeout=600) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            if chunk.get("choices") and chunk["choices"][0].get("text"):
-                arrivals.append(time.perf_counter())
+    started = False
+    try:
+        async with client.stream("POST", url, json=body, timeout=600) as r:
+            started = True
+            r.raise_for_status()
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+                if chunk.get("choices") and chunk["choices"][0].get("text"):
+                    arrivals.append(time.perf_counter())
+    except httpx.RemoteProtocolError as e:
+        e.started = started  # whether the server had answered (then it is not retried)
+        raise
     end = time.perf_counter()
     ttft = arrivals[0] - start if arrivals else end - start
     itls = [b - a for a, b in zip(arrivals, arrivals[1:])]

@@ -2,7 +2,7 @@
 # Prefix caching benchmark: a shared-prefix workload (a SHARED-token "system prompt" + 64 different
 # 32-token questions, 64 output tokens each, 16 streams) on Candela with and without prefix caching
 # and on llama.cpp's server (its per-slot prompt cache), and the time to first token of one
-# 1,500-token prompt sent twice. Needs what bench/run.sh builds (bench/.venv, llama-server).
+# 1,500-token prompt sent twice. Needs bench/.venv; builds llama-server (bench/llama_cpp.sh).
 #
 #   bench/prefix.sh            # SHARED=1000 STREAMS=16 REQUESTS=64 (the workload)
 #   SHARED=1000 STREAMS=4 REQUESTS=8 bench/prefix.sh   # smaller, for slow machines
@@ -16,7 +16,7 @@ LLAMA_SERVER=bench/.cache/llama.cpp/build/bin/llama-server
 MODEL=models-cache/SmolLM2-135M-Instruct.Q4_1.gguf
 CANDELA=${CANDELA:-target/release/candela}
 PORT=18556
-[ -x "$LLAMA_SERVER" ] || { echo "build llama-server first (bench/run.sh)" >&2; exit 1; }
+bench/llama_cpp.sh
 [ -n "${CANDELA_PREBUILT:-}" ] || cargo build --release --bin candela
 
 wait_healthy() {

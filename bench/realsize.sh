@@ -11,8 +11,8 @@
 #       # Mixture of Experts: Qwen3-30B-A3B's layer shape, 4 layers (bench/make_moe_gguf.py writes
 #       # the f32 file; Q8_0 by llama-quantize from it)
 #
-# Needs what bench/run.sh builds (bench/.venv, llama.cpp's build in bench/.cache); builds
-# llama-quantize. Results: bench/results/<date>-realsize/ (JSON lines) and stdout.
+# Needs bench/.venv (bench/run.sh, or pip install -r bench/requirements.txt); builds llama.cpp
+# (bench/llama_cpp.sh). Results: bench/results/<date>-realsize/ (JSON lines) and stdout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CACHE=bench/.cache
@@ -28,8 +28,7 @@ LLAMA=$CACHE/llama.cpp/build/bin
 OUT=bench/results/$(date +%Y-%m-%d-%H%M)-realsize
 PORT=18557
 mkdir -p "$OUT" "$CACHE/realsize"
-[ -x "$LLAMA/llama-server" ] || { echo "build llama-server first (bench/run.sh)" >&2; exit 1; }
-[ -x "$LLAMA/llama-quantize" ] || cmake --build "$CACHE/llama.cpp/build" --target llama-quantize -j "$THREADS" >/dev/null
+bench/llama_cpp.sh
 [ -n "${CANDELA_PREBUILT:-}" ] || cargo build --release --bin candela
 CANDELA=${CANDELA:-target/release/candela}
 MAXC=$(echo "$CONCURRENCY" | tr ',' '\n' | sort -n | tail -1)

@@ -9,7 +9,7 @@
 #                                # its llama-quantize, Candela with --quantization q8_0 on the same file
 #   SKIP_HF=1 bench/run.sh       # without the transformers baseline
 #
-# Builds llama-server from the llama.cpp sources vendored in the llama-cpp-python sdist (PyPI),
+# Builds llama-server (bench/llama_cpp.sh: from the llama.cpp sources in the llama-cpp-python sdist),
 # CPU only, into bench/.cache; Python tools go into bench/.venv. Results: bench/results/<date>/
 # (JSON) and a Markdown table on stdout to paste into docs/benchmarks.md. Not part of the tests.
 set -euo pipefail
@@ -20,7 +20,6 @@ VENV=bench/.venv
 CONCURRENCY=${CONCURRENCY:-1,8,32,64}
 PRECISION=${PRECISION:-f32}
 THREADS=${THREADS:-2}
-LLAMA_CPP_PYTHON=${LLAMA_CPP_PYTHON:-0.3.36}
 OUT=bench/results/$(date +%Y-%m-%d-%H%M)-$PRECISION
 mkdir -p "$CACHE" "$OUT"
 
@@ -36,32 +35,9 @@ Q4=models-cache/SmolLM2-135M-Instruct.Q4_1.gguf
 F32=$CACHE/SmolLM2-135M-Instruct.f32.gguf
 [ -f "$F32" ] || "$PY" bench/make_f32_gguf.py "$Q4" "$F32"
 
-# llama.cpp's server, from the sources inside the llama-cpp-python sdist.
+# llama.cpp's server and quantizer (bench/llama_cpp.sh says how it is built).
+bench/llama_cpp.sh
 LLAMA_SERVER=$CACHE/llama.cpp/build/bin/llama-server
-if [ ! -x "$LLAMA_SERVER" ]; then
-    # The sdist itself (pip download --no-binary would build its build tools from source).
-    SDIST=$CACHE/llama_cpp_python-$LLAMA_CPP_PYTHON.tar.gz
-    if [ ! -f "$SDIST" ]; then
-        url=$(curl -sf https://pypi.org/simple/llama-cpp-python/ \
-            | grep -o "https://[^\"]*llama_cpp_python-$LLAMA_CPP_PYTHON.tar.gz#sha256=[0-9a-f]*" | head -1)
-        curl -sfL "${url%%#*}" -o "$SDIST"
-        echo "${url##*sha256=}  $SDIST" | sha256sum --check --quiet
-    fi
-    rm -rf "$CACHE/llama-cpp-python" && mkdir -p "$CACHE/llama-cpp-python"
-    tar -xzf "$SDIST" -C "$CACHE/llama-cpp-python" --strip-components=1
-    rm -rf "$CACHE/llama.cpp" && cp -r "$CACHE/llama-cpp-python/vendor/llama.cpp" "$CACHE/llama.cpp"
-    # Not GGML_NATIVE: on VMs whose CPU advertises AMX that the OS does not enable, a native build
-    # dies with an illegal instruction in its AMX kernels. The instruction sets it would detect are
-    # named instead, from /proc/cpuinfo, with AMX off.
-    has() { grep -qw "$1" /proc/cpuinfo && echo ON || echo OFF; }
-    cmake -S "$CACHE/llama.cpp" -B "$CACHE/llama.cpp/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
-        -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2="$(has avx2)" -DGGML_FMA="$(has fma)" -DGGML_F16C="$(has f16c)" \
-        -DGGML_BMI2="$(has bmi2)" -DGGML_AVX512="$(has avx512f)" -DGGML_AVX512_VBMI="$(has avx512vbmi)" \
-        -DGGML_AVX512_VNNI="$(has avx512_vnni)" -DGGML_AVX512_BF16="$(has avx512_bf16)" \
-        -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF \
-        -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF >/dev/null
-    cmake --build "$CACHE/llama.cpp/build" --target llama-server -j "$THREADS" >/dev/null
-fi
 case $PRECISION in
 f32)
     MODEL=$F32
@@ -71,7 +47,6 @@ q8_0)
     MODEL=$CACHE/SmolLM2-135M-Instruct.q8_0.gguf
     CANDELA_QUANT=q8_0
     QUANTIZE=$CACHE/llama.cpp/build/bin/llama-quantize
-    [ -x "$QUANTIZE" ] || cmake --build "$CACHE/llama.cpp/build" --target llama-quantize -j "$THREADS" >/dev/null
     [ -f "$MODEL" ] || "$QUANTIZE" "$F32" "$MODEL" Q8_0 >/dev/null 2>&1
     ;;
 *)

@@ -10,9 +10,9 @@
 #   bench/ssm.sh
 #   CONTEXTS="128 4096" CONCURRENCY=1 bench/ssm.sh
 #
-# Needs what bench/run.sh builds (bench/.venv, llama.cpp's build in bench/.cache) and
-# models-cache/ (scripts/fetch_models.sh: the GGUF's tokenizer). Results:
-# bench/results/<date>-ssm/ (JSON lines) and stdout.
+# Needs bench/.venv (pip install -r bench/requirements.txt) and models-cache/ (scripts/fetch_models.sh:
+# the GGUF's tokenizer); builds llama.cpp (bench/llama_cpp.sh). Results: bench/results/<date>-ssm/
+# (JSON lines) and stdout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CACHE=bench/.cache
@@ -24,7 +24,7 @@ LLAMA=$CACHE/llama.cpp/build/bin
 OUT=bench/results/$(date +%Y-%m-%d-%H%M)-ssm
 PORT=18558
 mkdir -p "$OUT"
-[ -x "$LLAMA/llama-server" ] || { echo "build llama-server first (bench/run.sh)" >&2; exit 1; }
+bench/llama_cpp.sh
 [ -d "$CACHE/ssm/mamba-130m" ] && [ -f "$CACHE/ssm/mamba-130m-f32.gguf" ] || "$PY" bench/make_ssm.py "$CACHE/ssm"
 [ -n "${CANDELA_PREBUILT:-}" ] || cargo build --release --bin candela
 CANDELA=${CANDELA:-target/release/candela}
