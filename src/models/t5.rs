@@ -16,7 +16,8 @@
 //! positions; the decoder's own keys and values follow at later positions.
 //! So the cross-attention memory is the request's own blocks: counted in the
 //! pool, freed with the request, recomputed after preemption. The encoder
-//! itself keeps nothing: its attention runs within the step.
+//! itself keeps nothing: its attention runs within the step, over a block
+//! of queries at a time ([`ENCODER_QUERY_ROWS`]).
 
 use anyhow::bail;
 use candle_core::{DType, Result, Tensor};
@@ -207,24 +208,40 @@ impl RelativeBias {
         self.by_distance[distance.min(self.max_distance) * self.num_heads + head]
     }
 
-    /// The encoder's `[heads, n, n]` bias of a sequence of `n` tokens.
-    fn bidirectional(&self, n: usize, device: &candle_core::Device) -> Result<Tensor> {
-        let nh = self.num_heads;
-        let mut out = vec![0f32; nh * n * n];
-        for q in 0..n {
-            for k in 0..n {
-                let b = relative_bucket(
-                    k as i64 - q as i64,
-                    true,
-                    self.num_buckets,
-                    self.max_distance,
-                );
-                for h in 0..nh {
-                    out[(h * n + q) * n + k] = self.values[b * nh + h];
+    /// The bidirectional bucket of each relative position `key - query` of
+    /// a sequence of `n` tokens, at index `key - query + n - 1`: one bucket
+    /// computation per distance rather than per pair.
+    fn buckets(&self, n: usize) -> Vec<u32> {
+        (0..2 * n.max(1) - 1)
+            .map(|i| {
+                let relative = i as i64 - (n as i64 - 1);
+                relative_bucket(relative, true, self.num_buckets, self.max_distance) as u32
+            })
+            .collect()
+    }
+
+    /// The encoder's `[heads, rows, n]` bias for the queries `rows` of a
+    /// sequence of `n` tokens (`buckets`: [`RelativeBias::buckets`] of `n`).
+    fn bidirectional(
+        &self,
+        n: usize,
+        rows: std::ops::Range<usize>,
+        buckets: &[u32],
+        device: &candle_core::Device,
+    ) -> Result<Tensor> {
+        let (nh, len) = (self.num_heads, rows.len());
+        let mut out = vec![0f32; nh * len * n];
+        for (r, q) in rows.enumerate() {
+            // Keys 0..n of query q: relative positions -q..n-q.
+            let row = &buckets[n - 1 - q..2 * n - 1 - q];
+            for h in 0..nh {
+                let dst = &mut out[(h * len + r) * n..][..n];
+                for (o, &b) in dst.iter_mut().zip(row) {
+                    *o = self.values[b as usize * nh + h];
                 }
             }
         }
-        Tensor::from_vec(out, (nh, n, n), device)
+        Tensor::from_vec(out, (nh, len, n), device)
     }
 }
 
@@ -401,12 +418,13 @@ impl T5 {
 
     /// The encoder over every sequence's input (`lens`: each one's tokens,
     /// in order in `ids`). Returns the final-normed output, `[tokens, d_model]`.
+    ///
+    /// Attention runs over [`ENCODER_QUERY_ROWS`] queries of a sequence at a
+    /// time (scores and bias `[heads, rows, n]`), so a long input needs
+    /// memory linear in its length rather than `heads * n * n` floats.
     fn encode(&self, ids: &Tensor, lens: &[usize]) -> Result<Tensor> {
         let dev = ids.device();
-        let biases = lens
-            .iter()
-            .map(|&n| self.encoder_bias.bidirectional(n, dev))
-            .collect::<Result<Vec<_>>>()?;
+        let buckets: Vec<Vec<u32>> = lens.iter().map(|&n| self.encoder_bias.buckets(n)).collect();
         let (nh, inner) = (self.num_heads, self.num_heads * self.d_kv);
         let mut x = self.shared.forward(ids)?;
         for l in &self.encoder {
@@ -414,13 +432,22 @@ impl T5 {
             let (q, k, v) = super::llama::split_qkv(&qkv, nh, nh, self.d_kv)?;
             let mut outs = Vec::with_capacity(lens.len());
             let mut start = 0;
-            for (&n, bias) in lens.iter().zip(&biases) {
+            for (&n, buckets) in lens.iter().zip(&buckets) {
                 // This sequence's rows as [heads, n, d_kv].
                 let part = |t: &Tensor| t.narrow(0, start, n)?.transpose(0, 1)?.contiguous();
                 let (q, k, v) = (part(&q)?, part(&k)?, part(&v)?);
-                let scores = (q.matmul(&k.t()?)? + bias)?;
-                let p = candle_nn::ops::softmax_last_dim(&scores)?;
-                outs.push(p.matmul(&v)?.transpose(0, 1)?.reshape((n, inner))?);
+                let kt = k.t()?;
+                for r0 in (0..n).step_by(ENCODER_QUERY_ROWS) {
+                    let rows = r0..(r0 + ENCODER_QUERY_ROWS).min(n);
+                    let bias = self
+                        .encoder_bias
+                        .bidirectional(n, rows.clone(), buckets, dev)?;
+                    let q = q.narrow(1, r0, rows.len())?;
+                    let scores = (q.matmul(&kt)? + bias)?;
+                    let p = candle_nn::ops::softmax_last_dim(&scores)?;
+                    let o = p.matmul(&v)?.transpose(0, 1)?;
+                    outs.push(o.reshape((rows.len(), inner))?);
+                }
                 start += n;
             }
             let a = l.o.forward(&Tensor::cat(&outs, 0)?)?;
@@ -431,6 +458,12 @@ impl T5 {
         self.encoder_norm.forward(&x)
     }
 }
+
+/// Queries of one sequence per encoder attention pass. Small enough that a
+/// long input's scores stay a few MiB per pass (t5-base, 4,096 tokens: 12
+/// heads x 128 x 4,096 floats = 24 MiB), large enough for efficient
+/// matmuls; the golden fixtures' longest input (150 tokens) takes two.
+const ENCODER_QUERY_ROWS: usize = 128;
 
 /// A step's batch split into its encoder inputs and its decoder tokens,
 /// each a batch of its own over the same block tables.
