@@ -3,6 +3,8 @@
 //! same (pre-transposed) weight on SmolLM2-135M's shapes, then the GGUF
 //! block-format matmuls on Llama-3.2-1B's shapes (GOP/s, and the weight
 //! bytes read per second at m = 1, where decoding is bound by memory).
+//! `KERNELS=Q4_K,Q6_K cargo bench --bench kernels` times only those GGUF
+//! formats (for profiling one kernel).
 
 use std::time::{Duration, Instant};
 
@@ -27,6 +29,9 @@ fn main() {
     // measure only when asked.
     if !std::env::args().any(|a| a == "--bench") {
         return;
+    }
+    if std::env::var_os("KERNELS").is_some() {
+        return gguf_blocks();
     }
     let dev = Device::Cpu;
     println!("| m | k | n | packed GFLOP/s | candle GFLOP/s | q8_0 GOP/s |");
@@ -82,6 +87,11 @@ fn gguf_blocks() {
         QType::Q5K,
         QType::Q6K,
     ] {
+        if let Ok(only) = std::env::var("KERNELS") {
+            if !only.split(',').any(|f| f == ty.name()) {
+                continue;
+            }
+        }
         for (k, n) in [(2048, 2048), (2048, 8192), (8192, 2048)] {
             let mut data: Vec<u8> = (0..n * ty.row_bytes(k)).map(|_| byte()).collect();
             // Finite scales (small f16 values) wherever a block keeps them.

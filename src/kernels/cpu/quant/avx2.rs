@@ -14,7 +14,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{ActRow, QType, QK, QK_K};
+use super::{ActRow, QType, QK, QK_K, TILE_ROWS};
 
 const Q4_0: u8 = 0;
 const Q4_1: u8 = 1;
@@ -76,6 +76,33 @@ pub unsafe fn dot_rows(ty: QType, w: &[u8], x: &[ActRow], out: &mut [f32]) {
             QType::Q4K => rows8!(q45k, false; w, x, out),
             QType::Q5K => rows8!(q45k, true; w, x, out),
             QType::Q6K => rows8!(q6k; w, x, out),
+        }
+    }
+}
+
+/// Whether [`dot_tile`] takes `ty`: the formats whose sub-blocks have
+/// their own scales (Q6_K's 16-value sub-blocks need twice the scale
+/// multiplies, so its per-row kernel stays).
+pub fn tiles(ty: QType) -> bool {
+    matches!(ty, QType::Q4K | QType::Q5K)
+}
+
+/// [`q45k_tile`] for `ty` with `x.len()` (1-8) activation rows.
+///
+/// # Safety
+/// As [`q45k_tile`]; `tiles(ty)`, `x.len() == out.len()`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_tile(
+    ty: QType,
+    w: [&[u8]; TILE_ROWS],
+    x: &[ActRow],
+    out: &mut [[f32; TILE_ROWS]],
+) {
+    // SAFETY: per the caller.
+    unsafe {
+        match ty {
+            QType::Q5K => rows8!(q45k_tile, true; w, x, out),
+            _ => rows8!(q45k_tile, false; w, x, out),
         }
     }
 }
@@ -414,12 +441,10 @@ unsafe fn bytes_from_bits(bits: u32) -> __m256i {
     _mm256_cmpeq_epi8(b, _mm256_set1_epi64x(-1))
 }
 
-/// The eight 6-bit scales of a Q4_K/Q5_K super-block (`s`: its 12 packed
-/// bytes) as bytes, and its eight minima each twice as 16-bit lanes (to
-/// multiply pairs of per-16 activation sums with `vpmaddwd`).
+/// The eight 6-bit scales and the eight 6-bit minima of a Q4_K/Q5_K
+/// super-block (`s`: its 12 packed bytes), a byte each, little-endian.
 #[inline]
-#[target_feature(enable = "avx2")]
-unsafe fn scales_mins_k4(s: &[u8]) -> ([u8; 8], __m256i) {
+fn scales_mins_bytes(s: &[u8]) -> (u64, u64) {
     const KMASK1: u32 = 0x3f3f_3f3f;
     const KMASK2: u32 = 0x0f0f_0f0f;
     const KMASK3: u32 = 0x0303_0303;
@@ -430,15 +455,23 @@ unsafe fn scales_mins_k4(s: &[u8]) -> ([u8; 8], __m256i) {
         u1 & KMASK1,
         ((u2 >> 4) & KMASK2) | (((u1 >> 6) & KMASK3) << 4),
     ];
-    let mut sc = [0u8; 8];
-    sc[..4].copy_from_slice(&scales[0].to_le_bytes());
-    sc[4..].copy_from_slice(&scales[1].to_le_bytes());
-    let m = _mm_set_epi32(0, 0, mins[1] as i32, mins[0] as i32);
+    let join = |p: [u32; 2]| p[0] as u64 | (p[1] as u64) << 32;
+    (join(scales), join(mins))
+}
+
+/// The eight 6-bit scales of a Q4_K/Q5_K super-block (`s`: its 12 packed
+/// bytes) as bytes, and its eight minima each twice as 16-bit lanes (to
+/// multiply pairs of per-16 activation sums with `vpmaddwd`).
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn scales_mins_k4(s: &[u8]) -> ([u8; 8], __m256i) {
+    let (scales, mins) = scales_mins_bytes(s);
+    let m = _mm_set_epi64x(0, mins as i64);
     let dup = _mm_shuffle_epi8(
         m,
         _mm_set_epi8(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0),
     );
-    (sc, _mm256_cvtepu8_epi16(dup))
+    (scales.to_le_bytes(), _mm256_cvtepu8_epi16(dup))
 }
 
 /// The fifth bits of a Q5 block (32 bits at `p`) as 0x10 per value.
@@ -623,6 +656,158 @@ unsafe fn q45k<const HIGH: bool, const R: usize>(w: &[u8], x: &[ActRow], out: &m
     for r in 0..R {
         // SAFETY: AVX2 and FMA, per the caller.
         out[r] = unsafe { hsum(acc[r]) };
+    }
+}
+
+/// Q4_K (`HIGH`: Q5_K) dot products of four weight rows with `R` activation
+/// rows: `out[r][i]` is row `i` of `w` with activation row `r`.
+///
+/// Why four rows at once: a 32-value sub-block has one scale, so the
+/// per-row kernel needs a `vpmaddubsw` and a `vpmaddwd` (the scale) per 32
+/// products. Here the four rows' sub-blocks are interleaved in registers,
+/// eight values of each row per register (a 4x4 transpose of 64-bit
+/// lanes); each of four registers meets eight activation bytes broadcast to
+/// every row, the four 16-bit results add up without overflow (at most
+/// 8 x 31 x 128 = 31,744 per lane, with Q5_K's fifth bit), and one
+/// `vpmaddwd` applies the four rows' scales: five multiplies per 128
+/// products instead of eight, where batched products are bound by the
+/// multiplier ports. Row `i` owns 32-bit lanes `2i` and `2i + 1`.
+///
+/// # Safety
+/// AVX2, FMA and F16C are present; every row of `w` holds the same whole
+/// super-blocks (144 bytes each for Q4_K, 176 for Q5_K) and the activation
+/// rows are as `Kernel::dot_rows` checks them for that length; `R <= 8`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn q45k_tile<const HIGH: bool, const R: usize>(
+    w: [&[u8]; TILE_ROWS],
+    x: &[ActRow],
+    out: &mut [[f32; TILE_ROWS]],
+) {
+    let size = if HIGH { 176 } else { 144 };
+    let qs_at = if HIGH { 48 } else { 16 };
+    let mask = _mm256_set1_epi8(0x0F);
+    let one = _mm256_set1_epi8(1);
+    // Byte `s` of each row's 64-bit lane, widened to four 16-bit lanes
+    // (bit 7 set: a zero byte); adding `s` picks sub-block `s`.
+    let pick = _mm256_set1_epi64x(0x8000_8000_8000_8000u64 as i64);
+    let pick = _mm256_or_si256(
+        pick,
+        _mm256_setr_epi64x(0, 0x0008_0008_0008_0008, 0, 0x0008_0008_0008_0008),
+    );
+    // Minima 0-3 and 4-7 of each row as 16-bit lanes.
+    let mins_lo = _mm256_setr_epi8(
+        0, -128, 1, -128, 2, -128, 3, -128, 8, -128, 9, -128, 10, -128, 11, -128, 0, -128, 1, -128,
+        2, -128, 3, -128, 8, -128, 9, -128, 10, -128, 11, -128,
+    );
+    let mins_hi = _mm256_add_epi8(mins_lo, _mm256_set1_epi8(4));
+    let mut acc = [_mm256_setzero_ps(); R];
+    let blocks = w[0].len() / size;
+    for blk in 0..blocks {
+        // SAFETY: every row holds super-block `blk` (`size` bytes at
+        // `blk * size`); so does every activation row (per the caller).
+        unsafe {
+            // (Loops rather than closures here and below: a closure does not
+            // share this function's target features, so the intrinsics in it
+            // might not be inlined.)
+            let mut p = [std::ptr::null::<u8>(); TILE_ROWS];
+            let mut words = [0i32; TILE_ROWS];
+            for i in 0..TILE_ROWS {
+                p[i] = w[i].as_ptr().add(blk * size);
+                words[i] = p[i].cast::<i32>().read_unaligned();
+            }
+            // d and dmin of the four rows: [d0 m0 d1 m1 d2 m2 d3 m3].
+            let dm = _mm256_cvtph_ps(_mm_loadu_si128(words.as_ptr().cast()));
+            let d = _mm256_permutevar8x32_ps(dm, _mm256_setr_epi32(0, 0, 2, 2, 4, 4, 6, 6));
+            let dmin = _mm256_permutevar8x32_ps(dm, _mm256_setr_epi32(1, 1, 3, 3, 5, 5, 7, 7));
+            let (mut sc, mut mn) = ([0i64; TILE_ROWS], [0i64; TILE_ROWS]);
+            for i in 0..TILE_ROWS {
+                let (a, b) = scales_mins_bytes(std::slice::from_raw_parts(p[i].add(4), 12));
+                (sc[i], mn[i]) = (a as i64, b as i64);
+            }
+            let scales = _mm256_setr_epi64x(sc[0], sc[1], sc[2], sc[3]);
+            let mins = _mm256_setr_epi64x(mn[0], mn[1], mn[2], mn[3]);
+            let mut sumi = [_mm256_setzero_si256(); R];
+            for sub in 0..8 {
+                let (j, high_half) = (sub / 2, sub % 2 == 1);
+                // Sub-block `sub` of each row as 32 bytes.
+                let mut v = [_mm256_setzero_si256(); TILE_ROWS];
+                for i in 0..TILE_ROWS {
+                    let q = load(p[i].add(qs_at + 32 * j).cast());
+                    let q = if high_half {
+                        _mm256_srli_epi16(q, 4)
+                    } else {
+                        q
+                    };
+                    v[i] = _mm256_and_si256(q, mask);
+                    if HIGH {
+                        let bits = _mm256_srl_epi16(
+                            load(p[i].add(16).cast()),
+                            _mm_cvtsi32_si128(sub as i32),
+                        );
+                        let bit = _mm256_slli_epi16(_mm256_and_si256(bits, one), 4);
+                        v[i] = _mm256_or_si256(v[i], bit);
+                    }
+                }
+                // t[c]: values 8c..8c+8 of the sub-block, rows 0-3.
+                let (a, b) = (
+                    _mm256_unpacklo_epi64(v[0], v[1]),
+                    _mm256_unpackhi_epi64(v[0], v[1]),
+                );
+                let (c, e) = (
+                    _mm256_unpacklo_epi64(v[2], v[3]),
+                    _mm256_unpackhi_epi64(v[2], v[3]),
+                );
+                let t = [
+                    _mm256_permute2x128_si256(a, c, 0x20),
+                    _mm256_permute2x128_si256(b, e, 0x20),
+                    _mm256_permute2x128_si256(a, c, 0x31),
+                    _mm256_permute2x128_si256(b, e, 0x31),
+                ];
+                let s = _mm256_shuffle_epi8(
+                    scales,
+                    _mm256_add_epi8(pick, _mm256_set1_epi16(sub as i16)),
+                );
+                for r in 0..R {
+                    let xp = x[r].q.as_ptr().add(QK_K * blk + 32 * sub).cast::<i64>();
+                    let mut prod = [_mm256_setzero_si256(); 4];
+                    for c in 0..4 {
+                        let xb = _mm256_set1_epi64x(xp.add(c).read_unaligned());
+                        prod[c] = _mm256_maddubs_epi16(t[c], xb);
+                    }
+                    let sum = _mm256_add_epi16(
+                        _mm256_add_epi16(prod[0], prod[1]),
+                        _mm256_add_epi16(prod[2], prod[3]),
+                    );
+                    sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(sum, s));
+                }
+            }
+            let (m_lo, m_hi) = (
+                _mm256_shuffle_epi8(mins, mins_lo),
+                _mm256_shuffle_epi8(mins, mins_hi),
+            );
+            for r in 0..R {
+                // Sums of each 32-value sub-block's activations: [s0..s3]
+                // and [s4..s7] in every 64-bit lane.
+                let bs = load(x[r].sum16.as_ptr().add(16 * blk).cast());
+                let h = _mm256_hadd_epi16(bs, bs);
+                let side = _mm256_add_epi32(
+                    _mm256_madd_epi16(m_lo, _mm256_permute4x64_epi64(h, 0x00)),
+                    _mm256_madd_epi16(m_hi, _mm256_permute4x64_epi64(h, 0xAA)),
+                );
+                let dx = _mm256_set1_ps(*x[r].d.get_unchecked(blk));
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[r]), _mm256_mul_ps(d, dx), acc[r]);
+                acc[r] =
+                    _mm256_fnmadd_ps(_mm256_cvtepi32_ps(side), _mm256_mul_ps(dmin, dx), acc[r]);
+            }
+        }
+    }
+    for r in 0..R {
+        let mut lanes = [0f32; 8];
+        // SAFETY: 8 floats of room.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc[r]) };
+        for i in 0..TILE_ROWS {
+            out[r][i] = lanes[2 * i] + lanes[2 * i + 1];
+        }
     }
 }
 

@@ -339,6 +339,40 @@ impl Kernel {
         }
     }
 
+    /// Whether [`Kernel::dot_tile`] takes four weight rows of `ty` at once
+    /// with `m` activation rows (the AVX2 K-format tile; from three rows on,
+    /// where the product is bound by multiplies rather than memory).
+    fn tiles(self, ty: QType, m: usize) -> bool {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2 => m >= 3 && avx2::tiles(ty),
+            _ => false,
+        }
+    }
+
+    /// The dot products of four weight rows with up to eight activation
+    /// rows: `out[r][i]` for weight row `i` and activation row `r`.
+    ///
+    /// # Safety
+    /// `self.tiles(ty, _)`; the caller has checked what [`check_rows`]
+    /// checks for each activation row against `w`'s rows, which hold the
+    /// same number of blocks; `1 <= x.len() == out.len() <= 8`.
+    unsafe fn dot_tile(
+        self,
+        ty: QType,
+        w: [&[u8]; TILE_ROWS],
+        x: &[ActRow],
+        out: &mut [[f32; TILE_ROWS]],
+    ) {
+        match self {
+            // SAFETY: `tiles` is true only for `Avx2`, which `detect` chose
+            // on seeing AVX2, FMA and F16C; the caller checked the rest.
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2 => unsafe { avx2::dot_tile(ty, w, x, out) },
+            _ => unreachable!("no tile kernel"),
+        }
+    }
+
     /// Activation rows one [`Kernel::dot_rows`] call takes for `ty`.
     fn max_rows(self, ty: QType) -> usize {
         match self {
@@ -363,6 +397,9 @@ fn check_rows(ty: QType, w: &[u8], x: &[ActRow]) -> bool {
                 && x.sum16.len() * 16 == x.q.len()
         })
 }
+
+/// Weight rows one [`Kernel::dot_tile`] call takes.
+const TILE_ROWS: usize = 4;
 
 /// Activation rows per pass over a task's weight rows.
 const ACT_ROWS: usize = 16;
@@ -437,21 +474,45 @@ fn matmul_with(kernel: Kernel, parts: &[&QMatrix], x: &Tensor) -> Result<Tensor>
         let i = starts.partition_point(|&s| s <= row) - 1;
         (parts[i], row - starts[i])
     };
-    let chunk = rows_per_task(n, m);
+    let mut chunk = rows_per_task(n, m);
+    if parts.iter().any(|p| kernel.tiles(p.ty, m)) {
+        chunk = chunk.next_multiple_of(TILE_ROWS);
+    }
     // Transposed output: each task writes whole rows of it.
     let fill = |yt: &mut [std::mem::MaybeUninit<f32>]| {
         yt.par_chunks_mut(chunk * m)
             .enumerate()
             .for_each(|(c, out)| {
-                let first = c * chunk;
+                let (first, len) = (c * chunk, out.len() / m);
                 // Activation rows in groups that stay in L1 while the task's
                 // weight rows (in L2) pass by.
                 let mut buf = [0f32; 8];
+                let mut tile = [[0f32; TILE_ROWS]; 8];
                 for j0 in (0..m).step_by(ACT_ROWS) {
                     let j1 = (j0 + ACT_ROWS).min(m);
-                    for (i, o) in out.chunks_mut(m).enumerate() {
+                    let mut i = 0;
+                    while i < len {
                         let (p, r) = locate(first + i);
-                        let (w, rows) = (p.row(r), rows_for(p.ty));
+                        let rows = rows_for(p.ty);
+                        if kernel.tiles(p.ty, m) && i + TILE_ROWS <= len && r + TILE_ROWS <= p.n {
+                            let w = std::array::from_fn(|t| p.row(r + t));
+                            for j in (j0..j1).step_by(8) {
+                                let h = (j1 - j).min(8);
+                                // SAFETY: every activation row was checked
+                                // above against this part's row length.
+                                unsafe {
+                                    kernel.dot_tile(p.ty, w, &rows[j..j + h], &mut tile[..h])
+                                };
+                                for (jj, t) in tile[..h].iter().enumerate() {
+                                    for (ti, v) in t.iter().enumerate() {
+                                        out[(i + ti) * m + j + jj].write(*v);
+                                    }
+                                }
+                            }
+                            i += TILE_ROWS;
+                            continue;
+                        }
+                        let (w, o) = (p.row(r), &mut out[i * m..(i + 1) * m]);
                         // Several activation rows per pass: each weight block
                         // is unpacked once for all of them.
                         let step = kernel.max_rows(p.ty);
@@ -464,6 +525,7 @@ fn matmul_with(kernel: Kernel, parts: &[&QMatrix], x: &Tensor) -> Result<Tensor>
                                 o.write(*v);
                             }
                         }
+                        i += 1;
                     }
                 }
             })
