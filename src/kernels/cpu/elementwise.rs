@@ -82,9 +82,8 @@ fn silu_mul_avx512(g: &[f32], u: &[f32], o: &mut [MaybeUninit<f32>]) -> usize {
     n
 }
 
-/// [`silu_mul_avx512`] eight lanes at a time (without it, a batch's SwiGLU
-/// called a scalar `expf` per element: a tenth of a 32-stream decode step
-/// on an AVX2 machine).
+/// [`silu_mul_avx512`] eight lanes at a time (without it, CPUs without
+/// AVX-512 called a scalar `expf` per SwiGLU element).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn silu_mul_avx2(g: &[f32], u: &[f32], o: &mut [MaybeUninit<f32>]) -> usize {

@@ -689,11 +689,12 @@ pub unsafe fn q45k_tile<const HIGH: bool, const R: usize>(
     let one = _mm256_set1_epi8(1);
     // Byte `s` of each row's 64-bit lane, widened to four 16-bit lanes
     // (bit 7 set: a zero byte); adding `s` picks sub-block `s`.
-    let pick = _mm256_set1_epi64x(0x8000_8000_8000_8000u64 as i64);
-    let pick = _mm256_or_si256(
-        pick,
-        _mm256_setr_epi64x(0, 0x0008_0008_0008_0008, 0, 0x0008_0008_0008_0008),
+    // (Rows 1 and 3 sit at byte 8 of their 128-bit lane.)
+    let (even, odd) = (
+        0x8000_8000_8000_8000u64 as i64,
+        0x8008_8008_8008_8008u64 as i64,
     );
+    let pick = _mm256_setr_epi64x(even, odd, even, odd);
     // Minima 0-3 and 4-7 of each row as 16-bit lanes.
     let mins_lo = _mm256_setr_epi8(
         0, -128, 1, -128, 2, -128, 3, -128, 8, -128, 9, -128, 10, -128, 11, -128, 0, -128, 1, -128,
