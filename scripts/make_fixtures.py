@@ -493,6 +493,50 @@ ROBERTA_VARIANTS = {
 }
 
 
+def write_sentence_transformers(out, dim, pooling, normalize):
+    """sentence-transformers' module files: Transformer, Pooling, optionally Normalize."""
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+    (out / "modules.json").write_text(json.dumps(modules, indent=2) + "\n")
+    (out / "1_Pooling").mkdir()
+    (out / "1_Pooling" / "config.json").write_text(json.dumps({
+        "word_embedding_dimension": dim, "pooling_mode_cls_token": pooling == "cls",
+        "pooling_mode_mean_tokens": pooling == "mean", "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False,
+    }, indent=2) + "\n")
+    (out / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 96}) + "\n")
+
+
+def write_encoder_golden(out, model, pooling, normalize, edit_ids=lambda n, ids: ids):
+    """Pooled vectors of random inputs of 1 to 96 tokens, each encoded alone."""
+    g = torch.Generator().manual_seed(7)
+    cases = []
+    for n in [1, 5, 17, 60, 96]:
+        ids = edit_ids(n, torch.randint(3, VOCAB, (n,), generator=g).tolist())
+        h = model(torch.tensor([ids])).last_hidden_state[0]
+        v = h.mean(0) if pooling == "mean" else h[0]
+        if normalize:
+            v = torch.nn.functional.normalize(v, dim=0)
+        cases.append({"input": ids, "embedding": v.tolist()})
+    golden = {
+        "generator": f"scripts/make_fixtures.py, transformers {transformers.__version__}, torch {torch.__version__}",
+        "pooling": pooling, "normalize": normalize, "embeddings": cases,
+    }
+    (out / "golden.json").write_text(json.dumps(golden) + "\n")
+    print(f"{out.name}: {pooling} pooling, normalize {normalize}")
+
+
+def fresh_dir(name):
+    out = FIXTURES / name
+    if out.exists():
+        shutil.rmtree(out)
+    return out
+
+
 @torch.no_grad()
 def make_bert(name, spec, pooling, normalize, family="bert"):
     from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel, XLMRobertaConfig, XLMRobertaModel
@@ -505,45 +549,75 @@ def make_bert(name, spec, pooling, normalize, family="bert"):
     cfg = config_cls(**{**BERT_BASE, **spec})
     torch.manual_seed(0)
     model = model_cls(cfg, add_pooling_layer=False).float().eval()
-    out = FIXTURES / name
-    if out.exists():
-        shutil.rmtree(out)
+    out = fresh_dir(name)
     model.save_pretrained(out, safe_serialization=True)
     for f in ["tokenizer.json", "tokenizer_config.json"]:
         shutil.copy(STORIES / f, out / f)
-    modules = [
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-    ]
-    if normalize:
-        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
-    (out / "modules.json").write_text(json.dumps(modules, indent=2) + "\n")
-    (out / "1_Pooling").mkdir()
-    (out / "1_Pooling" / "config.json").write_text(json.dumps({
-        "word_embedding_dimension": cfg.hidden_size, "pooling_mode_cls_token": pooling == "cls",
-        "pooling_mode_mean_tokens": pooling == "mean", "pooling_mode_max_tokens": False,
-        "pooling_mode_mean_sqrt_len_tokens": False,
-    }, indent=2) + "\n")
-    (out / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 96}) + "\n")
-    g = torch.Generator().manual_seed(7)
-    cases = []
-    for n in [1, 5, 17, 60, 96]:
-        ids = torch.randint(3, VOCAB, (n,), generator=g).tolist()
+    write_sentence_transformers(out, cfg.hidden_size, pooling, normalize)
+
+    def edit(n, ids):
         if family != "bert" and n == 17:
             # A pad id inside the input: RoBERTa gives it the pad's position and does not
             # count it for the tokens after it.
             ids[4] = ids[9] = cfg.pad_token_id
-        h = model(torch.tensor([ids])).last_hidden_state[0]
-        v = h.mean(0) if pooling == "mean" else h[0]
-        if normalize:
-            v = torch.nn.functional.normalize(v, dim=0)
-        cases.append({"input": ids, "embedding": v.tolist()})
-    golden = {
-        "generator": f"scripts/make_fixtures.py, transformers {transformers.__version__}, torch {torch.__version__}",
-        "pooling": pooling, "normalize": normalize, "embeddings": cases,
-    }
-    (out / "golden.json").write_text(json.dumps(golden) + "\n")
-    print(f"{name}: {pooling} pooling, normalize {normalize}")
+        return ids
+
+    write_encoder_golden(out, model, pooling, normalize, edit)
+
+
+# ModernBERT encoders (modernbert-embed-base's, gte-modernbert-base's architecture): RoPE with
+# one base for the global layers and another for the local ones, local layers seeing only
+# keys at most `local_attention / 2` positions away on either side (16 and 10 here, so the
+# 60- and 96-token inputs cross the band), a GeGLU MLP from one fused `Wi`, pre-LayerNorms
+# (none before the first layer's attention), a final norm.
+MODERNBERT_BASE = dict(
+    vocab_size=VOCAB, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=96,
+    max_position_embeddings=128, initializer_range=0.25, pad_token_id=0, bos_token_id=1,
+    eos_token_id=2, cls_token_id=1, sep_token_id=2,
+)
+MODERNBERT_VARIANTS = {
+    # Layers 0 and 3 global, 1 and 2 local; no biases; mean pooling, normalized; the config as
+    # transformers 5 writes it (layer_types, rope_parameters per layer type).
+    "modernbert_mean": (dict(local_attention=16), "mean", True, False),
+    # Biases in every linear layer and norm, eight heads, every other layer global, other RoPE
+    # bases; [CLS] pooling, not normalized; the config rewritten in the form the published
+    # checkpoints have (global_attn_every_n_layers, global/local_rope_theta, local_attention).
+    "modernbert_cls": (dict(num_hidden_layers=3, num_attention_heads=8, global_attn_every_n_layers=2,
+                            local_attention=10, attention_bias=True, mlp_bias=True, norm_bias=True,
+                            global_rope_theta=1000.0, local_rope_theta=500.0), "cls", False, True),
+}
+
+
+@torch.no_grad()
+def make_modernbert(name, spec, pooling, normalize, legacy_config):
+    from transformers import ModernBertConfig, ModernBertModel
+
+    cfg = ModernBertConfig(**{**MODERNBERT_BASE, **spec}, attn_implementation="eager")
+    torch.manual_seed(0)
+    model = ModernBertModel(cfg).float().eval()
+    # Norm weights start at one and biases at zero: move them so that a norm or bias read
+    # wrongly shows in the output.
+    for pname, p in model.named_parameters():
+        if "norm" in pname or pname.endswith("bias"):
+            p.add_(torch.randn_like(p) * 0.2)
+    out = fresh_dir(name)
+    model.save_pretrained(out, safe_serialization=True)
+    if legacy_config:
+        c = json.loads((out / "config.json").read_text())
+        c.pop("layer_types")
+        c.pop("rope_parameters")
+        c.update(global_attn_every_n_layers=spec["global_attn_every_n_layers"],
+                 global_rope_theta=spec["global_rope_theta"], local_rope_theta=spec["local_rope_theta"],
+                 local_attention=spec["local_attention"])
+        (out / "config.json").write_text(json.dumps(c, indent=2) + "\n")
+        # The rewritten config must mean the same model.
+        again = ModernBertConfig.from_pretrained(out)
+        assert again.layer_types == cfg.layer_types, (again.layer_types, cfg.layer_types)
+        assert again.rope_parameters == cfg.rope_parameters, (again.rope_parameters, cfg.rope_parameters)
+    for f in ["tokenizer.json", "tokenizer_config.json"]:
+        shutil.copy(STORIES / f, out / f)
+    write_sentence_transformers(out, cfg.hidden_size, pooling, normalize)
+    write_encoder_golden(out, model, pooling, normalize)
 
 
 # Decoders serving embeddings (`--runner pooling`): the final norm's states pooled per sequence.
@@ -948,6 +1022,9 @@ def main():
     for name, (family, spec, pooling, normalize) in ROBERTA_VARIANTS.items():
         if want(name) or want("roberta"):
             make_bert(name, spec, pooling, normalize, family)
+    for name, (spec, pooling, normalize, legacy) in MODERNBERT_VARIANTS.items():
+        if want(name) or want("modernbert"):
+            make_modernbert(name, spec, pooling, normalize, legacy)
     for name, spec in T5_VARIANTS.items():
         if want(name) or want("t5"):
             make_t5(name, spec)

@@ -1,4 +1,4 @@
-//! Encoder models for embeddings: BERT-family fixtures against transformers (with
+//! Encoder models for embeddings: BERT-family and ModernBERT fixtures against transformers (with
 //! sentence-transformers' pooling), the engine batching whole sequences,
 //! and `/v1/embeddings` as OpenAI defines it.
 
@@ -14,8 +14,17 @@ use common::*;
 use serde_json::json;
 
 /// BERT, XLM-RoBERTa and RoBERTa fixtures (the RoBERTa ones with pad ids
-/// inside an input, which move the positions after them).
-const BERT: &[&str] = &["bert_mean", "bert_cls", "xlmr_mean", "roberta_cls"];
+/// inside an input, which move the positions after them), and ModernBERT
+/// ones (RoPE; local layers whose band the longer inputs cross; one with
+/// biases everywhere and its config in the published checkpoints' form).
+const ENCODERS: &[&str] = &[
+    "bert_mean",
+    "bert_cls",
+    "xlmr_mean",
+    "roberta_cls",
+    "modernbert_mean",
+    "modernbert_cls",
+];
 
 /// Decoders served with `--runner pooling` (Qwen3-Embedding's layout, and a
 /// LlamaForCausalLM checkpoint with the default pooling).
@@ -74,7 +83,7 @@ fn cosine(a: &[f32], b: &[f32]) -> f64 {
 
 #[test]
 fn embeddings_match_transformers_alone_and_batched() {
-    for name in BERT.iter().chain(DECODERS) {
+    for name in ENCODERS.iter().chain(DECODERS) {
         let g = golden(name);
         let cases = g["embeddings"].as_array().unwrap();
         // A small step budget: the 60- and 96-token inputs run alone, whole.

@@ -31,7 +31,8 @@ impl PagedAttention {
         }
     }
 
-    /// Each query sees only the last `window` positions (its own included).
+    /// Each query sees only the last `window` positions (its own included);
+    /// a bidirectional one, the `window - 1` positions on either side.
     pub fn with_window(mut self, window: Option<usize>) -> Self {
         self.params.sliding_window = window;
         self

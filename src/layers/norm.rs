@@ -53,6 +53,20 @@ impl LayerNorm {
         })
     }
 
+    /// As [`Self::load`], or without a bias in the checkpoint when `bias`
+    /// is false (ModernBERT's `norm_bias: false`).
+    pub fn load_with(vb: Weights, size: usize, eps: f64, bias: bool) -> Result<Self> {
+        if bias {
+            return Self::load(vb, size, eps);
+        }
+        let weight = vb.get(size, "weight")?;
+        Ok(Self {
+            bias: weight.zeros_like()?,
+            weight,
+            eps: eps as f32,
+        })
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps)
     }

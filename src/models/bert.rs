@@ -342,7 +342,7 @@ fn roberta_positions(batch: &ForwardBatch, pad: u32) -> Vec<u32> {
 }
 
 /// sentence-transformers' `max_seq_length` (`sentence_bert_config.json`).
-fn max_seq_length(dir: Option<&std::path::Path>) -> anyhow::Result<Option<usize>> {
+pub(super) fn max_seq_length(dir: Option<&std::path::Path>) -> anyhow::Result<Option<usize>> {
     #[derive(Deserialize)]
     struct St {
         max_seq_length: Option<usize>,

@@ -161,6 +161,38 @@ pub struct RawRope {
     pub truncate: Option<bool>,
 }
 
+/// The RoPE parameters of a model with global and local (sliding-window)
+/// layers: `(global, local)`. transformers >= 5 writes one entry per layer
+/// type in `rope_parameters`; one shared entry, or the older `rope_scaling`,
+/// applies to the global layers only.
+pub fn rope_by_layer_type(
+    rope_parameters: Option<&serde_json::Value>,
+    rope_scaling: Option<&RawRope>,
+) -> anyhow::Result<(Option<RawRope>, Option<RawRope>)> {
+    use serde_json::Value;
+    Ok(match rope_parameters {
+        Some(Value::Object(per_type))
+            if per_type.contains_key("full_attention")
+                || per_type.contains_key("sliding_attention") =>
+        {
+            let get = |k: &str| -> anyhow::Result<Option<RawRope>> {
+                per_type
+                    .get(k)
+                    .filter(|v| !v.is_null())
+                    .map(|v| serde_json::from_value(v.clone()))
+                    .transpose()
+                    .with_context(|| format!("config.json: rope_parameters.{k}"))
+            };
+            (get("full_attention")?, get("sliding_attention")?)
+        }
+        Some(v) => (
+            Some(serde_json::from_value(v.clone()).context("config.json: rope_parameters")?),
+            None,
+        ),
+        None => (rope_scaling.cloned(), None),
+    })
+}
+
 /// The base and scaling of one rotary embedding. `theta` is the top-level
 /// `rope_theta` (old format), used when `rope` carries none;
 /// `max_position_embeddings` is YaRN's original context when the checkpoint

@@ -97,27 +97,8 @@ impl Gemma3Config {
             None => pattern_windows(n, raw.sliding_window_pattern.unwrap_or(6), window),
         };
         let max_pos = raw.max_position_embeddings.unwrap_or(131_072);
-        let (global, local) = match &raw.rope_parameters {
-            Some(Value::Object(per_type))
-                if per_type.contains_key("full_attention")
-                    || per_type.contains_key("sliding_attention") =>
-            {
-                let get = |k: &str| -> anyhow::Result<Option<RawRope>> {
-                    per_type
-                        .get(k)
-                        .filter(|v| !v.is_null())
-                        .map(|v| serde_json::from_value(v.clone()))
-                        .transpose()
-                        .with_context(|| format!("config.json: rope_parameters.{k}"))
-                };
-                (get("full_attention")?, get("sliding_attention")?)
-            }
-            Some(v) => (
-                Some(serde_json::from_value(v.clone()).context("config.json: rope_parameters")?),
-                None,
-            ),
-            None => (raw.rope_scaling.clone(), None),
-        };
+        let (global, local) =
+            config::rope_by_layer_type(raw.rope_parameters.as_ref(), raw.rope_scaling.as_ref())?;
         let rope_global = config::rope(global.as_ref(), raw.rope_theta, 1_000_000.0, max_pos)?;
         let rope_local = config::rope(local.as_ref(), raw.rope_local_base_freq, 10_000.0, max_pos)?;
         let act = raw

@@ -16,6 +16,7 @@ pub mod gpt2;
 pub mod llama;
 pub mod mamba;
 pub mod mamba2;
+pub mod modernbert;
 pub mod registry;
 pub mod t5;
 

@@ -5,7 +5,7 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
-use super::{bert, deepseek2, gemma3, gpt2, llama, mamba, mamba2, t5, Model};
+use super::{bert, deepseek2, gemma3, gpt2, llama, mamba, mamba2, modernbert, t5, Model};
 use crate::layers::Quantization;
 use crate::tokenizer::{SpecialTokens, Tokenizer};
 use crate::weights::gguf::GgufFile;
@@ -158,6 +158,14 @@ pub const ARCHITECTURES: &[Architecture] = &[
         model_types: &["roberta"],
         gguf: &[],
         from_hf: bert::from_hf,
+        from_gguf: None,
+        hf_linear_in_out: false,
+    },
+    Architecture {
+        name: "ModernBertModel",
+        model_types: &["modernbert"],
+        gguf: &[],
+        from_hf: modernbert::from_hf,
         from_gguf: None,
         hf_linear_in_out: false,
     },

@@ -126,7 +126,9 @@ pub struct AttnParams {
     pub num_heads: usize,
     pub scale: f32,
     /// Keys further back than this many positions (counting the query's own)
-    /// are masked out, as Mistral's sliding window does.
+    /// are masked out, as Mistral's sliding window does; with [`Keys::Whole`],
+    /// keys this many positions away or more on either side (ModernBERT's
+    /// local layers).
     pub sliding_window: Option<usize>,
     /// Gemma 2's attention logit soft-capping: scores become
     /// `cap * tanh(score / cap)` before the softmax.
@@ -672,7 +674,18 @@ fn attend_typed<R: KvRows + Copy>(
                         let lo = p.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
                         (lo.max(seq.encoder_len), pos)
                     }
-                    Keys::Whole => (0, seq.context_len - 1),
+                    Keys::Whole => {
+                        let last = seq.context_len - 1;
+                        match p.sliding_window {
+                            // A band: keys fewer than `w` positions away on either side.
+                            Some(w) => {
+                                let pos = seq.num_cached() + (t - seq.query_start);
+                                let reach = w.max(1) - 1;
+                                (pos.saturating_sub(reach), (pos + reach).min(last))
+                            }
+                            None => (0, last),
+                        }
+                    }
                     Keys::Encoder => (0, seq.encoder_len - 1),
                 };
                 let item = Item {
