@@ -4,7 +4,7 @@
 //! block-format matmuls on Llama-3.2-1B's shapes (GOP/s, and the weight
 //! bytes read per second at m = 1, where decoding is bound by memory).
 //! `KERNELS=Q4_K,Q6_K cargo bench --bench kernels` times only those GGUF
-//! formats (for profiling one kernel).
+//! formats (for profiling one kernel); `KERNELS=f32` only the f32 table.
 
 use std::time::{Duration, Instant};
 
@@ -30,13 +30,21 @@ fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         return;
     }
-    if std::env::var_os("KERNELS").is_some() {
+    let only = std::env::var("KERNELS").ok();
+    if only.as_deref().is_some_and(|k| k != "f32") {
         return gguf_blocks();
     }
     let dev = Device::Cpu;
     println!("| m | k | n | packed GFLOP/s | candle GFLOP/s | q8_0 GOP/s |");
     println!("|---:|---:|---:|---:|---:|---:|");
-    for (k, n) in [(576, 960), (576, 3072), (1536, 576), (576, 49152)] {
+    for (k, n) in [
+        (576, 960),
+        (576, 3072),
+        (1536, 576),
+        (576, 49152),
+        (384, 1536),
+        (1536, 384),
+    ] {
         let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
         let wt = w.t().unwrap().contiguous().unwrap();
         let packed = PackedMatrix::new(&w, None).unwrap();
@@ -64,7 +72,9 @@ fn main() {
             );
         }
     }
-    gguf_blocks();
+    if only.is_none() {
+        gguf_blocks();
+    }
 }
 
 fn gguf_blocks() {
