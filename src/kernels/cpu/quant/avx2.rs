@@ -80,6 +80,62 @@ pub unsafe fn dot_rows(ty: QType, w: &[u8], x: &[ActRow], out: &mut [f32]) {
     }
 }
 
+/// `w`: `out.len()` weight rows of equal length, back to back.
+macro_rules! each_row {
+    ($f:ident $(, $c:expr)?; $w:expr, $x:expr, $out:expr) => {{
+        let x = std::slice::from_ref($x);
+        let row_bytes = $w.len() / $out.len();
+        for (o, w) in $out.iter_mut().zip($w.chunks_exact(row_bytes)) {
+            $f::<$($c,)? 1>(w, x, std::slice::from_mut(o));
+        }
+    }};
+}
+
+/// One activation row with `out.len()` consecutive weight rows (`w`, back
+/// to back): `out[i]` for row `i`. The loop over rows runs inside code
+/// compiled for AVX2, with the format picked once: called per row, the
+/// dispatch and the calls were 7% of a one-sequence decode step.
+///
+/// # Safety
+/// As [`dot_rows`] for every row; `w.len()` is `out.len()` rows.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_run(ty: QType, w: &[u8], x: &ActRow, out: &mut [f32]) {
+    // SAFETY: per the caller.
+    unsafe {
+        match ty {
+            QType::Q4_0 => each_row!(legacy, Q4_0; w, x, out),
+            QType::Q4_1 => each_row!(legacy, Q4_1; w, x, out),
+            QType::Q5_0 => each_row!(legacy, Q5_0; w, x, out),
+            QType::Q5_1 => each_row!(legacy, Q5_1; w, x, out),
+            QType::Q8_0 => each_row!(legacy, Q8_0; w, x, out),
+            QType::Q4K => each_row!(q45k, false; w, x, out),
+            QType::Q5K => each_row!(q45k, true; w, x, out),
+            QType::Q6K => each_row!(q6k; w, x, out),
+        }
+    }
+}
+
+/// [`dot_run`] with the kernels [`dot_rows_vnni`] picks for one row.
+///
+/// # Safety
+/// As [`dot_run`], and AVX-512F, BW, VL and VNNI are present.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn dot_run_vnni(ty: QType, w: &[u8], x: &ActRow, out: &mut [f32]) {
+    // SAFETY: per the caller.
+    unsafe {
+        match ty {
+            QType::Q4_0 => each_row!(legacy_vnni, Q4_0; w, x, out),
+            QType::Q4_1 => each_row!(legacy_vnni, Q4_1; w, x, out),
+            QType::Q5_0 => each_row!(legacy_vnni, Q5_0; w, x, out),
+            QType::Q5_1 => each_row!(legacy_vnni, Q5_1; w, x, out),
+            QType::Q8_0 => each_row!(q8_0_512; w, x, out),
+            QType::Q4K => each_row!(q45k, false; w, x, out),
+            QType::Q5K => each_row!(q45k, true; w, x, out),
+            QType::Q6K => each_row!(q6k; w, x, out),
+        }
+    }
+}
+
 /// Whether [`dot_tile`] takes `ty`: the formats whose sub-blocks have
 /// their own scales (Q6_K's 16-value sub-blocks need twice the scale
 /// multiplies, so its per-row kernel stays).
@@ -612,6 +668,11 @@ unsafe fn q45k<const HIGH: bool, const R: usize>(w: &[u8], x: &[ActRow], out: &m
     let qs_at = if HIGH { 48 } else { 16 };
     let mask = _mm256_set1_epi8(0x0F);
     let one = _mm256_set1_epi8(1);
+    // `bcast[s]` selects scale `s` of the eight (16-bit lanes, in both
+    // 128-bit lanes) into every lane: one shuffle per sub-block instead of
+    // a scalar load and broadcast.
+    let bcast: [__m256i; 8] =
+        std::array::from_fn(|s| _mm256_set1_epi16((((2 * s + 1) << 8) | (2 * s)) as i16));
     // One float accumulator per row (the minima go in too): with four rows,
     // accumulators and temporaries must fit in 16 registers.
     let mut acc = [_mm256_setzero_ps(); R];
@@ -622,6 +683,9 @@ unsafe fn q45k<const HIGH: bool, const R: usize>(w: &[u8], x: &[ActRow], out: &m
             let p = b.as_ptr();
             let (d, dmin) = (f16_at(p), f16_at(p.add(2)));
             let (sc, mins) = scales_mins_k4(&b[4..16]);
+            let sv = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(
+                u64::from_le_bytes(sc) as i64,
+            )));
             let qh = if HIGH {
                 load(p.add(16).cast())
             } else {
@@ -638,8 +702,8 @@ unsafe fn q45k<const HIGH: bool, const R: usize>(w: &[u8], x: &[ActRow], out: &m
                     lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(b0, one), 4));
                     hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(b1, one), 4));
                 }
-                let s0 = _mm256_set1_epi16(sc[2 * j] as i16);
-                let s1 = _mm256_set1_epi16(sc[2 * j + 1] as i16);
+                let s0 = _mm256_shuffle_epi8(sv, bcast[2 * j]);
+                let s1 = _mm256_shuffle_epi8(sv, bcast[2 * j + 1]);
                 for r in 0..R {
                     let xp = x[r].q.as_ptr().add(QK_K * blk + 64 * j);
                     let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, load(xp)), s0);
@@ -848,6 +912,14 @@ unsafe fn super_block(
 unsafe fn q6k<const R: usize>(w: &[u8], x: &[ActRow], out: &mut [f32]) {
     let mask = _mm256_set1_epi8(0x0F);
     let three = _mm256_set1_epi8(3);
+    // Values 32t.. take scales 2t (first 16) and 2t + 1 (next 16) of their
+    // half: `pick[t]` selects those 16-bit lanes of a half's eight scales
+    // repeated in both 128-bit lanes. (One shuffle per 32 values; two
+    // broadcasts of scalars cost a quarter of this kernel's instructions.)
+    let pick: [__m256i; 4] = std::array::from_fn(|t| {
+        let word = |i: i32| _mm_set1_epi16((((2 * i + 1) << 8) | (2 * i)) as i16);
+        _mm256_set_m128i(word(2 * t as i32 + 1), word(2 * t as i32))
+    });
     // One accumulator per row, offsets included (register pressure, as above).
     let mut acc = [_mm256_setzero_ps(); R];
     for (blk, b) in w.chunks_exact(210).enumerate() {
@@ -856,12 +928,15 @@ unsafe fn q6k<const R: usize>(w: &[u8], x: &[ActRow], out: &mut [f32]) {
         unsafe {
             let p = b.as_ptr();
             let d = f16_at(p.add(208));
-            let sc: [i16; 16] = std::array::from_fn(|i| b[192 + i] as i8 as i16);
-            let sc16 = _mm256_loadu_si256(sc.as_ptr().cast());
+            let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(192).cast()));
+            let halves = [
+                _mm256_permute2x128_si256(sc16, sc16, 0x00),
+                _mm256_permute2x128_si256(sc16, sc16, 0x11),
+            ];
             let mut sumi = [_mm256_setzero_si256(); R];
-            for half in 0..2 {
+            for (half, &scales_half) in halves.iter().enumerate() {
                 let qh = load(p.add(128 + 32 * half).cast());
-                for t in 0..4 {
+                for (t, &pick_t) in pick.iter().enumerate() {
                     // Values 32t.. of this half: low nibbles of ql[0..32]
                     // and ql[32..64], then their high nibbles.
                     let ql = load(p.add(64 * half + 32 * (t % 2)).cast());
@@ -869,8 +944,7 @@ unsafe fn q6k<const R: usize>(w: &[u8], x: &[ActRow], out: &mut [f32]) {
                     let lo = _mm256_and_si256(ql, mask);
                     let hi = _mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * t as i32));
                     let q = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(hi, three), 4));
-                    let i = 8 * half + 2 * t;
-                    let scales = _mm256_set_m128i(_mm_set1_epi16(sc[i + 1]), _mm_set1_epi16(sc[i]));
+                    let scales = _mm256_shuffle_epi8(scales_half, pick_t);
                     for r in 0..R {
                         let xv = load(x[r].q.as_ptr().add(QK_K * blk + 128 * half + 32 * t));
                         let prod = _mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), scales);

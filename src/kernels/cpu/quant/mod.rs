@@ -179,6 +179,12 @@ impl QMatrix {
         &self.data[r * rb..(r + 1) * rb]
     }
 
+    /// Rows `r..r + len`, back to back.
+    fn rows(&self, r: usize, len: usize) -> &[u8] {
+        let rb = self.ty.row_bytes(self.k);
+        &self.data[r * rb..(r + len) * rb]
+    }
+
     /// Row `r` dequantized into `out` (`k` values).
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         assert!(r < self.n && out.len() == self.k, "row {r} of {:?}", self);
@@ -340,6 +346,29 @@ impl Kernel {
         }
     }
 
+    /// The dot products of `out.len()` consecutive weight rows (`w`, back
+    /// to back, whole blocks of `ty` each) with one activation row.
+    ///
+    /// # Safety
+    /// The caller has checked what [`check_rows`] checks for `x` against
+    /// one row of `w`.
+    unsafe fn dot_run(self, ty: QType, w: &[u8], x: &ActRow, out: &mut [f32]) {
+        match self {
+            Self::Scalar => {
+                let row_bytes = w.len() / out.len();
+                for (o, w) in out.iter_mut().zip(w.chunks_exact(row_bytes)) {
+                    *o = scalar::dot(ty, w, *x);
+                }
+            }
+            // SAFETY: as in `dot_rows`.
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2 => unsafe { avx2::dot_run(ty, w, x, out) },
+            // SAFETY: as in `dot_rows`.
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2Vnni => unsafe { avx2::dot_run_vnni(ty, w, x, out) },
+        }
+    }
+
     /// Whether [`Kernel::dot_tile`] takes four weight rows of `ty` at once
     /// with `m` activation rows (the AVX2 K-format tile; from three rows on,
     /// where the product is bound by multiplies rather than memory).
@@ -401,6 +430,9 @@ fn check_rows(ty: QType, w: &[u8], x: &[ActRow]) -> bool {
 
 /// Weight rows one [`Kernel::dot_tile`] call takes.
 const TILE_ROWS: usize = 4;
+
+/// Weight rows per [`Kernel::dot_run`] call.
+const RUN_ROWS: usize = 64;
 
 /// Activation rows per pass over a task's weight rows.
 const ACT_ROWS: usize = 16;
@@ -491,6 +523,7 @@ fn matmul_with(kernel: Kernel, parts: &[&QMatrix], x: &Tensor) -> Result<Tensor>
             // weight rows (in L2) pass by.
             let mut buf = [0f32; 8];
             let mut tile = [[0f32; TILE_ROWS]; 8];
+            let mut run = [0f32; RUN_ROWS];
             for j0 in (0..m).step_by(ACT_ROWS) {
                 let j1 = (j0 + ACT_ROWS).min(m);
                 // The task's rows part by part: what depends on the part is
@@ -503,6 +536,21 @@ fn matmul_with(kernel: Kernel, parts: &[&QMatrix], x: &Tensor) -> Result<Tensor>
                     let part_end = (starts[pi] + p.n).min(end);
                     let rows = rows_for(p.ty);
                     let (tiles, step) = (kernel.tiles(p.ty, m), kernel.max_rows(p.ty));
+                    if m == 1 {
+                        // Decoding one sequence: runs of rows per kernel call.
+                        while row < part_end {
+                            let len = (part_end - row).min(RUN_ROWS);
+                            let w = p.rows(row - starts[pi], len);
+                            // SAFETY: checked above (all of a part's rows
+                            // have one length).
+                            unsafe { kernel.dot_run(p.ty, w, &rows[0], &mut run[..len]) };
+                            for (t, &v) in run[..len].iter().enumerate() {
+                                put(0, row - first + t, v);
+                            }
+                            row += len;
+                        }
+                        continue;
+                    }
                     while row < part_end {
                         let (i, r) = (row - first, row - starts[pi]);
                         if tiles && row + TILE_ROWS <= part_end {

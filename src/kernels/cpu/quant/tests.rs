@@ -112,6 +112,8 @@ fn matmul_matches_dequantized_reference() {
                 (1usize, 96usize, 5usize),
                 (3, 160, 4),
                 (1, 256, 7),
+                // Runs of rows at one activation row, across parts.
+                (1, 256, 150),
                 (3, 256, 9),
                 (5, 512, 33),
                 (6, 512, 5),
