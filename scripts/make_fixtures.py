@@ -620,6 +620,70 @@ def make_modernbert(name, spec, pooling, normalize, legacy_config):
     write_encoder_golden(out, model, pooling, normalize)
 
 
+# NomicBERT (nomic-embed-text-v1/v1.5): BERT's post-norm layers with RoPE instead of a position
+# table, a SwiGLU MLP and no linear biases. The published checkpoints are transformers' remote
+# code's layout (GPT-2-style config names, `encoder.layers.N.attn.Wqkv`, `mlp.fc11`/`fc12`/`fc2`,
+# `norm1`/`norm2`, `emb_ln`); transformers' own NomicBertModel (the reference here) renames those
+# when it loads them. The fixture is written in the published layout.
+NOMIC_BASE = dict(
+    vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+    max_position_embeddings=128, initializer_range=0.25, pad_token_id=0, type_vocab_size=2,
+    rope_parameters={"rope_type": "default", "rope_theta": 1000.0},
+)
+
+
+@torch.no_grad()
+def make_nomic(name="nomic_mean"):
+    from safetensors.torch import save_file
+    from transformers import NomicBertConfig, NomicBertModel
+
+    cfg = NomicBertConfig(**NOMIC_BASE, attn_implementation="eager")
+    torch.manual_seed(0)
+    model = NomicBertModel(cfg).float().eval()
+    for pname, p in model.named_parameters():
+        if "norm" in pname.lower():
+            p.add_(torch.randn_like(p) * 0.2)
+    out = fresh_dir(name)
+    out.mkdir(parents=True)
+    sd = model.state_dict()
+    published = {
+        "embeddings.word_embeddings.weight": sd["embeddings.word_embeddings.weight"],
+        "embeddings.token_type_embeddings.weight": sd["embeddings.token_type_embeddings.weight"],
+        "emb_ln.weight": sd["embeddings.LayerNorm.weight"],
+        "emb_ln.bias": sd["embeddings.LayerNorm.bias"],
+    }
+    for i in range(cfg.num_hidden_layers):
+        t, o = f"layers.{i}.", f"encoder.layers.{i}."
+        published[o + "attn.Wqkv.weight"] = torch.cat(
+            [sd[t + f"self_attn.{x}_proj.weight"] for x in "qkv"], dim=0)
+        published[o + "attn.out_proj.weight"] = sd[t + "self_attn.o_proj.weight"]
+        published[o + "mlp.fc11.weight"] = sd[t + "mlp.up_proj.weight"]
+        published[o + "mlp.fc12.weight"] = sd[t + "mlp.gate_proj.weight"]
+        published[o + "mlp.fc2.weight"] = sd[t + "mlp.down_proj.weight"]
+        for a, b in [("norm1", "post_attention_layernorm"), ("norm2", "post_mlp_layernorm")]:
+            for w in ["weight", "bias"]:
+                published[o + f"{a}.{w}"] = sd[t + f"{b}.{w}"]
+    weights = [k for k in sd if not any(b in k for b in ["rotary", "position_ids", "token_type_ids"])]
+    assert len(published) + 2 * cfg.num_hidden_layers == len(weights), sorted(weights)  # q, k, v fused
+    save_file({k: v.contiguous() for k, v in published.items()}, out / "model.safetensors",
+              metadata={"format": "pt"})
+    # nomic-embed-text-v1.5's config.json, shrunk.
+    (out / "config.json").write_text(json.dumps({
+        "architectures": ["NomicBertModel"], "model_type": "nomic_bert", "activation_function": "swiglu",
+        "bos_token_id": None, "eos_token_id": None, "causal": False, "layer_norm_epsilon": cfg.layer_norm_eps,
+        "max_trained_positions": 128, "n_embd": cfg.hidden_size, "n_head": cfg.num_attention_heads,
+        "n_inner": cfg.intermediate_size, "n_layer": cfg.num_hidden_layers, "n_positions": 128,
+        "pad_vocab_size_multiple": 64, "parallel_block": False, "prenorm": False, "qkv_proj_bias": False,
+        "mlp_fc1_bias": False, "mlp_fc2_bias": False, "rotary_emb_base": 1000, "rotary_emb_fraction": 1.0,
+        "rotary_emb_interleaved": False, "rotary_emb_scale_base": None, "rotary_scaling_factor": None,
+        "type_vocab_size": cfg.type_vocab_size, "use_rms_norm": False, "vocab_size": cfg.vocab_size,
+    }, indent=2) + "\n")
+    for f in ["tokenizer.json", "tokenizer_config.json"]:
+        shutil.copy(STORIES / f, out / f)
+    write_sentence_transformers(out, cfg.hidden_size, "mean", True)
+    write_encoder_golden(out, model, "mean", True)
+
+
 # Decoders serving embeddings (`--runner pooling`): the final norm's states pooled per sequence.
 DECODER_EMBED_VARIANTS = {
     # Qwen3-Embedding's arrangement: saved from the bare Qwen3Model (no `model.` prefix, no head),
@@ -1025,6 +1089,8 @@ def main():
     for name, (spec, pooling, normalize, legacy) in MODERNBERT_VARIANTS.items():
         if want(name) or want("modernbert"):
             make_modernbert(name, spec, pooling, normalize, legacy)
+    if want("nomic_mean"):
+        make_nomic()
     for name, spec in T5_VARIANTS.items():
         if want(name) or want("t5"):
             make_t5(name, spec)

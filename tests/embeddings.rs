@@ -16,7 +16,8 @@ use serde_json::json;
 /// BERT, XLM-RoBERTa and RoBERTa fixtures (the RoBERTa ones with pad ids
 /// inside an input, which move the positions after them), and ModernBERT
 /// ones (RoPE; local layers whose band the longer inputs cross; one with
-/// biases everywhere and its config in the published checkpoints' form).
+/// biases everywhere and its config in the published checkpoints' form), and
+/// a NomicBERT one in the published checkpoints' layout.
 const ENCODERS: &[&str] = &[
     "bert_mean",
     "bert_cls",
@@ -24,6 +25,7 @@ const ENCODERS: &[&str] = &[
     "roberta_cls",
     "modernbert_mean",
     "modernbert_cls",
+    "nomic_mean",
 ];
 
 /// Decoders served with `--runner pooling` (Qwen3-Embedding's layout, and a

@@ -11,6 +11,12 @@
 //! of many multilingual embedding models) are the same layers with one
 //! difference, their positions: counted from the pad id + 1, with pad tokens
 //! themselves at the pad id and not counted ([`Family::Roberta`]).
+//!
+//! NomicBERT (`NomicBertModel`: nomic-embed-text) keeps the post-norm layers
+//! and token types but has no position table (queries and keys are rotated,
+//! RoPE), a SwiGLU MLP and no linear biases; its checkpoints come in the
+//! layout of transformers' remote code, with GPT-2-style config names
+//! ([`Family::Nomic`]).
 
 use anyhow::bail;
 use candle_core::{Result, Tensor};
@@ -23,8 +29,8 @@ use crate::kernels::cpu::elementwise;
 use crate::kv_cache::KvStorage;
 use crate::layers::pooling::Pooling;
 use crate::layers::{
-    fused_linear, linear, Activation, Embedding, ForwardBatch, LayerNorm, Linear, PagedAttention,
-    Quantization,
+    fused_linear, linear, Activation, Embedding, ForwardBatch, GatedMlp, LayerNorm, Linear, Mlp,
+    PagedAttention, Quantization, Rope, RopeScaling,
 };
 use crate::weights::Weights;
 
@@ -36,13 +42,15 @@ pub enum Family {
     /// transformers' `create_position_ids_from_input_ids`: the pad id + 1 +
     /// the number of non-pad tokens before, and the pad id for a pad token.
     Roberta { pad_token_id: u32 },
+    /// No position table: RoPE on queries and keys.
+    Nomic,
 }
 
 impl Family {
     /// Rows of the position table before the first real position.
     fn position_offset(self) -> usize {
         match self {
-            Self::Bert => 0,
+            Self::Bert | Self::Nomic => 0,
             Self::Roberta { pad_token_id } => pad_token_id as usize + 1,
         }
     }
@@ -63,6 +71,43 @@ pub struct BertConfig {
     /// Trained for Matryoshka truncation (`is_matryoshka` or
     /// `matryoshka_dimensions` in the config, as vLLM reads them).
     pub matryoshka: bool,
+    /// NomicBERT's: the RoPE base, whether the q/k/v and output projections
+    /// have biases, and whether the MLP's two projections do.
+    pub rope_theta: Option<f32>,
+    pub attention_bias: bool,
+    pub mlp_bias: (bool, bool),
+}
+
+/// NomicBERT's `config.json` (the published checkpoints' GPT-2-style names;
+/// transformers' own are accepted too, but only the published weight layout).
+#[derive(Debug, Deserialize)]
+struct NomicRawConfig {
+    #[serde(alias = "n_embd")]
+    hidden_size: usize,
+    #[serde(alias = "n_layer")]
+    num_hidden_layers: usize,
+    #[serde(alias = "n_head")]
+    num_attention_heads: usize,
+    #[serde(alias = "n_inner")]
+    intermediate_size: Option<usize>,
+    vocab_size: usize,
+    /// What the model was trained on; vLLM's default length (below).
+    max_trained_positions: Option<usize>,
+    #[serde(alias = "n_positions")]
+    max_position_embeddings: Option<usize>,
+    type_vocab_size: Option<usize>,
+    #[serde(alias = "layer_norm_epsilon")]
+    layer_norm_eps: Option<f64>,
+    activation_function: Option<String>,
+    rotary_emb_base: Option<f64>,
+    rotary_emb_fraction: Option<f64>,
+    rotary_emb_interleaved: Option<bool>,
+    qkv_proj_bias: Option<bool>,
+    mlp_fc1_bias: Option<bool>,
+    mlp_fc2_bias: Option<bool>,
+    prenorm: Option<bool>,
+    parallel_block: Option<bool>,
+    use_rms_norm: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -131,6 +176,71 @@ impl BertConfig {
             layer_norm_eps: raw.layer_norm_eps.unwrap_or(1e-12),
             activation: Activation::from_name(act)?,
             matryoshka: config::parse::<config::Common>(text)?.matryoshka(),
+            rope_theta: None,
+            attention_bias: true,
+            mlp_bias: (true, true),
+        })
+    }
+
+    /// A NomicBERT checkpoint's config. Its length is `max_trained_positions`
+    /// (2,048 for nomic-embed-text), as vLLM's default: past it the
+    /// published model switches to scaled (dynamic NTK) RoPE, which is not
+    /// done here, so `--max-model-len` beyond it departs from the reference.
+    pub fn from_nomic_json(text: &str) -> anyhow::Result<Self> {
+        let raw: NomicRawConfig = config::parse(text)?;
+        config::check_heads(
+            raw.num_hidden_layers,
+            raw.num_attention_heads,
+            raw.num_attention_heads,
+        )?;
+        if !raw.hidden_size.is_multiple_of(raw.num_attention_heads) {
+            bail!("config.json: hidden_size must be a multiple of num_attention_heads");
+        }
+        let refuse = |field: &str, what: &str| -> anyhow::Result<()> {
+            bail!("config.json: NomicBERT with {field} {what} is not supported")
+        };
+        if let Some(a) = raw
+            .activation_function
+            .as_deref()
+            .filter(|a| *a != "swiglu")
+        {
+            refuse("activation_function", &format!("{a:?} (swiglu)"))?;
+        }
+        if let Some(f) = raw.rotary_emb_fraction.filter(|f| *f != 1.0) {
+            refuse("rotary_emb_fraction", &format!("{f} (1.0)"))?;
+        }
+        for (field, set) in [
+            ("rotary_emb_interleaved", raw.rotary_emb_interleaved),
+            ("prenorm", raw.prenorm),
+            ("parallel_block", raw.parallel_block),
+            ("use_rms_norm", raw.use_rms_norm),
+        ] {
+            if set == Some(true) {
+                refuse(field, "true")?;
+            }
+        }
+        let max_pos = raw
+            .max_trained_positions
+            .or(raw.max_position_embeddings)
+            .unwrap_or(2048);
+        Ok(Self {
+            family: Family::Nomic,
+            hidden_size: raw.hidden_size,
+            num_layers: raw.num_hidden_layers,
+            num_heads: raw.num_attention_heads,
+            intermediate_size: raw.intermediate_size.unwrap_or(4 * raw.hidden_size),
+            vocab_size: raw.vocab_size,
+            max_position_embeddings: max_pos,
+            type_vocab_size: raw.type_vocab_size.unwrap_or(2),
+            layer_norm_eps: raw.layer_norm_eps.unwrap_or(1e-12),
+            activation: Activation::Silu,
+            matryoshka: config::parse::<config::Common>(text)?.matryoshka(),
+            rope_theta: Some(raw.rotary_emb_base.unwrap_or(1000.0) as f32),
+            attention_bias: raw.qkv_proj_bias.unwrap_or(false),
+            mlp_bias: (
+                raw.mlp_fc1_bias.unwrap_or(false),
+                raw.mlp_fc2_bias.unwrap_or(false),
+            ),
         })
     }
 
@@ -145,21 +255,37 @@ struct Layer {
     attn: PagedAttention,
     attn_out: Linear,
     attn_norm: LayerNorm,
-    intermediate: Linear,
-    output: Linear,
+    mlp: Ffn,
     output_norm: LayerNorm,
+}
+
+/// BERT's GELU MLP, or NomicBERT's SwiGLU.
+#[derive(Debug)]
+enum Ffn {
+    Plain(Mlp),
+    Gated(GatedMlp),
+}
+
+impl Ffn {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Plain(m) => m.forward(x),
+            Self::Gated(m) => m.forward(x),
+        }
+    }
 }
 
 #[derive(Debug)]
 pub struct Bert {
     family: Family,
     word: Embedding,
-    position: Embedding,
+    /// The position table (`None`: NomicBERT, which rotates instead).
+    position: Option<Embedding>,
+    rope: Option<Rope>,
     /// Token type 0's row, added to every token.
     token_type: Tensor,
     embed_norm: LayerNorm,
     layers: Vec<Layer>,
-    activation: Activation,
     pooling: Pooling,
     num_heads: usize,
     head_dim: usize,
@@ -177,17 +303,24 @@ impl Bert {
         architecture: &'static str,
         quant: Quantization,
     ) -> Result<Self> {
-        // Checkpoints of *For* heads nest the encoder under `bert.` or `roberta.`.
-        let nested = match cfg.family {
-            Family::Bert => "bert",
-            Family::Roberta { .. } => "roberta",
-        };
-        let b = if vb.contains_tensor(&format!("{nested}.embeddings.word_embeddings.weight")) {
-            vb.pp(nested)
-        } else {
-            vb.clone()
-        };
         let (h, eps, hd) = (cfg.hidden_size, cfg.layer_norm_eps, cfg.head_dim());
+        let scale = 1.0 / (hd as f32).sqrt();
+        let b = match cfg.family {
+            Family::Nomic => vb.clone(),
+            // Checkpoints of *For* heads nest the encoder under `bert.` or `roberta.`.
+            Family::Bert | Family::Roberta { .. } => {
+                let nested = if cfg.family == Family::Bert {
+                    "bert"
+                } else {
+                    "roberta"
+                };
+                if vb.contains_tensor(&format!("{nested}.embeddings.word_embeddings.weight")) {
+                    vb.pp(nested)
+                } else {
+                    vb.clone()
+                }
+            }
+        };
         let e = b.pp("embeddings");
         let word = Embedding::load(
             e.pp("word_embeddings"),
@@ -195,53 +328,82 @@ impl Bert {
             h,
             Quantization::None,
         )?;
-        let position = Embedding::load(
-            e.pp("position_embeddings"),
-            cfg.max_position_embeddings,
-            h,
-            Quantization::None,
-        )?;
         let token_type = e
             .pp("token_type_embeddings")
             .get((cfg.type_vocab_size, h), "weight")?
             .get(0)?;
-        let embed_norm = LayerNorm::load(e.pp("LayerNorm"), h, eps)?;
-        let layers = (0..cfg.num_layers)
-            .map(|i| {
-                let l = b.pp(format!("encoder.layer.{i}"));
-                let a = l.pp("attention");
-                let s = a.pp("self");
-                Ok(Layer {
-                    qkv: fused_linear(
-                        &[(s.pp("query"), h), (s.pp("key"), h), (s.pp("value"), h)],
-                        h,
-                        true,
-                        quant,
-                    )?,
-                    attn: PagedAttention::new(cfg.num_heads, 1.0 / (hd as f32).sqrt())
-                        .bidirectional(),
-                    attn_out: linear(a.pp("output.dense"), h, h, true, quant)?,
-                    attn_norm: LayerNorm::load(a.pp("output.LayerNorm"), h, eps)?,
-                    intermediate: linear(
-                        l.pp("intermediate.dense"),
-                        h,
-                        cfg.intermediate_size,
-                        true,
-                        quant,
-                    )?,
-                    output: linear(l.pp("output.dense"), cfg.intermediate_size, h, true, quant)?,
-                    output_norm: LayerNorm::load(l.pp("output.LayerNorm"), h, eps)?,
+        let (position, embed_norm, layers) = if cfg.family == Family::Nomic {
+            let (b1, b2) = cfg.mlp_bias;
+            let layers = (0..cfg.num_layers)
+                .map(|i| {
+                    let l = b.pp(format!("encoder.layers.{i}"));
+                    let (a, m) = (l.pp("attn"), l.pp("mlp"));
+                    let i = cfg.intermediate_size;
+                    Ok(Layer {
+                        qkv: linear(a.pp("Wqkv"), h, 3 * h, cfg.attention_bias, quant)?,
+                        attn: PagedAttention::new(cfg.num_heads, scale).bidirectional(),
+                        attn_out: linear(a.pp("out_proj"), h, h, cfg.attention_bias, quant)?,
+                        attn_norm: LayerNorm::load(l.pp("norm1"), h, eps)?,
+                        // fc12 is the gate (activated), fc11 what it multiplies.
+                        mlp: Ffn::Gated(GatedMlp::from_parts(
+                            fused_linear(&[(m.pp("fc12"), i), (m.pp("fc11"), i)], h, b1, quant)?,
+                            linear(m.pp("fc2"), i, h, b2, quant)?,
+                            i,
+                            cfg.activation,
+                        )),
+                        output_norm: LayerNorm::load(l.pp("norm2"), h, eps)?,
+                    })
                 })
-            })
-            .collect::<Result<Vec<_>>>()?;
+                .collect::<Result<Vec<_>>>()?;
+            (None, LayerNorm::load(b.pp("emb_ln"), h, eps)?, layers)
+        } else {
+            let position = Embedding::load(
+                e.pp("position_embeddings"),
+                cfg.max_position_embeddings,
+                h,
+                Quantization::None,
+            )?;
+            let layers = (0..cfg.num_layers)
+                .map(|i| {
+                    let l = b.pp(format!("encoder.layer.{i}"));
+                    let a = l.pp("attention");
+                    let s = a.pp("self");
+                    let i = cfg.intermediate_size;
+                    Ok(Layer {
+                        qkv: fused_linear(
+                            &[(s.pp("query"), h), (s.pp("key"), h), (s.pp("value"), h)],
+                            h,
+                            true,
+                            quant,
+                        )?,
+                        attn: PagedAttention::new(cfg.num_heads, scale).bidirectional(),
+                        attn_out: linear(a.pp("output.dense"), h, h, true, quant)?,
+                        attn_norm: LayerNorm::load(a.pp("output.LayerNorm"), h, eps)?,
+                        mlp: Ffn::Plain(Mlp::new(
+                            linear(l.pp("intermediate.dense"), h, i, true, quant)?,
+                            linear(l.pp("output.dense"), i, h, true, quant)?,
+                            cfg.activation,
+                        )),
+                        output_norm: LayerNorm::load(l.pp("output.LayerNorm"), h, eps)?,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            (
+                Some(position),
+                LayerNorm::load(e.pp("LayerNorm"), h, eps)?,
+                layers,
+            )
+        };
         Ok(Self {
             family: cfg.family,
             word,
             position,
+            rope: cfg
+                .rope_theta
+                .map(|theta| Rope::new(hd, theta, RopeScaling::None, None)),
             token_type,
             embed_norm,
             layers,
-            activation: cfg.activation,
             pooling,
             num_heads: cfg.num_heads,
             head_dim: hd,
@@ -254,7 +416,7 @@ impl Bert {
                 vocab_size: cfg.vocab_size,
                 max_position_embeddings: max_len
                     .min(cfg.max_position_embeddings - cfg.family.position_offset()),
-                positions_are_learned: true,
+                positions_are_learned: cfg.family != Family::Nomic,
                 dtype: vb.dtype(),
                 cache: CacheSpec {
                     num_kv_heads: cfg.num_heads,
@@ -285,10 +447,11 @@ impl Model for Bert {
                 s.num_cached()
             );
         }
+        // (A position table has no row past its end; rotations have no end.)
         if let Some(&p) = batch
             .positions
             .iter()
-            .find(|&&p| p as usize >= self.spec.max_position_embeddings)
+            .find(|&&p| self.position.is_some() && p as usize >= self.spec.max_position_embeddings)
         {
             candle_core::bail!(
                 "position {p} is past the model's {} positions",
@@ -296,26 +459,34 @@ impl Model for Bert {
             );
         }
         let ids = Tensor::new(batch.token_ids.as_slice(), &device)?;
-        let pos = match self.family {
-            Family::Bert => Tensor::new(batch.positions.as_slice(), &device)?,
-            Family::Roberta { pad_token_id } => {
-                Tensor::new(roberta_positions(batch, pad_token_id).as_slice(), &device)?
-            }
-        };
-        let x = (self.word.forward(&ids)? + self.position.forward(&pos)?)?;
+        let mut x = self.word.forward(&ids)?;
+        if let Some(table) = &self.position {
+            let pos = match self.family {
+                Family::Roberta { pad_token_id } => {
+                    Tensor::new(roberta_positions(batch, pad_token_id).as_slice(), &device)?
+                }
+                Family::Bert | Family::Nomic => Tensor::new(batch.positions.as_slice(), &device)?,
+            };
+            x = (x + table.forward(&pos)?)?;
+        }
         let mut x = self
             .embed_norm
             .forward(&x.broadcast_add(&self.token_type)?)?;
+        let rope = match &self.rope {
+            Some(r) => Some(r.cos_sin(&batch.positions, x.dtype(), &device)?),
+            None => None,
+        };
         let (nh, hd) = (self.num_heads, self.head_dim);
         for (i, l) in self.layers.iter().enumerate() {
-            let (q, k, v) = super::llama::split_qkv(&l.qkv.forward(&x)?, nh, nh, hd)?;
+            let (mut q, mut k, v) = super::llama::split_qkv(&l.qkv.forward(&x)?, nh, nh, hd)?;
+            if let Some((cos, sin)) = &rope {
+                (q, k) = (Rope::apply(&q, cos, sin)?, Rope::apply(&k, cos, sin)?);
+            }
             let a = l
                 .attn_out
                 .forward(&l.attn.forward(&q, &k, &v, batch, cache, i)?)?;
             x = l.attn_norm.forward(&elementwise::add(&x, &a)?)?;
-            let m = l
-                .output
-                .forward(&self.activation.forward(&l.intermediate.forward(&x)?)?)?;
+            let m = l.mlp.forward(&x)?;
             x = l.output_norm.forward(&elementwise::add(&x, &m)?)?;
         }
         self.pooling.forward(&x, batch)?.contiguous()
@@ -359,7 +530,11 @@ pub(super) fn max_seq_length(dir: Option<&std::path::Path>) -> anyhow::Result<Op
 }
 
 pub fn from_hf(name: &'static str, ckpt: Checkpoint) -> anyhow::Result<Box<dyn Model>> {
-    let cfg = BertConfig::from_json(ckpt.config, name.contains("Roberta"))?;
+    let cfg = if name.contains("Nomic") {
+        BertConfig::from_nomic_json(ckpt.config)?
+    } else {
+        BertConfig::from_json(ckpt.config, name.contains("Roberta"))?
+    };
     let pooling = Pooling::from_dir(ckpt.dir, Pooling::DEFAULT)?;
     let max_len = max_seq_length(ckpt.dir)?.unwrap_or(cfg.max_position_embeddings);
     tracing::info!(
@@ -408,5 +583,37 @@ mod tests {
         assert!(
             BertConfig::from_json(&format!(r#"{{{base}, "pad_token_id": 63}}"#), true).is_err()
         );
+    }
+
+    #[test]
+    fn nomic_config_reads_the_published_names() {
+        let base = r#""n_embd": 32, "n_layer": 2, "n_head": 4, "n_inner": 64, "vocab_size": 100,
+            "n_positions": 8192, "max_trained_positions": 2048, "rotary_emb_base": 1000,
+            "qkv_proj_bias": false"#;
+        let c =
+            BertConfig::from_nomic_json(&format!(r#"{{{base}, "activation_function": "swiglu"}}"#))
+                .unwrap();
+        assert_eq!(
+            (
+                c.family,
+                c.hidden_size,
+                c.intermediate_size,
+                c.max_position_embeddings
+            ),
+            (Family::Nomic, 32, 64, 2048)
+        );
+        assert_eq!(
+            (c.rope_theta, c.attention_bias, c.mlp_bias, c.activation),
+            (Some(1000.0), false, (false, false), Activation::Silu)
+        );
+        for refused in [
+            r#""rotary_emb_fraction": 0.5"#,
+            r#""rotary_emb_interleaved": true"#,
+            r#""prenorm": true"#,
+            r#""activation_function": "gelu""#,
+        ] {
+            let err = BertConfig::from_nomic_json(&format!("{{{base}, {refused}}}")).unwrap_err();
+            assert!(err.to_string().contains("not supported"), "{err}");
+        }
     }
 }

@@ -162,6 +162,14 @@ pub const ARCHITECTURES: &[Architecture] = &[
         hf_linear_in_out: false,
     },
     Architecture {
+        name: "NomicBertModel",
+        model_types: &["nomic_bert"],
+        gguf: &[],
+        from_hf: bert::from_hf,
+        from_gguf: None,
+        hf_linear_in_out: false,
+    },
+    Architecture {
         name: "ModernBertModel",
         model_types: &["modernbert"],
         gguf: &[],
