@@ -145,14 +145,11 @@ impl BertConfig {
                 raw.max_position_embeddings
             );
         }
-        config::check_heads(
+        config::check_encoder_heads(
             raw.num_hidden_layers,
             raw.num_attention_heads,
-            raw.num_attention_heads,
+            raw.hidden_size,
         )?;
-        if !raw.hidden_size.is_multiple_of(raw.num_attention_heads) {
-            bail!("config.json: hidden_size must be a multiple of num_attention_heads");
-        }
         if let Some(p) = raw
             .position_embedding_type
             .as_deref()
@@ -188,14 +185,11 @@ impl BertConfig {
     /// done here, so `--max-model-len` beyond it departs from the reference.
     pub fn from_nomic_json(text: &str) -> anyhow::Result<Self> {
         let raw: NomicRawConfig = config::parse(text)?;
-        config::check_heads(
+        config::check_encoder_heads(
             raw.num_hidden_layers,
             raw.num_attention_heads,
-            raw.num_attention_heads,
+            raw.hidden_size,
         )?;
-        if !raw.hidden_size.is_multiple_of(raw.num_attention_heads) {
-            bail!("config.json: hidden_size must be a multiple of num_attention_heads");
-        }
         let refuse = |field: &str, what: &str| -> anyhow::Result<()> {
             bail!("config.json: NomicBERT with {field} {what} is not supported")
         };
@@ -441,12 +435,7 @@ impl Model for Bert {
 
     fn forward(&self, batch: &ForwardBatch, cache: &mut KvStorage) -> Result<Tensor> {
         let device = self.word.device().clone();
-        if let Some(s) = batch.seqs.iter().find(|s| s.num_cached() != 0) {
-            candle_core::bail!(
-                "an encoder needs whole sequences; got a chunk after {} tokens",
-                s.num_cached()
-            );
-        }
+        whole_sequences(batch)?;
         // (A position table has no row past its end; rotations have no end.)
         if let Some(&p) = batch
             .positions
@@ -491,6 +480,18 @@ impl Model for Bert {
         }
         self.pooling.forward(&x, batch)?.contiguous()
     }
+}
+
+/// What an encoder needs: every sequence of the batch whole in this step
+/// (each layer's bidirectional attention reads all of its positions).
+pub(super) fn whole_sequences(batch: &ForwardBatch) -> Result<()> {
+    if let Some(s) = batch.seqs.iter().find(|s| s.num_cached() != 0) {
+        candle_core::bail!(
+            "an encoder needs whole sequences; got a chunk after {} tokens",
+            s.num_cached()
+        );
+    }
+    Ok(())
 }
 
 /// RoBERTa's position of each token of the batch (whole sequences): the

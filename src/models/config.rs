@@ -259,6 +259,20 @@ pub fn rope(
     Ok((theta, scaling))
 }
 
+/// An encoder's heads (as many key/value heads as query heads), which
+/// split its width evenly.
+pub fn check_encoder_heads(
+    num_layers: usize,
+    num_heads: usize,
+    hidden_size: usize,
+) -> anyhow::Result<()> {
+    check_heads(num_layers, num_heads, num_heads)?;
+    if !hidden_size.is_multiple_of(num_heads) {
+        bail!("config.json: hidden_size must be a multiple of num_attention_heads");
+    }
+    Ok(())
+}
+
 /// Query heads must be a positive multiple of key/value heads.
 pub fn check_heads(num_layers: usize, num_heads: usize, num_kv_heads: usize) -> anyhow::Result<()> {
     if num_heads == 0 || num_layers == 0 {

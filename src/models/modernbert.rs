@@ -9,7 +9,7 @@
 //! the sentence-transformers pooling ([`Pooling`]). Each sequence runs whole
 //! in one step through the same paged attention as the decoders.
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use candle_core::{Result, Tensor};
 use serde::Deserialize;
 use serde_json::Value;
@@ -81,10 +81,7 @@ impl ModernBertConfig {
     pub fn from_json(text: &str) -> anyhow::Result<Self> {
         let raw: RawConfig = config::parse(text)?;
         let n = raw.num_hidden_layers;
-        config::check_heads(n, raw.num_attention_heads, raw.num_attention_heads)?;
-        if !raw.hidden_size.is_multiple_of(raw.num_attention_heads) {
-            bail!("config.json: hidden_size must be a multiple of num_attention_heads");
-        }
+        config::check_encoder_heads(n, raw.num_attention_heads, raw.hidden_size)?;
         // transformers masks keys more than `local_attention / 2` away.
         let reach = raw.local_attention.unwrap_or(128) / 2 + 1;
         let window = match &raw.layer_types {
@@ -238,12 +235,7 @@ impl Model for ModernBert {
 
     fn forward(&self, batch: &ForwardBatch, cache: &mut KvStorage) -> Result<Tensor> {
         let device = self.embeddings.device().clone();
-        if let Some(s) = batch.seqs.iter().find(|s| s.num_cached() != 0) {
-            candle_core::bail!(
-                "an encoder needs whole sequences; got a chunk after {} tokens",
-                s.num_cached()
-            );
-        }
+        super::bert::whole_sequences(batch)?;
         let ids = Tensor::new(batch.token_ids.as_slice(), &device)?;
         let mut x = self.embed_norm.forward(&self.embeddings.forward(&ids)?)?;
         let dtype = x.dtype();
