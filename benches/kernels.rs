@@ -113,7 +113,7 @@ fn gguf_blocks() {
                 }
             }
             let w = QMatrix::new(ty, n, k, data).unwrap();
-            for m in [1, 8, 32, 128, 512] {
+            for m in [1, 2, 8, 32, 128, 512] {
                 let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
                 let t = time(|| {
                     quant::matmul(&[&w], &x).unwrap();
