@@ -51,6 +51,17 @@ struct PoolingConfig {
     pooling_mode_lasttoken: bool,
 }
 
+/// For logs: "Mean pooling, normalized".
+impl std::fmt::Display for Pooling {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?} pooling", self.mode)?;
+        if self.normalize {
+            write!(f, ", normalized")?;
+        }
+        Ok(())
+    }
+}
+
 impl Pooling {
     /// An encoder without sentence-transformers' files: mean pooling,
     /// normalized (what most embedding checkpoints are trained for).

@@ -299,21 +299,17 @@ impl Bert {
     ) -> Result<Self> {
         let (h, eps, hd) = (cfg.hidden_size, cfg.layer_norm_eps, cfg.head_dim());
         let scale = 1.0 / (hd as f32).sqrt();
-        let b = match cfg.family {
-            Family::Nomic => vb.clone(),
-            // Checkpoints of *For* heads nest the encoder under `bert.` or `roberta.`.
-            Family::Bert | Family::Roberta { .. } => {
-                let nested = if cfg.family == Family::Bert {
-                    "bert"
-                } else {
-                    "roberta"
-                };
-                if vb.contains_tensor(&format!("{nested}.embeddings.word_embeddings.weight")) {
-                    vb.pp(nested)
-                } else {
-                    vb.clone()
-                }
+        // Checkpoints of *For* heads nest the encoder under `bert.` or `roberta.`.
+        let nested = match cfg.family {
+            Family::Bert => Some("bert"),
+            Family::Roberta { .. } => Some("roberta"),
+            Family::Nomic => None,
+        };
+        let b = match nested {
+            Some(n) if vb.contains_tensor(&format!("{n}.embeddings.word_embeddings.weight")) => {
+                vb.pp(n)
             }
+            _ => vb.clone(),
         };
         let e = b.pp("embeddings");
         let word = Embedding::load(
@@ -436,20 +432,20 @@ impl Model for Bert {
     fn forward(&self, batch: &ForwardBatch, cache: &mut KvStorage) -> Result<Tensor> {
         let device = self.word.device().clone();
         whole_sequences(batch)?;
-        // (A position table has no row past its end; rotations have no end.)
-        if let Some(&p) = batch
-            .positions
-            .iter()
-            .find(|&&p| self.position.is_some() && p as usize >= self.spec.max_position_embeddings)
-        {
-            candle_core::bail!(
-                "position {p} is past the model's {} positions",
-                self.spec.max_position_embeddings
-            );
-        }
         let ids = Tensor::new(batch.token_ids.as_slice(), &device)?;
         let mut x = self.word.forward(&ids)?;
+        // (NomicBERT has no table: its rotations have no end.)
         if let Some(table) = &self.position {
+            if let Some(&p) = batch
+                .positions
+                .iter()
+                .find(|&&p| p as usize >= self.spec.max_position_embeddings)
+            {
+                candle_core::bail!(
+                    "position {p} is past the model's {} positions",
+                    self.spec.max_position_embeddings
+                );
+            }
             let pos = match self.family {
                 Family::Roberta { pad_token_id } => {
                     Tensor::new(roberta_positions(batch, pad_token_id).as_slice(), &device)?
@@ -513,8 +509,19 @@ fn roberta_positions(batch: &ForwardBatch, pad: u32) -> Vec<u32> {
     pos
 }
 
+/// An encoder folder's sentence-transformers settings: its pooling (mean,
+/// normalized, without the files) and its longest input (`max_seq_length`,
+/// else `model_len`).
+pub(super) fn sentence_transformers(
+    dir: Option<&std::path::Path>,
+    model_len: usize,
+) -> anyhow::Result<(Pooling, usize)> {
+    let pooling = Pooling::from_dir(dir, Pooling::DEFAULT)?;
+    Ok((pooling, max_seq_length(dir)?.unwrap_or(model_len)))
+}
+
 /// sentence-transformers' `max_seq_length` (`sentence_bert_config.json`).
-pub(super) fn max_seq_length(dir: Option<&std::path::Path>) -> anyhow::Result<Option<usize>> {
+fn max_seq_length(dir: Option<&std::path::Path>) -> anyhow::Result<Option<usize>> {
     #[derive(Deserialize)]
     struct St {
         max_seq_length: Option<usize>,
@@ -536,17 +543,8 @@ pub fn from_hf(name: &'static str, ckpt: Checkpoint) -> anyhow::Result<Box<dyn M
     } else {
         BertConfig::from_json(ckpt.config, name.contains("Roberta"))?
     };
-    let pooling = Pooling::from_dir(ckpt.dir, Pooling::DEFAULT)?;
-    let max_len = max_seq_length(ckpt.dir)?.unwrap_or(cfg.max_position_embeddings);
-    tracing::info!(
-        "{name}: {:?} pooling{}, inputs up to {max_len} tokens",
-        pooling.mode,
-        if pooling.normalize {
-            ", normalized"
-        } else {
-            ""
-        }
-    );
+    let (pooling, max_len) = sentence_transformers(ckpt.dir, cfg.max_position_embeddings)?;
+    tracing::info!("{name}: {pooling}, inputs up to {max_len} tokens");
     Ok(Box::new(Bert::load(
         ckpt.vb,
         &cfg,

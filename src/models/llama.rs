@@ -609,15 +609,7 @@ pub fn from_hf(name: &'static str, ckpt: Checkpoint) -> anyhow::Result<Box<dyn M
         .then(|| EmbeddingHead::from_checkpoint(ckpt.config, ckpt.dir))
         .transpose()?;
     if let Some(e) = embedding {
-        tracing::info!(
-            "{name} as an embedding model: {:?} pooling{}",
-            e.pooling.mode,
-            if e.pooling.normalize {
-                ", normalized"
-            } else {
-                ""
-            }
-        );
+        tracing::info!("{name} as an embedding model: {}", e.pooling);
     }
     Ok(Box::new(Llama::load(
         ckpt.vb,

@@ -270,16 +270,10 @@ impl Model for ModernBert {
 
 pub fn from_hf(_name: &'static str, ckpt: Checkpoint) -> anyhow::Result<Box<dyn Model>> {
     let cfg = ModernBertConfig::from_json(ckpt.config)?;
-    let pooling = Pooling::from_dir(ckpt.dir, Pooling::DEFAULT)?;
-    let max_len = super::bert::max_seq_length(ckpt.dir)?.unwrap_or(cfg.max_position_embeddings);
+    let (pooling, max_len) =
+        super::bert::sentence_transformers(ckpt.dir, cfg.max_position_embeddings)?;
     tracing::info!(
-        "ModernBertModel: {:?} pooling{}, inputs up to {max_len} tokens, {} of {} layers local",
-        pooling.mode,
-        if pooling.normalize {
-            ", normalized"
-        } else {
-            ""
-        },
+        "ModernBertModel: {pooling}, inputs up to {max_len} tokens, {} of {} layers local",
         cfg.window.iter().filter(|w| w.is_some()).count(),
         cfg.num_layers
     );

@@ -530,6 +530,12 @@ unsafe fn scales_mins_k4(s: &[u8]) -> ([u8; 8], __m256i) {
     (scales.to_le_bytes(), _mm256_cvtepu8_epi16(dup))
 }
 
+/// A `vpshufb` control word: both bytes of 16-bit lane `i` (0-7) of a
+/// 128-bit lane, so that a control of these in every lane broadcasts it.
+fn pick_lane16(i: usize) -> i16 {
+    (((2 * i + 1) << 8) | (2 * i)) as i16
+}
+
 /// The fifth bits of a Q5 block (32 bits at `p`) as 0x10 per value.
 #[inline]
 #[target_feature(enable = "avx2")]
@@ -671,8 +677,7 @@ unsafe fn q45k<const HIGH: bool, const R: usize>(w: &[u8], x: &[ActRow], out: &m
     // `bcast[s]` selects scale `s` of the eight (16-bit lanes, in both
     // 128-bit lanes) into every lane: one shuffle per sub-block instead of
     // a scalar load and broadcast.
-    let bcast: [__m256i; 8] =
-        std::array::from_fn(|s| _mm256_set1_epi16((((2 * s + 1) << 8) | (2 * s)) as i16));
+    let bcast: [__m256i; 8] = std::array::from_fn(|s| _mm256_set1_epi16(pick_lane16(s)));
     // One float accumulator per row (the minima go in too): with four rows,
     // accumulators and temporaries must fit in 16 registers.
     let mut acc = [_mm256_setzero_ps(); R];
@@ -917,8 +922,8 @@ unsafe fn q6k<const R: usize>(w: &[u8], x: &[ActRow], out: &mut [f32]) {
     // repeated in both 128-bit lanes. (One shuffle per 32 values; two
     // broadcasts of scalars cost a quarter of this kernel's instructions.)
     let pick: [__m256i; 4] = std::array::from_fn(|t| {
-        let word = |i: i32| _mm_set1_epi16((((2 * i + 1) << 8) | (2 * i)) as i16);
-        _mm256_set_m128i(word(2 * t as i32 + 1), word(2 * t as i32))
+        let lane = |i: usize| _mm_set1_epi16(pick_lane16(i));
+        _mm256_set_m128i(lane(2 * t + 1), lane(2 * t))
     });
     // One accumulator per row, offsets included (register pressure, as above).
     let mut acc = [_mm256_setzero_ps(); R];
