@@ -194,6 +194,14 @@ SSM_VARIANTS = {
 PROMPT_LENGTHS = [1, 6, 19, 45]
 
 
+def fresh_dir(name):
+    """`tests/fixtures/<name>`, emptied."""
+    out = FIXTURES / name
+    if out.exists():
+        shutil.rmtree(out)
+    return out
+
+
 def prompts(seed):
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -266,9 +274,7 @@ def make_variant(name, spec, base=BASE):
             break
     else:
         raise SystemExit(f"{name}: no seed with a greedy margin >= {MARGIN}")
-    out = FIXTURES / name
-    if out.exists():
-        shutil.rmtree(out)
+    out = fresh_dir(name)
     model.save_pretrained(out, safe_serialization=True)
     if old_rope:
         c = json.loads((out / "config.json").read_text())
@@ -530,13 +536,6 @@ def write_encoder_golden(out, model, pooling, normalize, edit_ids=lambda n, ids:
     print(f"{out.name}: {pooling} pooling, normalize {normalize}")
 
 
-def fresh_dir(name):
-    out = FIXTURES / name
-    if out.exists():
-        shutil.rmtree(out)
-    return out
-
-
 @torch.no_grad()
 def make_bert(name, spec, pooling, normalize, family="bert"):
     from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel, XLMRobertaConfig, XLMRobertaModel
@@ -707,9 +706,7 @@ def make_decoder_embed(name, spec, pooling, normalize):
     cfg._attn_implementation = "eager"
     torch.manual_seed(0)
     lm = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").float().eval()
-    out = FIXTURES / name
-    if out.exists():
-        shutil.rmtree(out)
+    out = fresh_dir(name)
     if pooling is None:
         lm.save_pretrained(out, safe_serialization=True)
     else:
@@ -1010,9 +1007,7 @@ def make_t5(name, spec):
             break
     else:
         raise SystemExit(f"{name}: no seed with a greedy margin >= {MARGIN}")
-    out = FIXTURES / name
-    if out.exists():
-        shutil.rmtree(out)
+    out = fresh_dir(name)
     model.save_pretrained(out, safe_serialization=True)
     if untied:
         from safetensors.torch import load_file, save_file
