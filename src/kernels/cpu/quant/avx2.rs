@@ -14,7 +14,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{ActRow, QType, QK, QK_K, TILE_ROWS};
+use super::{ActRow, QType, QK, QK_K, TILE_ACTS, TILE_ROWS};
 
 const Q4_0: u8 = 0;
 const Q4_1: u8 = 1;
@@ -136,17 +136,16 @@ pub unsafe fn dot_run_vnni(ty: QType, w: &[u8], x: &ActRow, out: &mut [f32]) {
     }
 }
 
-/// Whether [`dot_tile`] takes `ty`: the formats whose sub-blocks have
-/// their own scales (Q6_K's 16-value sub-blocks need twice the scale
-/// multiplies, so its per-row kernel stays).
+/// Whether [`dot_tile`] takes `ty`: the K formats, whose sub-blocks have
+/// their own scales.
 pub fn tiles(ty: QType) -> bool {
-    matches!(ty, QType::Q4K | QType::Q5K)
+    matches!(ty, QType::Q4K | QType::Q5K | QType::Q6K)
 }
 
-/// [`q45k_tile`] for `ty` with `x.len()` (1-8) activation rows.
+/// [`tile`] for `ty` with `x.len()` activation rows.
 ///
 /// # Safety
-/// As [`q45k_tile`]; `tiles(ty)`, `x.len() == out.len()`.
+/// As [`tile`]; `tiles(ty)`.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn dot_tile(
     ty: QType,
@@ -156,9 +155,12 @@ pub unsafe fn dot_tile(
 ) {
     // SAFETY: per the caller.
     unsafe {
+        // A zeroed panel is a valid one (plain vectors), and `unpack`
+        // overwrites all of it before each use.
         match ty {
-            QType::Q5K => rows8!(q45k_tile, true; w, x, out),
-            _ => rows8!(q45k_tile, false; w, x, out),
+            QType::Q4K => tile(&mut std::mem::zeroed::<Q45Panel<false>>(), w, x, out),
+            QType::Q5K => tile(&mut std::mem::zeroed::<Q45Panel<true>>(), w, x, out),
+            _ => tile(&mut std::mem::zeroed::<Q6Panel>(), w, x, out),
         }
     }
 }
@@ -728,57 +730,77 @@ unsafe fn q45k<const HIGH: bool, const R: usize>(w: &[u8], x: &[ActRow], out: &m
     }
 }
 
-/// Q4_K (`HIGH`: Q5_K) dot products of four weight rows with `R` activation
-/// rows: `out[r][i]` is row `i` of `w` with activation row `r`.
-///
-/// Why four rows at once: a 32-value sub-block has one scale, so the
-/// per-row kernel needs a `vpmaddubsw` and a `vpmaddwd` (the scale) per 32
-/// products. Here the four rows' sub-blocks are interleaved in registers,
-/// eight values of each row per register (a 4x4 transpose of 64-bit
-/// lanes); each of four registers meets eight activation bytes broadcast to
-/// every row, the four 16-bit results add up without overflow (at most
-/// 8 x 31 x 128 = 31,744 per lane, with Q5_K's fifth bit), and one
-/// `vpmaddwd` applies the four rows' scales: five multiplies per 128
-/// products instead of eight, where batched products are bound by the
-/// multiplier ports. Row `i` owns 32-bit lanes `2i` and `2i + 1`.
-///
-/// # Safety
-/// AVX2, FMA and F16C are present; every row of `w` holds the same whole
-/// super-blocks (144 bytes each for Q4_K, 176 for Q5_K) and the activation
-/// rows are as `Kernel::dot_rows` checks them for that length; `R <= 8`.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn q45k_tile<const HIGH: bool, const R: usize>(
-    w: [&[u8]; TILE_ROWS],
-    x: &[ActRow],
-    out: &mut [[f32; TILE_ROWS]],
-) {
-    let size = if HIGH { 176 } else { 144 };
-    let qs_at = if HIGH { 48 } else { 16 };
-    let mask = _mm256_set1_epi8(0x0F);
-    let one = _mm256_set1_epi8(1);
-    // Byte `s` of each row's 64-bit lane, widened to four 16-bit lanes
-    // (bit 7 set: a zero byte); adding `s` picks sub-block `s`.
-    // (Rows 1 and 3 sit at byte 8 of their 128-bit lane.)
-    let (even, odd) = (
-        0x8000_8000_8000_8000u64 as i64,
-        0x8008_8008_8008_8008u64 as i64,
-    );
-    let pick = _mm256_setr_epi64x(even, odd, even, odd);
-    // Minima 0-3 and 4-7 of each row as 16-bit lanes.
-    let mins_lo = _mm256_setr_epi8(
-        0, -128, 1, -128, 2, -128, 3, -128, 8, -128, 9, -128, 10, -128, 11, -128, 0, -128, 1, -128,
-        2, -128, 3, -128, 8, -128, 9, -128, 10, -128, 11, -128,
-    );
-    let mins_hi = _mm256_add_epi8(mins_lo, _mm256_set1_epi8(4));
-    let mut acc = [_mm256_setzero_ps(); R];
-    let blocks = w[0].len() / size;
-    for blk in 0..blocks {
-        // SAFETY: every row holds super-block `blk` (`size` bytes at
-        // `blk * size`); so does every activation row (per the caller).
+/// A super-block of four weight rows unpacked for [`tile`]: the layout its
+/// inner loop wants, built once per super-block and then read by every
+/// activation row the call takes (built per eight activation rows, the
+/// unpacking and transposes were a third of the Q4_K tile's instructions,
+/// and the tile ran 20-30% slower at 32-64 rows).
+trait Panel {
+    /// Bytes per super-block of one weight row.
+    const SIZE: usize;
+
+    /// Unpacks super-block `blk` of the four rows `w` into `self`.
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C; every row holds super-block `blk` (`SIZE` bytes
+    /// at `blk * SIZE`).
+    unsafe fn unpack(&mut self, w: &[&[u8]; TILE_ROWS], blk: usize);
+
+    /// `R` activation rows against the unpacked super-block (`blk` of the
+    /// activations), added to `acc` (one accumulator per activation row;
+    /// weight row `i` owns lanes `2i` and `2i + 1`).
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C; every activation row holds super-block `blk`;
+    /// `acc.len() >= R`, `x.len() >= R`.
+    unsafe fn rows<const R: usize>(&self, x: &[ActRow], blk: usize, acc: &mut [__m256]);
+}
+
+/// Q4_K (`HIGH`: Q5_K) super-blocks of four rows.
+#[repr(C, align(32))]
+struct Q45Panel<const HIGH: bool> {
+    /// `t[sub][c]`: values `8c..8c + 8` of sub-block `sub`, rows 0-3 (eight
+    /// bytes each, row `i` at byte `8i`).
+    t: [[__m256i; 4]; 8],
+    /// Per sub-block: row `i`'s scale in 16-bit lanes `4i..4i + 4`.
+    s: [__m256i; 8],
+    /// `[d0 d0 d1 d1 d2 d2 d3 d3]`, and the same for the minima's scales.
+    d: __m256,
+    dmin: __m256,
+    /// Minima 0-3 and 4-7 of each row as 16-bit lanes (row `i`: lanes
+    /// `4i..4i + 4`).
+    m_lo: __m256i,
+    m_hi: __m256i,
+}
+
+impl<const HIGH: bool> Panel for Q45Panel<HIGH> {
+    const SIZE: usize = if HIGH { 176 } else { 144 };
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn unpack(&mut self, w: &[&[u8]; TILE_ROWS], blk: usize) {
+        let size = Self::SIZE;
+        let qs_at = if HIGH { 48 } else { 16 };
+        let mask = _mm256_set1_epi8(0x0F);
+        let one = _mm256_set1_epi8(1);
+        // Byte `s` of each row's 64-bit lane, widened to four 16-bit lanes
+        // (bit 7 set: a zero byte); adding `s` picks sub-block `s`.
+        // (Rows 1 and 3 sit at byte 8 of their 128-bit lane.)
+        let (even, odd) = (
+            0x8000_8000_8000_8000u64 as i64,
+            0x8008_8008_8008_8008u64 as i64,
+        );
+        let pick = _mm256_setr_epi64x(even, odd, even, odd);
+        let mins_lo = _mm256_setr_epi8(
+            0, -128, 1, -128, 2, -128, 3, -128, 8, -128, 9, -128, 10, -128, 11, -128, 0, -128, 1,
+            -128, 2, -128, 3, -128, 8, -128, 9, -128, 10, -128, 11, -128,
+        );
+        let mins_hi = _mm256_add_epi8(mins_lo, _mm256_set1_epi8(4));
+        // SAFETY: every row holds super-block `blk`, per the caller.
         unsafe {
-            // (Loops rather than closures here and below: a closure does not
-            // share this function's target features, so the intrinsics in it
-            // might not be inlined.)
+            // (Loops rather than closures: a closure does not share this
+            // function's target features, so the intrinsics in it might not be
+            // inlined.)
             let mut p = [std::ptr::null::<u8>(); TILE_ROWS];
             let mut words = [0i32; TILE_ROWS];
             for i in 0..TILE_ROWS {
@@ -787,8 +809,8 @@ pub unsafe fn q45k_tile<const HIGH: bool, const R: usize>(
             }
             // d and dmin of the four rows: [d0 m0 d1 m1 d2 m2 d3 m3].
             let dm = _mm256_cvtph_ps(_mm_loadu_si128(words.as_ptr().cast()));
-            let d = _mm256_permutevar8x32_ps(dm, _mm256_setr_epi32(0, 0, 2, 2, 4, 4, 6, 6));
-            let dmin = _mm256_permutevar8x32_ps(dm, _mm256_setr_epi32(1, 1, 3, 3, 5, 5, 7, 7));
+            self.d = _mm256_permutevar8x32_ps(dm, _mm256_setr_epi32(0, 0, 2, 2, 4, 4, 6, 6));
+            self.dmin = _mm256_permutevar8x32_ps(dm, _mm256_setr_epi32(1, 1, 3, 3, 5, 5, 7, 7));
             let (mut sc, mut mn) = ([0i64; TILE_ROWS], [0i64; TILE_ROWS]);
             for i in 0..TILE_ROWS {
                 let (a, b) = scales_mins_bytes(std::slice::from_raw_parts(p[i].add(4), 12));
@@ -796,52 +818,67 @@ pub unsafe fn q45k_tile<const HIGH: bool, const R: usize>(
             }
             let scales = _mm256_setr_epi64x(sc[0], sc[1], sc[2], sc[3]);
             let mins = _mm256_setr_epi64x(mn[0], mn[1], mn[2], mn[3]);
+            self.m_lo = _mm256_shuffle_epi8(mins, mins_lo);
+            self.m_hi = _mm256_shuffle_epi8(mins, mins_hi);
+            for j in 0..4 {
+                // Sub-blocks 2j (low nibbles) and 2j + 1 (high nibbles).
+                let mut q = [_mm256_setzero_si256(); TILE_ROWS];
+                for i in 0..TILE_ROWS {
+                    q[i] = load(p[i].add(qs_at + 32 * j).cast());
+                }
+                for half in 0..2 {
+                    let sub = 2 * j + half;
+                    let mut v = [_mm256_setzero_si256(); TILE_ROWS];
+                    for i in 0..TILE_ROWS {
+                        let q = if half == 1 {
+                            _mm256_srli_epi16(q[i], 4)
+                        } else {
+                            q[i]
+                        };
+                        v[i] = _mm256_and_si256(q, mask);
+                        if HIGH {
+                            let bits = _mm256_srl_epi16(
+                                load(p[i].add(16).cast()),
+                                _mm_cvtsi32_si128(sub as i32),
+                            );
+                            let bit = _mm256_slli_epi16(_mm256_and_si256(bits, one), 4);
+                            v[i] = _mm256_or_si256(v[i], bit);
+                        }
+                    }
+                    self.t[sub] = transpose4(v);
+                    self.s[sub] = _mm256_shuffle_epi8(
+                        scales,
+                        _mm256_add_epi8(pick, _mm256_set1_epi16(sub as i16)),
+                    );
+                }
+            }
+        }
+    }
+
+    /// Each of the four registers of a sub-block meets eight activation bytes
+    /// broadcast to every row, the four 16-bit results add up without
+    /// overflow (at most 8 x 31 x 128 = 31,744 per lane, with Q5_K's fifth
+    /// bit), and one `vpmaddwd` applies the four rows' scales: five multiplies
+    /// per 128 products instead of the per-row kernel's eight, where batched
+    /// products are bound by the multiplier ports.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn rows<const R: usize>(&self, x: &[ActRow], blk: usize, acc: &mut [__m256]) {
+        // SAFETY: per the caller.
+        unsafe {
+            let mut xp = [std::ptr::null::<i64>(); R];
+            for (r, p) in xp.iter_mut().enumerate() {
+                *p = x.get_unchecked(r).q.as_ptr().add(QK_K * blk).cast();
+            }
             let mut sumi = [_mm256_setzero_si256(); R];
             for sub in 0..8 {
-                let (j, high_half) = (sub / 2, sub % 2 == 1);
-                // Sub-block `sub` of each row as 32 bytes.
-                let mut v = [_mm256_setzero_si256(); TILE_ROWS];
-                for i in 0..TILE_ROWS {
-                    let q = load(p[i].add(qs_at + 32 * j).cast());
-                    let q = if high_half {
-                        _mm256_srli_epi16(q, 4)
-                    } else {
-                        q
-                    };
-                    v[i] = _mm256_and_si256(q, mask);
-                    if HIGH {
-                        let bits = _mm256_srl_epi16(
-                            load(p[i].add(16).cast()),
-                            _mm_cvtsi32_si128(sub as i32),
-                        );
-                        let bit = _mm256_slli_epi16(_mm256_and_si256(bits, one), 4);
-                        v[i] = _mm256_or_si256(v[i], bit);
-                    }
-                }
-                // t[c]: values 8c..8c+8 of the sub-block, rows 0-3.
-                let (a, b) = (
-                    _mm256_unpacklo_epi64(v[0], v[1]),
-                    _mm256_unpackhi_epi64(v[0], v[1]),
-                );
-                let (c, e) = (
-                    _mm256_unpacklo_epi64(v[2], v[3]),
-                    _mm256_unpackhi_epi64(v[2], v[3]),
-                );
-                let t = [
-                    _mm256_permute2x128_si256(a, c, 0x20),
-                    _mm256_permute2x128_si256(b, e, 0x20),
-                    _mm256_permute2x128_si256(a, c, 0x31),
-                    _mm256_permute2x128_si256(b, e, 0x31),
-                ];
-                let s = _mm256_shuffle_epi8(
-                    scales,
-                    _mm256_add_epi8(pick, _mm256_set1_epi16(sub as i16)),
-                );
+                let t = &self.t[sub];
+                let s = self.s[sub];
                 for r in 0..R {
-                    let xp = x[r].q.as_ptr().add(QK_K * blk + 32 * sub).cast::<i64>();
+                    let p = xp[r].add(4 * sub);
                     let mut prod = [_mm256_setzero_si256(); 4];
                     for c in 0..4 {
-                        let xb = _mm256_set1_epi64x(xp.add(c).read_unaligned());
+                        let xb = _mm256_set1_epi64x(p.add(c).read_unaligned());
                         prod[c] = _mm256_maddubs_epi16(t[c], xb);
                     }
                     let sum = _mm256_add_epi16(
@@ -851,27 +888,225 @@ pub unsafe fn q45k_tile<const HIGH: bool, const R: usize>(
                     sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(sum, s));
                 }
             }
-            let (m_lo, m_hi) = (
-                _mm256_shuffle_epi8(mins, mins_lo),
-                _mm256_shuffle_epi8(mins, mins_hi),
-            );
-            for r in 0..R {
-                // Sums of each 32-value sub-block's activations: [s0..s3]
-                // and [s4..s7] in every 64-bit lane.
-                let bs = load(x[r].sum16.as_ptr().add(16 * blk).cast());
+            for (r, &sumi) in sumi.iter().enumerate() {
+                let xr = x.get_unchecked(r);
+                // Sums of each 32-value sub-block's activations: [s0..s3] and
+                // [s4..s7] in every 64-bit lane.
+                let bs = load(xr.sum16.as_ptr().add(16 * blk).cast());
                 let h = _mm256_hadd_epi16(bs, bs);
                 let side = _mm256_add_epi32(
-                    _mm256_madd_epi16(m_lo, _mm256_permute4x64_epi64(h, 0x00)),
-                    _mm256_madd_epi16(m_hi, _mm256_permute4x64_epi64(h, 0xAA)),
+                    _mm256_madd_epi16(self.m_lo, _mm256_permute4x64_epi64(h, 0x00)),
+                    _mm256_madd_epi16(self.m_hi, _mm256_permute4x64_epi64(h, 0xAA)),
                 );
-                let dx = _mm256_set1_ps(*x[r].d.get_unchecked(blk));
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[r]), _mm256_mul_ps(d, dx), acc[r]);
-                acc[r] =
-                    _mm256_fnmadd_ps(_mm256_cvtepi32_ps(side), _mm256_mul_ps(dmin, dx), acc[r]);
+                let dx = _mm256_set1_ps(*xr.d.get_unchecked(blk));
+                let a = acc.get_unchecked_mut(r);
+                *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), _mm256_mul_ps(self.d, dx), *a);
+                *a = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(side), _mm256_mul_ps(self.dmin, dx), *a);
             }
         }
     }
-    for r in 0..R {
+}
+
+/// Q6_K super-blocks of four rows. Values go in unsigned (0..63) as in
+/// [`q6k`]; the offset of 32 comes off through the activations' per-16
+/// sums, in integers before the super-block's one float multiply-add.
+#[repr(C, align(32))]
+struct Q6Panel {
+    /// As [`Q45Panel::t`]: values `8c..8c + 8` of 32-value run `sub`.
+    t: [[__m256i; 4]; 8],
+    /// Per 32-value run: the scales of its first and of its second 16
+    /// values, row `i`'s in 16-bit lanes `4i..4i + 4`.
+    s: [[__m256i; 2]; 8],
+    /// The sixteen scales as 16-bit lanes: `[row 0's 0-7 | row 1's 0-7]`,
+    /// the same for 8-15, then rows 2 and 3.
+    off: [__m256i; 4],
+    /// `[d0 d0 d1 d1 d2 d2 d3 d3]`.
+    d: __m256,
+}
+
+impl Panel for Q6Panel {
+    const SIZE: usize = 210;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn unpack(&mut self, w: &[&[u8]; TILE_ROWS], blk: usize) {
+        let mask = _mm256_set1_epi8(0x0F);
+        let three = _mm256_set1_epi8(3);
+        let (even, odd) = (
+            0x0080_0080_0080_0080u64 as i64,
+            0x0880_0880_0880_0880u64 as i64,
+        );
+        let scale_pick = _mm256_setr_epi64x(even, odd, even, odd);
+        // SAFETY: every row holds super-block `blk`, per the caller.
+        unsafe {
+            let mut p = [std::ptr::null::<u8>(); TILE_ROWS];
+            let mut d = [0f32; TILE_ROWS];
+            for i in 0..TILE_ROWS {
+                p[i] = w[i].as_ptr().add(blk * Self::SIZE);
+                d[i] = f16_at(p[i].add(208));
+            }
+            self.d = _mm256_setr_ps(d[0], d[0], d[1], d[1], d[2], d[2], d[3], d[3]);
+            // Scales 8h..8h + 8 of rows 0 and 1 in the low 128-bit lane,
+            // of rows 2 and 3 in the high one.
+            let sc = |i: usize, h: usize| p[i].add(192 + 8 * h).cast::<i64>().read_unaligned();
+            let halves = [0, 1].map(|h| _mm256_setr_epi64x(sc(0, h), sc(1, h), sc(2, h), sc(3, h)));
+            for (h, &v) in halves.iter().enumerate() {
+                self.off[h] = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(v));
+                self.off[2 + h] = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(v, 1));
+            }
+            for sub in 0..8 {
+                let (half, t) = (sub / 4, sub % 4);
+                // Values 32t.. of this half: low nibbles of ql[0..32] and
+                // ql[32..64], then their high nibbles; two bits of qh each.
+                let mut v = [_mm256_setzero_si256(); TILE_ROWS];
+                for i in 0..TILE_ROWS {
+                    let ql = load(p[i].add(64 * half + 32 * (t % 2)).cast());
+                    let ql = if t < 2 { ql } else { _mm256_srli_epi16(ql, 4) };
+                    let qh = load(p[i].add(128 + 32 * half).cast());
+                    let hi = _mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * t as i32));
+                    v[i] = _mm256_or_si256(
+                        _mm256_and_si256(ql, mask),
+                        _mm256_slli_epi16(_mm256_and_si256(hi, three), 4),
+                    );
+                }
+                self.t[sub] = transpose4(v);
+                // Run `sub` takes scales 2sub and 2sub + 1: byte
+                // `2 (sub % 4) + k` of each row's eight (row 1's and 3's at
+                // byte 8 of their 128-bit lane), moved to the high byte of
+                // its 16-bit lanes and shifted down with its sign.
+                for k in 0..2 {
+                    let ctl =
+                        _mm256_add_epi16(scale_pick, _mm256_set1_epi16(((2 * t + k) as i16) << 8));
+                    self.s[sub][k] = _mm256_srai_epi16(_mm256_shuffle_epi8(halves[half], ctl), 8);
+                }
+            }
+        }
+    }
+
+    /// Per activation row and 32-value run: four `vpmaddubsw`, two 16-bit
+    /// additions (two products of at most 63 x 127 x 2 fit 16 bits; four
+    /// would not), and a `vpmaddwd` per 16 values with their scales.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn rows<const R: usize>(&self, x: &[ActRow], blk: usize, acc: &mut [__m256]) {
+        // SAFETY: per the caller.
+        unsafe {
+            let mut xp = [std::ptr::null::<i64>(); R];
+            for (r, p) in xp.iter_mut().enumerate() {
+                *p = x.get_unchecked(r).q.as_ptr().add(QK_K * blk).cast();
+            }
+            let mut sumi = [_mm256_setzero_si256(); R];
+            for sub in 0..8 {
+                let t = &self.t[sub];
+                let [sa, sb] = self.s[sub];
+                for r in 0..R {
+                    let p = xp[r].add(4 * sub);
+                    let mut prod = [_mm256_setzero_si256(); 4];
+                    for c in 0..4 {
+                        let xb = _mm256_set1_epi64x(p.add(c).read_unaligned());
+                        prod[c] = _mm256_maddubs_epi16(t[c], xb);
+                    }
+                    let a = _mm256_madd_epi16(_mm256_add_epi16(prod[0], prod[1]), sa);
+                    let b = _mm256_madd_epi16(_mm256_add_epi16(prod[2], prod[3]), sb);
+                    sumi[r] = _mm256_add_epi32(sumi[r], _mm256_add_epi32(a, b));
+                }
+            }
+            for (r, &sumi) in sumi.iter().enumerate() {
+                let xr = x.get_unchecked(r);
+                // 32 x Σ scale x (sum of its 16 activations), per row.
+                let sums = load(xr.sum16.as_ptr().add(16 * blk).cast());
+                let (lo, hi) = (
+                    _mm256_permute4x64_epi64(sums, 0x44),
+                    _mm256_permute4x64_epi64(sums, 0xEE),
+                );
+                let v01 = _mm256_add_epi32(
+                    _mm256_madd_epi16(self.off[0], lo),
+                    _mm256_madd_epi16(self.off[1], hi),
+                );
+                let v23 = _mm256_add_epi32(
+                    _mm256_madd_epi16(self.off[2], lo),
+                    _mm256_madd_epi16(self.off[3], hi),
+                );
+                // [r0 r0 r2 r2 | r1 r1 r3 r3] to [r0 r0 r1 r1 r2 r2 r3 r3].
+                let side = _mm256_permute4x64_epi64(_mm256_hadd_epi32(v01, v23), 0xD8);
+                let total = _mm256_sub_epi32(sumi, _mm256_slli_epi32(side, 5));
+                let dx = _mm256_set1_ps(*xr.d.get_unchecked(blk));
+                let a = acc.get_unchecked_mut(r);
+                *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total), _mm256_mul_ps(self.d, dx), *a);
+            }
+        }
+    }
+}
+
+/// Four rows' 32 bytes each to `t[c]`: bytes `8c..8c + 8` of every row, row
+/// `i` at byte `8i` (a 4x4 transpose of 64-bit lanes).
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn transpose4(v: [__m256i; TILE_ROWS]) -> [__m256i; 4] {
+    let (a, b) = (
+        _mm256_unpacklo_epi64(v[0], v[1]),
+        _mm256_unpackhi_epi64(v[0], v[1]),
+    );
+    let (c, e) = (
+        _mm256_unpacklo_epi64(v[2], v[3]),
+        _mm256_unpackhi_epi64(v[2], v[3]),
+    );
+    [
+        _mm256_permute2x128_si256(a, c, 0x20),
+        _mm256_permute2x128_si256(b, e, 0x20),
+        _mm256_permute2x128_si256(a, c, 0x31),
+        _mm256_permute2x128_si256(b, e, 0x31),
+    ]
+}
+
+/// The dot products of four weight rows (whole super-blocks of `P`'s
+/// format) with up to [`TILE_ACTS`] activation rows: `out[r][i]` is row `i`
+/// of `w` with activation row `r`.
+///
+/// Why four rows at once: a K-format sub-block has its own scale, so the
+/// per-row kernels need a `vpmaddwd` (the scale) per 32 products (per 16
+/// for Q6_K) besides the `vpmaddubsw`. Here each super-block of the four
+/// rows is unpacked once into an interleaved panel (eight values of each
+/// row per register), so that one `vpmaddwd` applies four rows' scales,
+/// and then multiplied with every activation row, eight rows at a time.
+///
+/// # Safety
+/// AVX2, FMA and F16C are present; every row of `w` holds the same whole
+/// super-blocks and the activation rows are as `Kernel::dot_rows` checks
+/// them for that length; `1 <= x.len() == out.len() <= TILE_ACTS`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile<P: Panel>(
+    pn: &mut P,
+    w: [&[u8]; TILE_ROWS],
+    x: &[ActRow],
+    out: &mut [[f32; TILE_ROWS]],
+) {
+    let m = x.len();
+    let mut acc = [_mm256_setzero_ps(); TILE_ACTS];
+    for blk in 0..w[0].len() / P::SIZE {
+        // SAFETY: every row holds super-block `blk`, and so does every
+        // activation row (per the caller); `acc` has room for `m` rows.
+        unsafe {
+            pn.unpack(&w, blk);
+            let mut r = 0;
+            while r + 8 <= m {
+                pn.rows::<8>(&x[r..], blk, &mut acc[r..]);
+                r += 8;
+            }
+            let (x, acc) = (&x[r..], &mut acc[r..]);
+            match m - r {
+                0 => {}
+                1 => pn.rows::<1>(x, blk, acc),
+                2 => pn.rows::<2>(x, blk, acc),
+                3 => pn.rows::<3>(x, blk, acc),
+                4 => pn.rows::<4>(x, blk, acc),
+                5 => pn.rows::<5>(x, blk, acc),
+                6 => pn.rows::<6>(x, blk, acc),
+                _ => pn.rows::<7>(x, blk, acc),
+            }
+        }
+    }
+    for r in 0..m {
         let mut lanes = [0f32; 8];
         // SAFETY: 8 floats of room.
         unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc[r]) };

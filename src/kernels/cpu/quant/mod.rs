@@ -371,22 +371,25 @@ impl Kernel {
 
     /// Whether [`Kernel::dot_tile`] takes four weight rows of `ty` at once
     /// with `m` activation rows (the AVX2 K-format tile; from three rows on,
-    /// where the product is bound by multiplies rather than memory).
+    /// where the product is bound by multiplies rather than memory, and from
+    /// eight for Q6_K, whose unpacking costs more: at eight rows its tile
+    /// and its per-row kernel ran even).
     fn tiles(self, ty: QType, m: usize) -> bool {
         match self {
             #[cfg(target_arch = "x86_64")]
-            Self::Avx2 => m >= 3 && avx2::tiles(ty),
+            Self::Avx2 => m >= if ty == QType::Q6K { 8 } else { 3 } && avx2::tiles(ty),
             _ => false,
         }
     }
 
-    /// The dot products of four weight rows with up to eight activation
-    /// rows: `out[r][i]` for weight row `i` and activation row `r`.
+    /// The dot products of four weight rows with up to [`TILE_ACTS`]
+    /// activation rows: `out[r][i]` for weight row `i` and activation row
+    /// `r`.
     ///
     /// # Safety
     /// `self.tiles(ty, _)`; the caller has checked what [`check_rows`]
     /// checks for each activation row against `w`'s rows, which hold the
-    /// same number of blocks; `1 <= x.len() == out.len() <= 8`.
+    /// same number of blocks; `1 <= x.len() == out.len() <= TILE_ACTS`.
     unsafe fn dot_tile(
         self,
         ty: QType,
@@ -430,6 +433,12 @@ fn check_rows(ty: QType, w: &[u8], x: &[ActRow]) -> bool {
 
 /// Weight rows one [`Kernel::dot_tile`] call takes.
 const TILE_ROWS: usize = 4;
+
+/// Activation rows one [`Kernel::dot_tile`] call takes at most: each
+/// super-block of its four weight rows is unpacked once for all of them.
+/// (As many as a pass takes: more, with the passes at 64 rows, ran no
+/// faster, and the 32-value formats' per-row kernels ran slower.)
+const TILE_ACTS: usize = ACT_ROWS;
 
 /// Weight rows per [`Kernel::dot_run`] call.
 const RUN_ROWS: usize = 64;
@@ -522,7 +531,7 @@ fn matmul_with(kernel: Kernel, parts: &[&QMatrix], x: &Tensor) -> Result<Tensor>
             // Activation rows in groups that stay in L1 while the task's
             // weight rows (in L2) pass by.
             let mut buf = [0f32; 8];
-            let mut tile = [[0f32; TILE_ROWS]; 8];
+            let mut tile = [[0f32; TILE_ROWS]; TILE_ACTS];
             let mut run = [0f32; RUN_ROWS];
             for j0 in (0..m).step_by(ACT_ROWS) {
                 let j1 = (j0 + ACT_ROWS).min(m);
@@ -555,8 +564,8 @@ fn matmul_with(kernel: Kernel, parts: &[&QMatrix], x: &Tensor) -> Result<Tensor>
                         let (i, r) = (row - first, row - starts[pi]);
                         if tiles && row + TILE_ROWS <= part_end {
                             let w = std::array::from_fn(|t| p.row(r + t));
-                            for j in (j0..j1).step_by(8) {
-                                let h = (j1 - j).min(8);
+                            for j in (j0..j1).step_by(TILE_ACTS) {
+                                let h = (j1 - j).min(TILE_ACTS);
                                 // SAFETY: every activation row was checked
                                 // above against this part's row length.
                                 unsafe {

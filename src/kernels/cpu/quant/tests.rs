@@ -120,6 +120,8 @@ fn matmul_matches_dequantized_reference() {
                 (7, 256, 6),
                 (17, 256, 64),
                 (40, 768, 3),
+                // More activation rows than one tile call takes.
+                (70, 256, 8),
             ] {
                 // 96 and 160: rows of an odd number of blocks, for the
                 // 32-value formats only.
@@ -161,6 +163,54 @@ fn matmul_matches_dequantized_reference() {
                             );
                         }
                     }
+                }
+            }
+        }
+    }
+}
+
+/// The largest values every format holds, times the largest activations of
+/// both signs: the kernels' 16-bit intermediate sums must not overflow.
+#[test]
+fn extreme_values_do_not_overflow() {
+    let (m, k, n) = (9, 512, 8);
+    for ty in TYPES {
+        // Every value bit set (the largest quant), scales at their largest
+        // (Q6_K's signed ones at +127 and -128 alternately), d = 1.
+        let mut data = vec![0xFFu8; n * ty.row_bytes(k)];
+        for (b, block) in data.chunks_exact_mut(ty.block_bytes()).enumerate() {
+            for &at in scale_fields(ty) {
+                block[at..at + 2].copy_from_slice(&half::f16::ONE.to_le_bytes());
+            }
+            if ty == QType::Q6K {
+                for (j, s) in block[192..208].iter_mut().enumerate() {
+                    *s = if (b + j) % 2 == 0 { 0x7F } else { 0x80 };
+                }
+            }
+        }
+        let w = candle_dequantized(ty, n, k, &data);
+        let q = QMatrix::new(ty, n, k, data).unwrap();
+        for sign in [1f32, -1.0] {
+            let x = vec![sign; m * k];
+            let xt = Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).unwrap();
+            for kernel in kernels() {
+                let y: Vec<f32> = matmul_with(kernel, &[&q], &xt)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                for (i, &got) in y.iter().enumerate() {
+                    let c = i % n;
+                    let want: f64 = w[c * k..(c + 1) * k]
+                        .iter()
+                        .map(|&v| (v * sign) as f64)
+                        .sum();
+                    let mag: f64 = w[c * k..(c + 1) * k].iter().map(|&v| v.abs() as f64).sum();
+                    assert!(
+                        (got as f64 - want).abs() <= 1e-5 * mag,
+                        "{ty:?} {kernel:?} sign {sign} [{i}]: {got} vs {want}"
+                    );
                 }
             }
         }
