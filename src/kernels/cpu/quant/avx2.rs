@@ -917,8 +917,8 @@ struct Q6Panel {
     /// Per 32-value run: the scales of its first and of its second 16
     /// values, row `i`'s in 16-bit lanes `4i..4i + 4`.
     s: [[__m256i; 2]; 8],
-    /// The sixteen scales as 16-bit lanes: `[row 0's 0-7 | row 1's 0-7]`,
-    /// the same for 8-15, then rows 2 and 3.
+    /// `off[k]`: scales `4k..4k + 4` of each row as 16-bit lanes, row `i`'s
+    /// at lanes `4i..4i + 4`.
     off: [__m256i; 4],
     /// `[d0 d0 d1 d1 d2 d2 d3 d3]`.
     d: __m256,
@@ -950,9 +950,26 @@ impl Panel for Q6Panel {
             // of rows 2 and 3 in the high one.
             let sc = |i: usize, h: usize| p[i].add(192 + 8 * h).cast::<i64>().read_unaligned();
             let halves = [0, 1].map(|h| _mm256_setr_epi64x(sc(0, h), sc(1, h), sc(2, h), sc(3, h)));
-            for (h, &v) in halves.iter().enumerate() {
-                self.off[h] = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(v));
-                self.off[2 + h] = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(v, 1));
+            // Scales 4k..4k + 4 of rows 0-3, one 32-bit group per row: a
+            // 4x4 transpose of the rows' 16 scale bytes.
+            let rows: [__m128i; TILE_ROWS] =
+                std::array::from_fn(|i| _mm_loadu_si128(p[i].add(192).cast()));
+            let (a, b) = (
+                _mm_unpacklo_epi32(rows[0], rows[1]),
+                _mm_unpacklo_epi32(rows[2], rows[3]),
+            );
+            let (c, e) = (
+                _mm_unpackhi_epi32(rows[0], rows[1]),
+                _mm_unpackhi_epi32(rows[2], rows[3]),
+            );
+            let groups = [
+                _mm_unpacklo_epi64(a, b),
+                _mm_unpackhi_epi64(a, b),
+                _mm_unpacklo_epi64(c, e),
+                _mm_unpackhi_epi64(c, e),
+            ];
+            for (o, g) in self.off.iter_mut().zip(groups) {
+                *o = _mm256_cvtepi8_epi16(g);
             }
             for sub in 0..8 {
                 let (half, t) = (sub / 4, sub % 4);
@@ -1013,22 +1030,15 @@ impl Panel for Q6Panel {
             }
             for (r, &sumi) in sumi.iter().enumerate() {
                 let xr = x.get_unchecked(r);
-                // 32 x Σ scale x (sum of its 16 activations), per row.
-                let sums = load(xr.sum16.as_ptr().add(16 * blk).cast());
-                let (lo, hi) = (
-                    _mm256_permute4x64_epi64(sums, 0x44),
-                    _mm256_permute4x64_epi64(sums, 0xEE),
-                );
-                let v01 = _mm256_add_epi32(
-                    _mm256_madd_epi16(self.off[0], lo),
-                    _mm256_madd_epi16(self.off[1], hi),
-                );
-                let v23 = _mm256_add_epi32(
-                    _mm256_madd_epi16(self.off[2], lo),
-                    _mm256_madd_epi16(self.off[3], hi),
-                );
-                // [r0 r0 r2 r2 | r1 r1 r3 r3] to [r0 r0 r1 r1 r2 r2 r3 r3].
-                let side = _mm256_permute4x64_epi64(_mm256_hadd_epi32(v01, v23), 0xD8);
+                // 32 x Σ scale x (sum of its 16 activations), per row:
+                // sums 4k..4k + 4 broadcast meet scales 4k..4k + 4 of every
+                // row, so that row `i`'s products land in lanes 2i, 2i + 1.
+                let sums = xr.sum16.as_ptr().add(16 * blk).cast::<i64>();
+                let mut side = _mm256_setzero_si256();
+                for (k, &o) in self.off.iter().enumerate() {
+                    let s = _mm256_set1_epi64x(sums.add(k).read_unaligned());
+                    side = _mm256_add_epi32(side, _mm256_madd_epi16(o, s));
+                }
                 let total = _mm256_sub_epi32(sumi, _mm256_slli_epi32(side, 5));
                 let dx = _mm256_set1_ps(*xr.d.get_unchecked(blk));
                 let a = acc.get_unchecked_mut(r);

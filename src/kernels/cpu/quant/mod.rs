@@ -435,10 +435,9 @@ fn check_rows(ty: QType, w: &[u8], x: &[ActRow]) -> bool {
 const TILE_ROWS: usize = 4;
 
 /// Activation rows one [`Kernel::dot_tile`] call takes at most: each
-/// super-block of its four weight rows is unpacked once for all of them.
-/// (As many as a pass takes: more, with the passes at 64 rows, ran no
-/// faster, and the 32-value formats' per-row kernels ran slower.)
-const TILE_ACTS: usize = ACT_ROWS;
+/// super-block of its four weight rows is unpacked once for all of them,
+/// and their share of a super-block (64 x 256 bytes) stays in L1.
+const TILE_ACTS: usize = 64;
 
 /// Weight rows per [`Kernel::dot_run`] call.
 const RUN_ROWS: usize = 64;
@@ -563,9 +562,16 @@ fn matmul_with(kernel: Kernel, parts: &[&QMatrix], x: &Tensor) -> Result<Tensor>
                     while row < part_end {
                         let (i, r) = (row - first, row - starts[pi]);
                         if tiles && row + TILE_ROWS <= part_end {
+                            // A tile takes every activation row, in the
+                            // first pass: it unpacks each super-block of its
+                            // weight rows once per call.
+                            if j0 > 0 {
+                                row += TILE_ROWS;
+                                continue;
+                            }
                             let w = std::array::from_fn(|t| p.row(r + t));
-                            for j in (j0..j1).step_by(TILE_ACTS) {
-                                let h = (j1 - j).min(TILE_ACTS);
+                            for j in (0..m).step_by(TILE_ACTS) {
+                                let h = (m - j).min(TILE_ACTS);
                                 // SAFETY: every activation row was checked
                                 // above against this part's row length.
                                 unsafe {
