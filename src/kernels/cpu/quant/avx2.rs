@@ -1097,6 +1097,19 @@ unsafe fn tile<P: Panel>(
         // SAFETY: every row holds super-block `blk`, and so does every
         // activation row (per the caller); `acc` has room for `m` rows.
         unsafe {
+            // The weights come from memory once per matmul: ask for the
+            // super-block after next of each row while this one is used.
+            if blk + 2 < w[0].len() / P::SIZE {
+                for row in &w {
+                    let at = row.as_ptr().add((blk + 2) * P::SIZE);
+                    _mm_prefetch::<_MM_HINT_T0>(at.cast());
+                    _mm_prefetch::<_MM_HINT_T0>(at.add(64).cast());
+                    _mm_prefetch::<_MM_HINT_T0>(at.add(128).cast());
+                    if P::SIZE > 192 {
+                        _mm_prefetch::<_MM_HINT_T0>(at.add(192).cast());
+                    }
+                }
+            }
             pn.unpack(&w, blk);
             let mut r = 0;
             while r + 8 <= m {
