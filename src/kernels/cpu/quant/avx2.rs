@@ -866,21 +866,13 @@ impl<const HIGH: bool> Panel for Q45Panel<HIGH> {
     unsafe fn rows<const R: usize>(&self, x: &[ActRow], blk: usize, acc: &mut [__m256]) {
         // SAFETY: per the caller.
         unsafe {
-            let mut xp = [std::ptr::null::<i64>(); R];
-            for (r, p) in xp.iter_mut().enumerate() {
-                *p = x.get_unchecked(r).q.as_ptr().add(QK_K * blk).cast();
-            }
+            let xp = super_block_starts::<R>(x, blk);
             let mut sumi = [_mm256_setzero_si256(); R];
             for sub in 0..8 {
                 let t = &self.t[sub];
                 let s = self.s[sub];
                 for r in 0..R {
-                    let p = xp[r].add(4 * sub);
-                    let mut prod = [_mm256_setzero_si256(); 4];
-                    for c in 0..4 {
-                        let xb = _mm256_set1_epi64x(p.add(c).read_unaligned());
-                        prod[c] = _mm256_maddubs_epi16(t[c], xb);
-                    }
+                    let prod = panel_products(t, xp[r].add(4 * sub));
                     let sum = _mm256_add_epi16(
                         _mm256_add_epi16(prod[0], prod[1]),
                         _mm256_add_epi16(prod[2], prod[3]),
@@ -1008,21 +1000,13 @@ impl Panel for Q6Panel {
     unsafe fn rows<const R: usize>(&self, x: &[ActRow], blk: usize, acc: &mut [__m256]) {
         // SAFETY: per the caller.
         unsafe {
-            let mut xp = [std::ptr::null::<i64>(); R];
-            for (r, p) in xp.iter_mut().enumerate() {
-                *p = x.get_unchecked(r).q.as_ptr().add(QK_K * blk).cast();
-            }
+            let xp = super_block_starts::<R>(x, blk);
             let mut sumi = [_mm256_setzero_si256(); R];
             for sub in 0..8 {
                 let t = &self.t[sub];
                 let [sa, sb] = self.s[sub];
                 for r in 0..R {
-                    let p = xp[r].add(4 * sub);
-                    let mut prod = [_mm256_setzero_si256(); 4];
-                    for c in 0..4 {
-                        let xb = _mm256_set1_epi64x(p.add(c).read_unaligned());
-                        prod[c] = _mm256_maddubs_epi16(t[c], xb);
-                    }
+                    let prod = panel_products(t, xp[r].add(4 * sub));
                     let a = _mm256_madd_epi16(_mm256_add_epi16(prod[0], prod[1]), sa);
                     let b = _mm256_madd_epi16(_mm256_add_epi16(prod[2], prod[3]), sb);
                     sumi[r] = _mm256_add_epi32(sumi[r], _mm256_add_epi32(a, b));
@@ -1046,6 +1030,35 @@ impl Panel for Q6Panel {
             }
         }
     }
+}
+
+/// Where super-block `blk` of each of the first `R` activation rows starts,
+/// in steps of eight values.
+///
+/// # Safety
+/// `x` has `R` rows, each holding super-block `blk`.
+#[inline]
+unsafe fn super_block_starts<const R: usize>(x: &[ActRow], blk: usize) -> [*const i64; R] {
+    // SAFETY: per the caller.
+    std::array::from_fn(|r| unsafe { x.get_unchecked(r).q.as_ptr().add(QK_K * blk).cast() })
+}
+
+/// A panel's 32-value run `t` times one activation row's 32 values at `p`:
+/// eight activation bytes broadcast to the four weight rows per
+/// `vpmaddubsw`, 16-bit pair sums with row `i` in lanes `4i..4i + 4`.
+///
+/// # Safety
+/// AVX2; 32 readable bytes at `p`.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn panel_products(t: &[__m256i; 4], p: *const i64) -> [__m256i; 4] {
+    let mut prod = [_mm256_setzero_si256(); 4];
+    for c in 0..4 {
+        // SAFETY: per the caller.
+        let xb = _mm256_set1_epi64x(unsafe { p.add(c).read_unaligned() });
+        prod[c] = _mm256_maddubs_epi16(t[c], xb);
+    }
+    prod
 }
 
 /// Four rows' 32 bytes each to `t[c]`: bytes `8c..8c + 8` of every row, row
