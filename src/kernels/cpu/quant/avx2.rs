@@ -6,7 +6,9 @@
 //! K formats multiply by their integer sub-block scales inside `vpmaddwd`
 //! and accumulate integers over a whole 256-value super-block (one float
 //! multiply-add per super-block and row); minima and offsets use the
-//! activations' per-16 sums.
+//! activations' per-16 sums. With several activation rows the K formats go
+//! through [`tile`]: four weight rows' super-blocks unpacked once into an
+//! interleaved panel and multiplied with every activation row.
 //!
 //! Every function requires AVX2, FMA and F16C and inputs checked by
 //! `Kernel::dot_rows`: a weight row of whole blocks matching the activation
