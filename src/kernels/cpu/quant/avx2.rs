@@ -138,16 +138,23 @@ pub unsafe fn dot_run_vnni(ty: QType, w: &[u8], x: &ActRow, out: &mut [f32]) {
     }
 }
 
-/// Whether [`dot_tile`] takes `ty`: the K formats, whose sub-blocks have
-/// their own scales.
-pub fn tiles(ty: QType) -> bool {
-    matches!(ty, QType::Q4K | QType::Q5K | QType::Q6K)
+/// Whether [`dot_tile`] takes `ty` with `m` activation rows: the K formats,
+/// whose sub-blocks have their own scales, from three rows on (where the
+/// product is bound by multiplies rather than memory) and from eight for
+/// Q6_K, whose unpacking costs more (at eight rows its tile and its per-row
+/// kernel ran even).
+pub fn tiles(ty: QType, m: usize) -> bool {
+    match ty {
+        QType::Q4K | QType::Q5K => m >= 3,
+        QType::Q6K => m >= 8,
+        _ => false,
+    }
 }
 
 /// [`tile`] for `ty` with `x.len()` activation rows.
 ///
 /// # Safety
-/// As [`tile`]; `tiles(ty)`.
+/// As [`tile`]; `tiles(ty, x.len())`.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn dot_tile(
     ty: QType,
@@ -822,6 +829,13 @@ impl<const HIGH: bool> Panel for Q45Panel<HIGH> {
             let mins = _mm256_setr_epi64x(mn[0], mn[1], mn[2], mn[3]);
             self.m_lo = _mm256_shuffle_epi8(mins, mins_lo);
             self.m_hi = _mm256_shuffle_epi8(mins, mins_hi);
+            // Q5_K's fifth bits, all eight sub-blocks' in 32 bytes per row.
+            let mut fifth = [_mm256_setzero_si256(); TILE_ROWS];
+            if HIGH {
+                for i in 0..TILE_ROWS {
+                    fifth[i] = load(p[i].add(16).cast());
+                }
+            }
             for j in 0..4 {
                 // Sub-blocks 2j (low nibbles) and 2j + 1 (high nibbles).
                 let mut q = [_mm256_setzero_si256(); TILE_ROWS];
@@ -839,10 +853,7 @@ impl<const HIGH: bool> Panel for Q45Panel<HIGH> {
                         };
                         v[i] = _mm256_and_si256(q, mask);
                         if HIGH {
-                            let bits = _mm256_srl_epi16(
-                                load(p[i].add(16).cast()),
-                                _mm_cvtsi32_si128(sub as i32),
-                            );
+                            let bits = _mm256_srl_epi16(fifth[i], _mm_cvtsi32_si128(sub as i32));
                             let bit = _mm256_slli_epi16(_mm256_and_si256(bits, one), 4);
                             v[i] = _mm256_or_si256(v[i], bit);
                         }
@@ -1108,20 +1119,20 @@ unsafe fn tile<P: Panel>(
 ) {
     let m = x.len();
     let mut acc = [_mm256_setzero_ps(); TILE_ACTS];
-    for blk in 0..w[0].len() / P::SIZE {
+    let blocks = w[0].len() / P::SIZE;
+    for blk in 0..blocks {
         // SAFETY: every row holds super-block `blk`, and so does every
         // activation row (per the caller); `acc` has room for `m` rows.
         unsafe {
             // The weights come from memory once per matmul: ask for the
             // super-block after next of each row while this one is used.
-            if blk + 2 < w[0].len() / P::SIZE {
+            // (Every cache line the block touches, its last byte's too: a
+            // block need not start on a line.)
+            if blk + 2 < blocks {
                 for row in &w {
                     let at = row.as_ptr().add((blk + 2) * P::SIZE);
-                    _mm_prefetch::<_MM_HINT_T0>(at.cast());
-                    _mm_prefetch::<_MM_HINT_T0>(at.add(64).cast());
-                    _mm_prefetch::<_MM_HINT_T0>(at.add(128).cast());
-                    if P::SIZE > 192 {
-                        _mm_prefetch::<_MM_HINT_T0>(at.add(192).cast());
+                    for off in (0..P::SIZE).step_by(64).chain([P::SIZE - 1]) {
+                        _mm_prefetch::<_MM_HINT_T0>(at.add(off).cast());
                     }
                 }
             }

@@ -370,14 +370,12 @@ impl Kernel {
     }
 
     /// Whether [`Kernel::dot_tile`] takes four weight rows of `ty` at once
-    /// with `m` activation rows (the AVX2 K-format tile; from three rows on,
-    /// where the product is bound by multiplies rather than memory, and from
-    /// eight for Q6_K, whose unpacking costs more: at eight rows its tile
-    /// and its per-row kernel ran even).
+    /// with `m` activation rows (the AVX2 K-format tile, as
+    /// `avx2::tiles` decides).
     fn tiles(self, ty: QType, m: usize) -> bool {
         match self {
             #[cfg(target_arch = "x86_64")]
-            Self::Avx2 => m >= if ty == QType::Q6K { 8 } else { 3 } && avx2::tiles(ty),
+            Self::Avx2 => avx2::tiles(ty, m),
             _ => false,
         }
     }
